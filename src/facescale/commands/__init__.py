@@ -1,0 +1,1 @@
+"""Subcommands of the `facescale` command line, one module each."""

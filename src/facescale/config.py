@@ -1,0 +1,339 @@
+"""One typed config for every facescale command.
+
+Config files are arcface_torch-style Python modules that define ``config`` (an EasyDict or
+dict). They are layered on typed defaults, then ``--set key=value`` overrides; every value
+is checked against its field's type and allowed range. Derived quantities (global batch,
+step counts) are computed in one place: :meth:`Config.schedule`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+# Keys that arcface_torch configs carry but facescale does not need, with the reason.
+IGNORED_KEYS: dict[str, str] = {
+    "dali": "facescale reads records sequentially with its own loader; DALI is not used",
+    "dali_aug": "augmentation is set with `augment`",
+    "save_all_states": "facescale checkpoints always hold every state needed to resume",
+    "using_wandb": "facescale logs to TensorBoard and a log file",
+    "wandb_key": "facescale logs to TensorBoard and a log file",
+    "wandb_entity": "facescale logs to TensorBoard and a log file",
+    "wandb_project": "facescale logs to TensorBoard and a log file",
+    "wandb_log_all": "facescale logs to TensorBoard and a log file",
+    "wandb_resume": "facescale logs to TensorBoard and a log file",
+    "suffix_run_name": "facescale logs to TensorBoard and a log file",
+    "notes": "facescale logs to TensorBoard and a log file",
+    "save_artifacts": "facescale logs to TensorBoard and a log file",
+}
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot be used; the message says which and how to fix it."""
+
+
+def _check(predicate: Callable[[Any], bool], allowed: str) -> dict[str, Any]:
+    return {"check": predicate, "allowed": allowed}
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+@dataclass
+class Config:
+    """Every setting of a facescale run; names follow arcface_torch's config keys."""
+
+    # model
+    network: str = field(default="r50", metadata=_check(bool, "a backbone name"))
+    embedding_size: int = field(default=512, metadata=_check(_positive, "an integer > 0"))
+    margin_list: tuple[float, float, float] = field(
+        default=(1.0, 0.5, 0.0),
+        metadata=_check(
+            lambda v: len(v) == 3 and v[0] > 0,
+            "three numbers (m1, m2, m3) for cos(m1*theta + m2) - m3, with m1 > 0",
+        ),
+    )
+    scale: float = field(default=64.0, metadata=_check(_positive, "a number > 0"))
+    interclass_filtering_threshold: float = field(
+        default=0.0, metadata=_check(lambda v: 0 <= v < 1, "a number in [0, 1); 0 disables")
+    )
+    sample_rate: float = field(
+        default=1.0, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
+    )
+    # data
+    rec: str = field(default="synthetic", metadata=_check(bool, "a dataset folder or 'synthetic'"))
+    num_classes: int = field(default=93431, metadata=_check(_positive, "an integer > 0"))
+    num_image: int = field(default=5179510, metadata=_check(_positive, "an integer > 0"))
+    num_workers: int = field(default=2, metadata=_check(_non_negative, "an integer >= 0"))
+    val_targets: list[str] = field(default_factory=lambda: ["lfw", "cfp_fp", "agedb_30"])
+    # optimisation
+    optimizer: str = field(
+        default="sgd", metadata=_check(lambda v: v in ("sgd", "adamw"), "'sgd' or 'adamw'")
+    )
+    lr: float = field(default=0.1, metadata=_check(_positive, "a number > 0"))
+    momentum: float = field(default=0.9, metadata=_check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    weight_decay: float = field(default=5e-4, metadata=_check(_non_negative, "a number >= 0"))
+    batch_size: int = field(default=128, metadata=_check(_positive, "an integer > 0"))
+    gradient_acc: int = field(default=1, metadata=_check(_positive, "an integer > 0"))
+    num_epoch: int = field(default=20, metadata=_check(_positive, "an integer > 0"))
+    warmup_epoch: float = field(default=0.0, metadata=_check(_non_negative, "a number >= 0"))
+    fp16: bool = False
+    seed: int = 2048
+    # run
+    output: str | None = None
+    resume: bool = False
+    verbose: int = field(default=2000, metadata=_check(_positive, "an integer > 0 (steps)"))
+    frequent: int = field(default=10, metadata=_check(_positive, "an integer > 0 (steps)"))
+
+    def schedule(self, world_size: int) -> Schedule:
+        """Batch sizes and step counts of this config when run on ``world_size`` ranks."""
+        return Schedule.of(self, world_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        width = max(len(f.name) for f in dataclasses.fields(self))
+        return "\n".join(f"{k:<{width}} : {v!r}" for k, v in self.to_dict().items())
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the resolved config as ``config.json`` into ``folder``."""
+        path = Path(folder) / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Derived sizes: an optimizer step consumes ``samples_per_step`` images."""
+
+    world_size: int
+    global_batch: int
+    samples_per_step: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, cfg: Config, world_size: int) -> Schedule:
+        global_batch = cfg.batch_size * world_size
+        samples_per_step = global_batch * cfg.gradient_acc
+        steps_per_epoch = cfg.num_image // samples_per_step
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"num_image={cfg.num_image} is smaller than one optimizer step "
+                f"(batch_size {cfg.batch_size} x {world_size} ranks x gradient_acc "
+                f"{cfg.gradient_acc} = {samples_per_step}); lower batch_size or gradient_acc"
+            )
+        return cls(
+            world_size=world_size,
+            global_batch=global_batch,
+            samples_per_step=samples_per_step,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=steps_per_epoch * cfg.num_epoch,
+            warmup_steps=round(steps_per_epoch * cfg.warmup_epoch),
+        )
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _field_type(name: str) -> Any:
+    return typing.get_type_hints(Config)[name]
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        inner = _describe(args[0]) if args else "value"
+        count = f"{len(args)} " if origin is tuple and Ellipsis not in args else ""
+        return f"a list of {count}{inner}s"
+    return {int: "integer", float: "number", bool: "true/false", str: "string"}.get(
+        tp, "None" if tp is type(None) else str(tp)
+    )
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    """Convert ``value`` to type ``tp`` or raise TypeError; never guess across kinds."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        if origin is tuple and Ellipsis not in args and len(value) != len(args):
+            raise TypeError
+        items = [v if inner is Any else _coerce(inner, v) for v in value]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise TypeError
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        if isinstance(value, float) and not value.is_integer():
+            raise TypeError
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        if not math.isfinite(value):
+            raise TypeError
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    raise TypeError
+
+
+def _parse_text(tp: Any, text: str) -> Any:
+    """Read a ``--set`` value typed from the field: 'true', '0.1', '(1,0.5,0)', 'a,b', 'none'."""
+    is_union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    if is_union and text.strip().lower() in ("none", "null"):
+        return None
+    base = next(a for a in typing.get_args(tp) if a is not type(None)) if is_union else tp
+    if base is str:
+        return text
+    if tp is bool:
+        low = text.strip().lower()
+        return {"true": True, "yes": True, "on": True, "1": True}.get(
+            low, {"false": False, "no": False, "off": False, "0": False}.get(low, text)
+        )
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = [part.strip() for part in text.split(",") if part.strip()] if "," in text else text
+    if typing.get_origin(tp) in (list, tuple) and not isinstance(value, (list, tuple)):
+        value = [value]
+    return value
+
+
+def set_value(cfg: Config, key: str, value: Any, source: str) -> None:
+    """Check ``value`` for ``key`` (type and range) and store it; ``source`` names its origin."""
+    tp = _field_type(key)
+    try:
+        typed = _coerce(tp, value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{source}: {key}={value!r} has the wrong type; expected {_describe(tp)}"
+        ) from None
+    check = FIELDS[key].metadata.get("check")
+    if check is not None and typed is not None and not check(typed):
+        raise ConfigError(
+            f"{source}: {key}={typed!r} is out of range; allowed: {FIELDS[key].metadata['allowed']}"
+        )
+    setattr(cfg, key, typed)
+
+
+def apply_mapping(cfg: Config, values: Mapping[str, Any], source: str) -> None:
+    """Layer a config mapping onto ``cfg``; unknown keys warn, ignored keys say why."""
+    for key, value in values.items():
+        if key in FIELDS:
+            set_value(cfg, key, value, source)
+        elif key in IGNORED_KEYS:
+            log.info("%s: key %r has no effect: %s", source, key, IGNORED_KEYS[key])
+        else:
+            log.warning("%s: unknown config key %r is ignored (check its spelling)", source, key)
+
+
+def resolve_path(name: str | Path) -> Path:
+    """Find a config by path, path without '.py', or the name of a shipped config."""
+    path = Path(name)
+    candidates = [path, path.with_name(path.name + ".py"), SHIPPED_CONFIGS / f"{path.stem}.py"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"config {str(name)!r} not found (tried {', '.join(str(c) for c in candidates)}); "
+        f"give a path to a .py file that defines `config`"
+    )
+
+
+def _read_module(path: Path) -> Mapping[str, Any]:
+    """Execute a config file and return its ``config`` mapping.
+
+    The file's folder and that folder's parent are importable while it runs, so both
+    ``from base import config`` and arcface_torch's ``from configs.base import config`` work.
+    """
+    module_name = f"_facescale_config_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    extra = [str(path.parent.resolve()), str(path.parent.parent.resolve())]
+    sys.path[:0] = extra
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        raise ConfigError(f"{path}: failed to execute config file: {err!r}") from err
+    finally:
+        for entry in extra:
+            sys.path.remove(entry)
+    values = getattr(module, "config", None)
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{path}: defines no `config` dict (an EasyDict or dict is expected)")
+    return dict(values)
+
+
+def load_config(name: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults, then ``base.py`` beside the file (as arcface_torch), the file, then overrides."""
+    cfg = Config()
+    if name is not None:
+        path = resolve_path(name)
+        base = path.parent / "base.py"
+        if base.is_file() and base.resolve() != path.resolve():
+            apply_mapping(cfg, _read_module(base), str(base))
+        apply_mapping(cfg, _read_module(path), str(path))
+        if cfg.output is None:
+            cfg.output = str(Path("work_dirs") / path.stem)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        if key not in FIELDS:
+            close = [k for k in FIELDS if k.startswith(key[:3])]
+            hint = f"; similar keys: {', '.join(close)}" if close else ""
+            raise ConfigError(f"--set {item!r}: unknown config key {key!r}{hint}")
+        set_value(cfg, key, _parse_text(_field_type(key), text), f"--set {key}")
+    if cfg.output is None:
+        cfg.output = str(Path("work_dirs") / "default")
+    return cfg

@@ -1,0 +1,103 @@
+"""Process-group setup: torchrun's environment or a single process, one code path for both.
+
+NCCL on CUDA, gloo on CPU. Every helper here works whether or not a process group exists,
+so library code calls ``get_rank()`` / ``get_world_size()`` and never branches on the mode.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: its rank, the world size and the device it computes on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def _env_int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
+    """Join the process group torchrun describes, or set up a single process without one.
+
+    Under torchrun (RANK and WORLD_SIZE set) a process group is created even for one rank,
+    so single- and multi-rank runs take the same path. On CPU each rank gets an equal share
+    of the cores, so ranks on one machine do not oversubscribe it.
+    """
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    cuda = torch.cuda.is_available()
+    if not launched:
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        return DistEnv(0, 1, 0, device, None)
+
+    missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"RANK/WORLD_SIZE are set but {', '.join(missing)} are not; "
+            "launch with torchrun, or unset RANK and WORLD_SIZE for a single process"
+        )
+    rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    if not is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device if cuda else None,
+        )
+    return DistEnv(rank, world, local_rank, device, backend)
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group, if any; safe to call twice."""
+    if is_initialized():
+        dist.destroy_process_group()
