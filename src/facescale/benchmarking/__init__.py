@@ -1,0 +1,1 @@
+"""Benchmarks behind `facescale bench`, one module each."""
