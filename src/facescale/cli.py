@@ -14,7 +14,7 @@ import sys
 from facescale import __version__
 from facescale.config import ConfigError
 
-COMMANDS = ("config",)
+COMMANDS = ("config", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -98,12 +98,26 @@ class Config:
     num_epoch: int = field(default=20, metadata=_check(_positive, "an integer > 0"))
     warmup_epoch: float = field(default=0.0, metadata=_check(_non_negative, "a number >= 0"))
     fp16: bool = False
+    bf16: bool = False
+    max_grad_norm: float = field(
+        default=5.0, metadata=_check(_non_negative, "a number >= 0 (0 disables clipping)")
+    )
+    max_nonfinite_steps: int = field(
+        default=20, metadata=_check(_positive, "an integer > 0 (non-finite losses in a row)")
+    )
     seed: int = 2048
     # run
     output: str | None = None
     resume: bool = False
     verbose: int = field(default=2000, metadata=_check(_positive, "an integer > 0 (steps)"))
     frequent: int = field(default=10, metadata=_check(_positive, "an integer > 0 (steps)"))
+    checkpoint_every: int = field(
+        default=2000, metadata=_check(_non_negative, "an integer >= 0 (steps; 0: epochs only)")
+    )
+    keep_checkpoints: int = field(default=3, metadata=_check(_positive, "an integer > 0"))
+    stop_step: int = field(
+        default=0, metadata=_check(_non_negative, "an integer >= 0 (0: run the whole schedule)")
+    )
 
     def schedule(self, world_size: int) -> Schedule:
         """Batch sizes and step counts of this config when run on ``world_size`` ranks."""

@@ -1,0 +1,176 @@
+"""Crash-safe checkpoints that resume on any number of ranks.
+
+A checkpoint is a folder ``checkpoints/step_XXXXXXXXX`` holding ``common.pt`` (written by
+rank 0: backbone, its optimizer, scaler, counters, a config summary) and one
+``rank_R.pt`` per rank (its shard of class centers with their optimizer state, its RNG
+states, its data position). Files are written into ``step_XXXXXXXXX.partial`` and the
+folder is renamed into place only when every rank has finished, so a crash at any moment
+leaves the previous checkpoints intact. Loading uses ``torch.load(weights_only=True)``:
+a checkpoint file cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from facescale.distributed import barrier
+
+STEP_DIR = re.compile(r"^step_(\d{9})$")
+# Fields that must agree between a checkpoint and the config that resumes from it.
+MATCHING_FIELDS = ("network", "num_classes", "embedding_size")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file or field."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` with torch.save via a temporary file, fsync and rename: all or nothing."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def safe_load(path: str | Path, mmap: bool = False) -> Any:
+    """Load a file written by :func:`atomic_save` without executing code from it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: cannot be loaded safely ({err}); it is damaged or not a facescale checkpoint"
+        ) from err
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random stream this process uses, as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "common.pt").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    common: dict[str, Any] | None,
+    rank_state: dict[str, Any],
+    rank: int,
+    keep: int,
+) -> Path:
+    """Write this rank's part of checkpoint ``step``; collective over all ranks.
+
+    ``common`` is given on rank 0 only. The last ``keep`` checkpoints are kept.
+    """
+    root = Path(root)
+    final = root / f"step_{step:09d}"
+    partial = root / f"step_{step:09d}.partial"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    barrier()
+    atomic_save(rank_state, partial / f"rank_{rank}.pt")
+    if rank == 0:
+        assert common is not None
+        atomic_save(common, partial / "common.pt")
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """Refuse a checkpoint whose model does not match the config, naming the field."""
+    for name in MATCHING_FIELDS:
+        if saved.get(name) != current.get(name):
+            raise CheckpointError(
+                f"{where}: checkpoint has {name}={saved.get(name)!r} but the config has "
+                f"{name}={current.get(name)!r}; resume with the config it was trained with "
+                f"or start a new run in another output folder"
+            )
+
+
+def load_head_shard(folder: Path, start: int, count: int, rank: int) -> dict[str, Any]:
+    """Rebuild this rank's head state for rows [start, start+count) from any saved world size.
+
+    Tensors whose first dimension is the saved shard's row count are per-class state
+    (centers, momentum, Adam moments) and are cut and joined row-wise; other entries are
+    per-rank values taken from the saved rank with the same number, or rank 0's.
+    """
+    files = sorted(folder.glob("rank_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    if not files:
+        raise CheckpointError(f"{folder}: no rank_*.pt files; the checkpoint is incomplete")
+    pieces: dict[str, list[torch.Tensor]] = {}
+    scalars: dict[str, Any] = {}
+    for path in files:
+        saved = safe_load(path, mmap=True)
+        head, s0, c0 = saved["head"], saved["head_start"], saved["head_count"]
+        lo, hi = max(start, s0), min(start + count, s0 + c0)
+        same_rank = int(path.stem.split("_")[1]) == rank
+        for key, value in head.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == c0:
+                if lo < hi:
+                    pieces.setdefault(key, []).append(value[lo - s0 : hi - s0].clone())
+            elif same_rank or key not in scalars:
+                scalars[key] = value
+    state = dict(scalars)
+    for key, parts in pieces.items():
+        state[key] = torch.cat(parts) if parts else parts
+        if state[key].shape[0] != count:
+            raise CheckpointError(
+                f"{folder}: saved shards cover {state[key].shape[0]} of rows "
+                f"[{start}, {start + count}) for {key!r}; the checkpoint is incomplete"
+            )
+    return state

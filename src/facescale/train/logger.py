@@ -1,0 +1,106 @@
+"""Training progress on rank 0: console (a progress bar when interactive), log file,
+TensorBoard and a JSON-lines metrics file that scripts and plots read back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("facescale.train")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class RunLogger:
+    """Writes what the trainer reports; on ranks other than 0 every method does nothing."""
+
+    def __init__(self, output: Path, rank: int, total_steps: int, start_step: int) -> None:
+        self.active = rank == 0
+        self.total_steps = total_steps
+        self._window_start = (time.perf_counter(), start_step)
+        self._bar = None
+        self._writer = None
+        if not self.active:
+            return
+        output.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(output / "training.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("facescale").addHandler(handler)
+        self._handler = handler
+        self._metrics = open(output / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(output / "tensorboard"), purge_step=start_step)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def step(self, step: int, samples_per_step: int, values: dict[str, float]) -> dict[str, Any]:
+        """Report the window of steps that ends at ``step`` (1-based count of steps done)."""
+        now = time.perf_counter()
+        start_time, start_step = self._window_start
+        self._window_start = (now, step)
+        if not self.active:
+            return {}
+        done = step - start_step
+        elapsed = max(now - start_time, 1e-9)
+        record = {
+            "step": step,
+            **values,
+            "samples_per_s": samples_per_step * done / elapsed,
+            "eta_s": (self.total_steps - step) * elapsed / max(done, 1),
+        }
+        self._write(record)
+        if self._bar is not None:
+            self._bar.update(done)
+            self._bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.4g}")
+        else:
+            extra = f" scale {values['loss_scale']:.0f}" if "loss_scale" in values else ""
+            log.info(
+                "step %d/%d epoch %d loss %.4f lr %.5f %.1f samples/s%s eta %s",
+                step,
+                self.total_steps,
+                values["epoch"],
+                values["loss"],
+                values["lr"],
+                record["samples_per_s"],
+                extra,
+                format_duration(record["eta_s"]),
+            )
+        return record
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
+        """Write other figures (verification accuracies) to every sink."""
+        if not self.active:
+            return
+        self._write({"step": step, **{f"{prefix}/{k}": v for k, v in values.items()}})
+        log.info(
+            "step %d %s: %s", step, prefix, ", ".join(f"{k} {v:.4f}" for k, v in values.items())
+        )
+
+    def _write(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        self._writer.close()
+        self._metrics.close()
+        logging.getLogger("facescale").removeHandler(self._handler)
+        self._handler.close()

@@ -1,0 +1,441 @@
+"""The distributed training loop: backbone under DDP, the sharded margin-softmax head outside it.
+
+One optimizer step = ``gradient_acc`` micro-batches whose losses are averaged; the LR is
+set once per optimizer step; gradient clipping uses the global norm of the backbone and
+the head together; a non-finite loss skips the step. The same code runs on 1 or N ranks,
+CPU (gloo) or GPU (NCCL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from facescale.config import Config
+from facescale.distributed import DistEnv, barrier
+from facescale.train import checkpoint as ckpt
+from facescale.train.logger import RunLogger
+from facescale.train.schedule import lr_at
+
+log = logging.getLogger("facescale.train")
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint restores: optimizer steps done, the epoch, and so on."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0
+    nonfinite_in_row: int = 0
+    best: dict[str, float] = field(default_factory=dict)
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """Reduced precision to compute the backbone in, if any (fp16 needs CUDA)."""
+    if cfg.bf16:
+        return torch.bfloat16
+    if cfg.fp16:
+        if device.type == "cuda":
+            return torch.float16
+        log.warning("fp16 needs a GPU; running in float32 (set bf16=True for bfloat16 on CPU)")
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Builds everything a run needs from the config and runs it to the end or ``stop_step``."""
+
+    def __init__(self, cfg: Config, env: DistEnv, loader: Any = None) -> None:
+        from facescale.backbones import get_model
+        from facescale.heads import CombinedMargin, build_head
+
+        self.cfg, self.env = cfg, env
+        self.device = env.device
+        self.output = Path(cfg.output)
+        self.schedule = cfg.schedule(env.world_size)
+        self.dtype = autocast_dtype(cfg, self.device)
+
+        seed_everything(cfg.seed)  # identical backbone initialisation on every rank
+        self.backbone = get_model(cfg.network, cfg.embedding_size).to(self.device)
+        self.model: nn.Module = self.backbone
+        if env.world_size > 1:
+            self.model = DistributedDataParallel(
+                self.backbone,
+                device_ids=[env.local_rank] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+            if self.device.type == "cuda" and self.dtype == torch.float16:
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                self.model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        margin = CombinedMargin(cfg.scale, *cfg.margin_list)
+        self.head = build_head(
+            "partial_fc",
+            cfg.num_classes,
+            cfg.embedding_size,
+            margin,
+            sample_rate=cfg.sample_rate,
+            lean=True,
+            interclass_filtering_threshold=cfg.interclass_filtering_threshold,
+            seed=cfg.seed,
+        ).to(self.device)
+        self.head.configure_optimizer(
+            kind=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        params = list(self.backbone.parameters())
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        use_scaler = self.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", growth_interval=100) if use_scaler else None
+
+        seed_everything(cfg.seed + 1000003 * env.rank)  # per-rank streams (dropout, augmentation)
+        if loader is None:
+            from facescale.data import build_train_loader
+
+            loader = build_train_loader(cfg, env.rank, env.world_size, self.device)
+        self.loader = loader
+        self.steps_per_epoch = min(self.schedule.steps_per_epoch, len(loader) // cfg.gradient_acc)
+        if self.steps_per_epoch < self.schedule.steps_per_epoch:
+            log.warning(
+                "the data gives %d batches per rank per epoch, fewer than num_image=%d implies; "
+                "an epoch is %d optimizer steps",
+                len(loader),
+                cfg.num_image,
+                self.steps_per_epoch,
+            )
+        if self.steps_per_epoch == 0:
+            raise RuntimeError(
+                f"{cfg.rec}: {len(loader)} batches per rank cannot make one optimizer step of "
+                f"gradient_acc={cfg.gradient_acc} micro-batches; lower batch_size or gradient_acc"
+            )
+        self.total_steps = self.steps_per_epoch * cfg.num_epoch
+        self.warmup_steps = round(self.steps_per_epoch * cfg.warmup_epoch)
+        self.progress = Progress()
+        self._saved_step = -1
+        self._skip_micro = 0  # batches to pass over after resuming on another number of ranks
+        self.val_sets = self._find_val_sets()
+        self.timings: dict[str, float] = {"data": 0.0, "backbone": 0.0, "head": 0.0, "step": 0.0}
+
+    # ---- checkpoints -------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.output / "checkpoints"
+
+    def _identity(self) -> dict[str, Any]:
+        return {name: getattr(self.cfg, name) for name in ckpt.MATCHING_FIELDS}
+
+    def save(self) -> None:
+        """Write a checkpoint of the current step (once per step); collective over ranks."""
+        from facescale.heads import shard_range
+
+        if self._saved_step == self.progress.step:
+            return
+        self._saved_step = self.progress.step
+
+        start, count = shard_range(self.cfg.num_classes, self.env.rank, self.env.world_size)
+        rank_state = {
+            "world_size": self.env.world_size,
+            "head_start": start,
+            "head_count": count,
+            "head": self.head.state_dict(),
+            "rng": ckpt.rng_state(),
+            "loader": self.loader.state_dict(),
+        }
+        common = None
+        if self.env.is_main:
+            common = {
+                **self._identity(),
+                "world_size": self.env.world_size,
+                "progress": vars(self.progress),
+                "backbone": self.backbone.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+            }
+        path = ckpt.save_checkpoint(
+            self.checkpoint_root,
+            self.progress.step,
+            common,
+            rank_state,
+            self.env.rank,
+            self.cfg.keep_checkpoints,
+        )
+        if self.env.is_main:
+            log.info("checkpoint written: %s", path)
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint, re-partitioning the head if the world changed."""
+        from facescale.heads import shard_range
+
+        found = ckpt.list_checkpoints(self.checkpoint_root)
+        if not found:
+            log.warning("resume: no checkpoint in %s; starting from scratch", self.checkpoint_root)
+            return False
+        folder = found[-1]
+        common = ckpt.safe_load(folder / "common.pt")
+        ckpt.check_compatible(common, self._identity(), folder)
+        self.backbone.load_state_dict(common["backbone"])
+        self.optimizer.load_state_dict(common["optimizer"])
+        if self.scaler is not None and common["scaler"] is not None:
+            self.scaler.load_state_dict(common["scaler"])
+        self.progress = Progress(**common["progress"])
+        start, count = shard_range(self.cfg.num_classes, self.env.rank, self.env.world_size)
+        self.head.load_state_dict(ckpt.load_head_shard(folder, start, count, self.env.rank))
+        same_world = common["world_size"] == self.env.world_size
+        if same_world:
+            mine = ckpt.safe_load(folder / f"rank_{self.env.rank}.pt")
+            ckpt.set_rng_state(mine["rng"])
+            self.loader.set_epoch(self.progress.epoch)
+            self.loader.load_state_dict(mine["loader"])
+        else:
+            # Another world size reads the data in another order: finish the epoch on the
+            # new order from the same step, and restart the per-rank random streams.
+            seed_everything(self.cfg.seed + 1000003 * self.env.rank + self.progress.step)
+            self.progress.micro_in_epoch = 0
+            self._skip_micro = (self.progress.step % self.steps_per_epoch) * self.cfg.gradient_acc
+        if self.env.is_main:
+            log.info(
+                "resumed from %s (step %d, epoch %d, saved on %d ranks, now %d)",
+                folder,
+                self.progress.step,
+                self.progress.epoch,
+                common["world_size"],
+                self.env.world_size,
+            )
+        return True
+
+    # ---- one optimizer step ------------------------------------------------------------
+    def _micro_batch(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> torch.Tensor:
+        t0 = time.perf_counter()
+        no_sync = getattr(self.model, "no_sync", None)
+        with no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext():
+            with torch.autocast(self.device.type, self.dtype, enabled=self.dtype is not None):
+                embeddings = self.model(images)
+            t1 = time.perf_counter()
+            loss = self.head(embeddings.float(), labels)
+            scaled = loss / self.cfg.gradient_acc
+            if self.scaler is not None:
+                scaled = self.scaler.scale(scaled)
+            t2 = time.perf_counter()
+            scaled.backward()
+        t3 = time.perf_counter()
+        self.timings["backbone"] += t1 - t0
+        self.timings["head"] += t2 - t1
+        self.timings["backbone"] += t3 - t2  # backbone backward dominates; head backward is in it
+        return loss.detach()
+
+    def _global_grad_norm(self, loss_scale: float) -> torch.Tensor:
+        """L2 norm of all gradients: backbone (identical on every rank) + head (sharded)."""
+        grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
+        backbone_sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        head_sq = torch.as_tensor(self.head.grad_norm_sq(), device=self.device, dtype=torch.float32)
+        head_sq = head_sq / (loss_scale * loss_scale)
+        if dist.is_initialized():
+            dist.all_reduce(head_sq)
+        return (backbone_sq + head_sq).sqrt()
+
+    def _optimizer_step(self, loss: torch.Tensor) -> dict[str, float] | None:
+        """Clip, step and schedule; returns the logged values, or None for a skipped step."""
+        t0 = time.perf_counter()
+        lr = lr_at(self.progress.step, self.cfg.lr, self.total_steps, self.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_scale = 1.0
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            loss_scale = self.scaler.get_scale()
+        norm = self._global_grad_norm(loss_scale)
+        loss_value = loss.item()
+        if not (math.isfinite(loss_value) and math.isfinite(norm.item())):
+            self._skip_step(loss_value)
+            return None
+        self.progress.nonfinite_in_row = 0
+        coef = 1.0
+        if self.cfg.max_grad_norm > 0:
+            coef = min(1.0, self.cfg.max_grad_norm / (norm.item() + 1e-6))
+            if coef < 1.0:
+                for p in self.backbone.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.head.step(lr, grad_scale=coef / loss_scale)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.head.zero_grad()
+        self.progress.step += 1
+        self.timings["step"] += time.perf_counter() - t0
+        values = {"loss": loss_value, "lr": lr, "grad_norm": norm.item()}
+        if self.scaler is not None:
+            values["loss_scale"] = loss_scale
+        return values
+
+    def _skip_step(self, loss_value: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.head.zero_grad()
+        if self.scaler is not None:
+            self.scaler.update()  # lowers the scale after an overflow
+        if math.isfinite(loss_value):
+            return  # gradient overflow under fp16 loss scaling: routine, the scale adapts
+        self.progress.nonfinite_in_row += 1
+        log.warning(
+            "rank %d step %d: non-finite loss %s, step skipped (%d in a row)",
+            self.env.rank,
+            self.progress.step,
+            loss_value,
+            self.progress.nonfinite_in_row,
+        )
+        if self.progress.nonfinite_in_row >= self.cfg.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self.progress.nonfinite_in_row} non-finite losses in a row at step "
+                f"{self.progress.step}; lower lr, enable max_grad_norm, or check the data"
+            )
+
+    # ---- evaluation --------------------------------------------------------------------
+    def _find_val_sets(self) -> list[Path]:
+        if not self.cfg.val_targets or self.cfg.rec == "synthetic":
+            return []
+        found = []
+        for name in self.cfg.val_targets:
+            path = Path(self.cfg.rec) / f"{name}.bin"
+            if path.is_file():
+                found.append(path)
+            elif self.env.is_main:
+                log.warning("val_targets: %s not found; %s is not evaluated", path, name)
+        return found
+
+    def evaluate(self) -> dict[str, float]:
+        """Verification accuracy on every val target (rank 0), keeping the best per target."""
+        results: dict[str, float] = {}
+        if self.env.is_main and self.val_sets:
+            from facescale.eval import evaluate_verification, load_verification_set
+
+            self.backbone.eval()
+            for path in self.val_sets:
+                vset = load_verification_set(path)
+                res = evaluate_verification(self.backbone, vset, device=self.device)
+                results[vset.name] = res.accuracy
+                self.progress.best[vset.name] = max(
+                    res.accuracy, self.progress.best.get(vset.name, 0.0)
+                )
+            self.backbone.train()
+        barrier()
+        return results
+
+    # ---- the loop ----------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train until the schedule ends (or ``stop_step``); returns a summary."""
+        cfg, progress = self.cfg, self.progress
+        logger = RunLogger(self.output, self.env.rank, self.total_steps, progress.step)
+        last_record: dict[str, Any] = {}
+        stop_at = min(self.total_steps, cfg.stop_step or self.total_steps)
+        acc = cfg.gradient_acc
+        loss_sum = torch.zeros((), device=self.device)
+        started = time.perf_counter()
+        start_step = progress.step
+        try:
+            while progress.step < stop_at:
+                if progress.micro_in_epoch == 0:
+                    self.loader.set_epoch(progress.epoch)
+                batches = iter(self.loader)
+                if self._skip_micro:
+                    batches = itertools.islice(batches, self._skip_micro, None)
+                    progress.micro_in_epoch, self._skip_micro = self._skip_micro, 0
+                end_of_epoch = self.steps_per_epoch * acc
+                t_data = time.perf_counter()
+                for images, labels in batches:
+                    self.timings["data"] += time.perf_counter() - t_data
+                    progress.micro_in_epoch += 1
+                    last = progress.micro_in_epoch % acc == 0
+                    loss_sum += self._micro_batch(images, labels, sync=last)
+                    if last:
+                        values = self._optimizer_step(loss_sum / acc)
+                        loss_sum.zero_()
+                        if values is not None:
+                            values["epoch"] = progress.epoch
+                            if progress.step % cfg.frequent == 0 or progress.step == stop_at:
+                                last_record = logger.step(
+                                    progress.step, self.schedule.samples_per_step, values
+                                )
+                            self._periodic(logger, stop_at)
+                    if progress.micro_in_epoch >= end_of_epoch or progress.step >= stop_at:
+                        break
+                    t_data = time.perf_counter()
+                if progress.step < stop_at or progress.micro_in_epoch >= end_of_epoch:
+                    progress.epoch += 1
+                    progress.micro_in_epoch = 0
+                    if progress.step < stop_at:
+                        self.save()
+            if cfg.stop_step and progress.step == stop_at < self.total_steps:
+                self.save()
+            results = self.evaluate()
+            if results:
+                logger.scalars(progress.step, results, "val")
+            self._save_model()
+        finally:
+            logger.close()
+        elapsed = time.perf_counter() - started
+        return {
+            "steps": progress.step - start_step,
+            "final_step": progress.step,
+            "samples_per_s": (progress.step - start_step)
+            * self.schedule.samples_per_step
+            / max(elapsed, 1e-9),
+            "last": last_record,
+            "val": results,
+            "best": dict(progress.best),
+            "timings": dict(self.timings),
+        }
+
+    def _periodic(self, logger: RunLogger, stop_at: int) -> None:
+        step = self.progress.step
+        if step % self.cfg.verbose == 0 and step < stop_at:
+            results = self.evaluate()
+            if results:
+                logger.scalars(step, results, "val")
+        if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0 and step < stop_at:
+            self.save()
+
+    def _save_model(self) -> None:
+        if self.env.is_main:
+            path = self.output / "model.pt"
+            ckpt.atomic_save(self.backbone.state_dict(), path)
+            log.info("backbone weights for inference: %s", path)
+        barrier()
+
+
+def train(cfg: Config, env: DistEnv, loader: Any = None) -> dict[str, Any]:
+    """Run one training job described by ``cfg`` on this rank; resumes when asked or restarted."""
+    if env.is_main:
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+        cfg.save(cfg.output)
+    trainer = Trainer(cfg, env, loader)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if cfg.resume or restarted:
+        trainer.resume()
+    return trainer.fit()
