@@ -202,6 +202,7 @@ class Trainer:
         if self.scaler is not None and common["scaler"] is not None:
             self.scaler.load_state_dict(common["scaler"])
         self.progress = Progress(**common["progress"])
+        self._saved_step = self.progress.step  # that checkpoint exists already
         start, count = shard_range(self.cfg.num_classes, self.env.rank, self.env.world_size)
         self.head.load_state_dict(ckpt.load_head_shard(folder, start, count, self.env.rank))
         same_world = common["world_size"] == self.env.world_size

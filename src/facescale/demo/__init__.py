@@ -1,0 +1,1 @@
+"""The built-in demo: synthetic identities, a real RecordIO dataset, train, evaluate, export."""
