@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,15 @@ from facescale.train.logger import RunLogger
 from facescale.train.schedule import lr_at
 
 log = logging.getLogger("facescale.train")
+
+TIMED_PHASES = (
+    "data",
+    "backbone_forward",
+    "head_forward",
+    "head_backward",
+    "backbone_backward",
+    "optimizer",
+)
 
 
 @dataclass
@@ -65,7 +75,10 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Builds everything a run needs from the config and runs it to the end or ``stop_step``."""
 
-    def __init__(self, cfg: Config, env: DistEnv, loader: Any = None) -> None:
+    def __init__(
+        self, cfg: Config, env: DistEnv, loader: Any = None, backbone: nn.Module | None = None
+    ) -> None:
+        """``loader`` and ``backbone`` replace the ones the config names (custom data, models)."""
         from facescale.backbones import get_model
         from facescale.heads import CombinedMargin, build_head
 
@@ -76,14 +89,18 @@ class Trainer:
         self.dtype = autocast_dtype(cfg, self.device)
 
         seed_everything(cfg.seed)  # identical backbone initialisation on every rank
-        self.backbone = get_model(cfg.network, cfg.embedding_size).to(self.device)
+        if backbone is None:
+            backbone = get_model(cfg.network, cfg.embedding_size)
+        self.backbone = backbone.to(self.device)
         self.model: nn.Module = self.backbone
         if env.world_size > 1:
-            self.model = DistributedDataParallel(
-                self.backbone,
-                device_ids=[env.local_rank] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
-            )
+            with warnings.catch_warnings():  # its replacement still syncs buffers at init
+                warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")
+                self.model = DistributedDataParallel(
+                    self.backbone,
+                    device_ids=[env.local_rank] if self.device.type == "cuda" else None,
+                    broadcast_buffers=False,  # BatchNorm statistics stay per rank
+                )
             if self.device.type == "cuda" and self.dtype == torch.float16:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -138,7 +155,7 @@ class Trainer:
         self._saved_step = -1
         self._skip_micro = 0  # batches to pass over after resuming on another number of ranks
         self.val_sets = self._find_val_sets()
-        self.timings: dict[str, float] = {"data": 0.0, "backbone": 0.0, "head": 0.0, "step": 0.0}
+        self.timings = dict.fromkeys(TIMED_PHASES, 0.0)  # seconds on this rank
 
     # ---- checkpoints -------------------------------------------------------------------
     @property
@@ -230,23 +247,35 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------
     def _micro_batch(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> torch.Tensor:
-        t0 = time.perf_counter()
+        """Forward and backward of one micro-batch; DDP all-reduces only when ``sync``."""
+        clock = self.timings
         no_sync = getattr(self.model, "no_sync", None)
         with no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext():
+            t0 = time.perf_counter()
             with torch.autocast(self.device.type, self.dtype, enabled=self.dtype is not None):
                 embeddings = self.model(images)
+            embeddings = embeddings.float()
             t1 = time.perf_counter()
-            loss = self.head(embeddings.float(), labels)
+            loss = self.head(embeddings, labels)
             scaled = loss / self.cfg.gradient_acc
             if self.scaler is not None:
                 scaled = self.scaler.scale(scaled)
             t2 = time.perf_counter()
+            head_done = [t2]
+            embeddings.register_hook(lambda grad: self._embedding_grad(grad, head_done))
             scaled.backward()
-        t3 = time.perf_counter()
-        self.timings["backbone"] += t1 - t0
-        self.timings["head"] += t2 - t1
-        self.timings["backbone"] += t3 - t2  # backbone backward dominates; head backward is in it
+            t3 = time.perf_counter()
+        clock["backbone_forward"] += t1 - t0
+        clock["head_forward"] += t2 - t1
+        clock["head_backward"] += head_done[0] - t2
+        clock["backbone_backward"] += t3 - head_done[0]  # includes waiting for DDP's all-reduce
         return loss.detach()
+
+    def _embedding_grad(self, grad: torch.Tensor, head_done: list[float]) -> torch.Tensor:
+        """The head hands back the exact gradient of the one global loss to this rank's
+        embeddings; DDP then averages over ranks, so scale by the world size to keep the sum."""
+        head_done[0] = time.perf_counter()
+        return grad * self.env.world_size if self.env.world_size > 1 else grad
 
     def _global_grad_norm(self, loss_scale: float) -> torch.Tensor:
         """L2 norm of all gradients: backbone (identical on every rank) + head (sharded)."""
@@ -290,7 +319,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.head.zero_grad()
         self.progress.step += 1
-        self.timings["step"] += time.perf_counter() - t0
+        self.timings["optimizer"] += time.perf_counter() - t0
         values = {"loss": loss_value, "lr": lr, "grad_norm": norm.item()}
         if self.scaler is not None:
             values["loss_scale"] = loss_scale
@@ -430,12 +459,14 @@ class Trainer:
         barrier()
 
 
-def train(cfg: Config, env: DistEnv, loader: Any = None) -> dict[str, Any]:
+def train(
+    cfg: Config, env: DistEnv, loader: Any = None, backbone: nn.Module | None = None
+) -> dict[str, Any]:
     """Run one training job described by ``cfg`` on this rank; resumes when asked or restarted."""
     if env.is_main:
         Path(cfg.output).mkdir(parents=True, exist_ok=True)
         cfg.save(cfg.output)
-    trainer = Trainer(cfg, env, loader)
+    trainer = Trainer(cfg, env, loader, backbone)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if cfg.resume or restarted:
         trainer.resume()

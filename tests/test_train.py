@@ -1,0 +1,146 @@
+"""End-to-end training on spawned gloo ranks: learning, 1 vs N ranks, exact resume, re-sharding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dist_utils import run_ranks
+from train_utils import ArrayLoader, make_faces
+
+from facescale.backbones import get_model
+from facescale.config import Config, load_config, set_value
+from facescale.distributed import init_distributed
+from facescale.train.trainer import Trainer, train
+
+NUM_CLASSES = 12
+
+
+def small_vit():
+    """A two-block ViT without randomness or batch statistics (no drop-path, no patch masking,
+    its BatchNorm layers removed), so every sample's embedding depends on that sample alone and
+    runs on 1 and N ranks can agree; SyncBatchNorm, the alternative, needs a GPU."""
+    torch.manual_seed(0)
+    model = get_model("vit_t", 32, depth=2, dim=64, drop_path_rate=0.0, mask_ratio=0.0)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.BatchNorm1d):
+                setattr(parent, name, torch.nn.Identity())
+    return model
+
+
+def _config(output, **values) -> Config:
+    cfg = load_config(None)
+    base = dict(
+        network="vit_t",
+        embedding_size=32,
+        num_classes=NUM_CLASSES,
+        num_image=NUM_CLASSES * 8,
+        batch_size=8,
+        lr=0.02,
+        num_epoch=2,
+        warmup_epoch=0.5,
+        sample_rate=1.0,
+        num_workers=0,
+        frequent=1,
+        verbose=10_000,
+        val_targets=[],
+        checkpoint_every=0,
+        output=str(output),
+    )
+    for key, value in {**base, **values}.items():
+        set_value(cfg, key, value, "test")
+    return cfg
+
+
+def _run(rank, world, output, values, global_batch, resume=False):
+    """Train on this rank; return the backbone (rank 0) and this rank's head shard."""
+    cfg = _config(output, resume=resume, batch_size=global_batch // world, **values)
+    images, labels = make_faces(NUM_CLASSES, cfg.num_image // NUM_CLASSES)
+    loader = ArrayLoader(images, labels, cfg.batch_size, rank, world, seed=cfg.seed)
+    env = init_distributed()
+    trainer = Trainer(cfg, env, loader, small_vit())
+    if resume:
+        trainer.resume()
+    summary = trainer.fit()
+    backbone = {k: v.clone() for k, v in trainer.backbone.state_dict().items()}
+    return {
+        "summary": summary,
+        "backbone": backbone if rank == 0 else None,
+        "head": trainer.head.weight.detach().clone(),
+    }
+
+
+def _full_head(results) -> torch.Tensor:
+    return torch.cat([r["head"] for r in results])
+
+
+def _assert_same_model(a, b, rtol, atol):
+    for key, value in a[0]["backbone"].items():
+        torch.testing.assert_close(
+            value.float(), b[0]["backbone"][key].float(), rtol=rtol, atol=atol, msg=key
+        )
+    torch.testing.assert_close(_full_head(a), _full_head(b), rtol=rtol, atol=atol)
+
+
+def test_two_ranks_learn(tmp_path):
+    results = run_ranks(_run, 2, tmp_path, {"num_epoch": 6, "lr": 0.05}, 16)
+    losses = [
+        float(line.split('"loss": ')[1].split(",")[0])
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    assert len(losses) == results[0]["summary"]["final_step"] == 36
+    assert sum(losses[-6:]) / 6 < 0.7 * sum(losses[:6]) / 6
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "training.log").is_file()
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert saved.keys() == results[0]["backbone"].keys()
+
+
+def test_one_and_two_ranks_give_the_same_weights(tmp_path):
+    # float32 sums in another order: agreement to 1e-4 after 4 steps
+    values = {"num_epoch": 1, "gradient_acc": 2, "max_grad_norm": 1.0}
+    one = run_ranks(_run, 1, tmp_path / "one", values, 16)
+    two = run_ranks(_run, 2, tmp_path / "two", values, 16)
+    assert one[0]["summary"]["final_step"] == two[0]["summary"]["final_step"] == 3
+    _assert_same_model(one, two, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = run_ranks(_run, 2, tmp_path / "straight", {}, 16)
+    run_ranks(_run, 2, tmp_path / "split", {"stop_step": 5}, 16)
+    resumed = run_ranks(_run, 2, tmp_path / "split", {}, 16, True)
+    assert resumed[0]["summary"]["steps"] == straight[0]["summary"]["final_step"] - 5
+    _assert_same_model(straight, resumed, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 3)])
+def test_resume_on_another_number_of_ranks(tmp_path, before, after):
+    straight = run_ranks(_run, after, tmp_path / "straight", {}, 24)
+    stopped = run_ranks(_run, before, tmp_path / "split", {"stop_step": 3}, 24)
+    # the re-partitioned centers equal the saved ones before any further step
+    reloaded = run_ranks(_run, after, tmp_path / "split", {"stop_step": 3}, 24, True)
+    assert torch.equal(_full_head(reloaded), _full_head(stopped))
+    resumed = run_ranks(_run, after, tmp_path / "split", {}, 24, True)
+    _assert_same_model(straight, resumed, rtol=1e-4, atol=1e-5)
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    run_ranks(_run, 1, tmp_path, {"stop_step": 2}, 8)
+    cfg = _config(tmp_path, embedding_size=16, resume=True)
+    images, labels = make_faces(NUM_CLASSES, 8)
+    loader = ArrayLoader(images, labels, 8, 0, 1)
+    trainer = Trainer(cfg, init_distributed(), loader, get_model("vit_t", 16, depth=2, dim=64))
+    with pytest.raises(
+        RuntimeError, match="embedding_size=32 but the config has embedding_size=16"
+    ):
+        trainer.resume()
+
+
+def test_non_finite_losses_skip_then_stop(tmp_path, caplog):
+    cfg = _config(tmp_path, max_nonfinite_steps=3)
+    images, labels = make_faces(NUM_CLASSES, 8)
+    images[:] = float("nan")
+    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
+        train(cfg, init_distributed(), ArrayLoader(images, labels, 8, 0, 1), small_vit())
+    assert caplog.text.count("non-finite loss nan, step skipped") == 3
