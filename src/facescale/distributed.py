@@ -56,7 +56,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
 
     Under torchrun (RANK and WORLD_SIZE set) a process group is created even for one rank,
     so single- and multi-rank runs take the same path. On CPU each rank gets an equal share
-    of the cores, so ranks on one machine do not oversubscribe it.
+    of the cores it may run on, so ranks on one machine do not oversubscribe it.
     """
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     cuda = torch.cuda.is_available()
@@ -80,7 +80,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
     else:
         device = torch.device("cpu")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, local_world)))
     if not is_initialized():
         dist.init_process_group(
             backend=backend,

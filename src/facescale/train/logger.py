@@ -3,10 +3,12 @@ TensorBoard and a JSON-lines metrics file that scripts and plots read back."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +33,6 @@ class RunLogger:
         if not self.active:
             return
         output.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(output / "training.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logging.getLogger("facescale").addHandler(handler)
-        self._handler = handler
         self._metrics = open(output / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
         from torch.utils.tensorboard import SummaryWriter
 
@@ -102,5 +100,20 @@ class RunLogger:
             self._bar.close()
         self._writer.close()
         self._metrics.close()
-        logging.getLogger("facescale").removeHandler(self._handler)
-        self._handler.close()
+
+
+@contextlib.contextmanager
+def log_file(path: Path, active: bool) -> Iterator[None]:
+    """Copy facescale's log records into ``path`` while the block runs (when ``active``)."""
+    if not active:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("facescale").addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger("facescale").removeHandler(handler)
+        handler.close()

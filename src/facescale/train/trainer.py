@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from facescale.config import Config
 from facescale.distributed import DistEnv, barrier
 from facescale.train import checkpoint as ckpt
-from facescale.train.logger import RunLogger
+from facescale.train.logger import RunLogger, log_file
 from facescale.train.schedule import lr_at
 
 log = logging.getLogger("facescale.train")
@@ -463,11 +463,12 @@ def train(
     cfg: Config, env: DistEnv, loader: Any = None, backbone: nn.Module | None = None
 ) -> dict[str, Any]:
     """Run one training job described by ``cfg`` on this rank; resumes when asked or restarted."""
-    if env.is_main:
-        Path(cfg.output).mkdir(parents=True, exist_ok=True)
-        cfg.save(cfg.output)
-    trainer = Trainer(cfg, env, loader, backbone)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if cfg.resume or restarted:
-        trainer.resume()
-    return trainer.fit()
+    output = Path(cfg.output)
+    with log_file(output / "training.log", env.is_main):
+        if env.is_main:
+            cfg.save(output)
+        trainer = Trainer(cfg, env, loader, backbone)
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if cfg.resume or restarted:
+            trainer.resume()
+        return trainer.fit()

@@ -1,0 +1,105 @@
+"""`facescale train` under real torchrun launches: a killed rank restarts, two nodes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from dist_utils import free_port
+
+TINY = [
+    "cpu_tiny",
+    "--set",
+    "num_image=256",
+    "--set",
+    "batch_size=8",
+    "--set",
+    "frequent=1",
+]
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "facescale", "train"]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _steps_logged(output: Path) -> list[int]:
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if '"loss"' in line]
+
+
+@pytest.mark.slow
+def test_killed_rank_restarts_and_the_run_completes(tmp_path):
+    out = tmp_path / "run"
+    cmd = _torchrun(
+        "--standalone", "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=1"
+    )
+    cmd += [*TINY, "--set", f"output={out}", "--set", "checkpoint_every=4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_000000004").is_dir():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    log = (out / "training.log").read_text()
+    assert "resumed from" in log and "step_00000000" in log
+    steps = _steps_logged(out)
+    assert steps[-1] == 16  # 256 images / (8 x 2) per step, one epoch
+    assert (out / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_train(tmp_path):
+    out = tmp_path / "run"
+    port = free_port()
+    cores = sorted(os.sched_getaffinity(0))
+    procs = [
+        subprocess.Popen(
+            [
+                "taskset",  # each "node" gets its own core(s), as separate machines would
+                "-c",
+                ",".join(map(str, cores[node::2] or cores)),
+                *_torchrun(
+                    "--nnodes=2",
+                    f"--node_rank={node}",
+                    "--nproc_per_node=1",
+                    "--master_addr=127.0.0.1",
+                    f"--master_port={port}",
+                ),
+                *TINY,
+                "--set",
+                f"output={out}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert _steps_logged(out)[-1] == 16  # two ranks of batch 8: 16 steps over 256 images
+    assert (out / "model.pt").is_file()
