@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from dist_utils import run_ranks
@@ -144,3 +146,34 @@ def test_non_finite_losses_skip_then_stop(tmp_path, caplog):
     with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
         train(cfg, init_distributed(), ArrayLoader(images, labels, 8, 0, 1), small_vit())
     assert caplog.text.count("non-finite loss nan, step skipped") == 3
+
+
+def _write_pairs(path, num_pairs):
+    from facescale.data import write_verification_bin
+    from facescale.data.image import encode_jpeg
+
+    images, labels = make_faces(NUM_CLASSES, 4, seed=1)
+    pixels = ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    pairs, issame = [], []
+    for p in range(num_pairs):
+        a, b = (2 * p) % len(labels), (2 * p + 1 + 4 * (p % 2)) % len(labels)
+        pairs += [encode_jpeg(pixels[a]), encode_jpeg(pixels[b])]
+        issame.append(bool(labels[a] == labels[b]))
+    write_verification_bin(path, pairs, issame)
+
+
+def test_verification_during_training_matches_single_process(tmp_path):
+    from facescale.eval import evaluate_verification, load_verification_set
+
+    _write_pairs(tmp_path / "pairs.bin", 40)
+    values = {"rec": str(tmp_path), "val_targets": ["pairs", "missing"], "verbose": 3}
+    results = run_ranks(_run, 2, tmp_path / "out", values, 16)
+    logged = [
+        r for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").open()) if "val/pairs" in r
+    ]
+    assert [r["step"] for r in logged] == [3, 6, 9, 12]
+    assert results[0]["summary"]["best"]["pairs"] == max(r["val/pairs"] for r in logged)
+    model = small_vit()
+    model.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True))
+    direct = evaluate_verification(model, load_verification_set(tmp_path / "pairs.bin"))
+    assert logged[-1]["val/pairs"] == pytest.approx(direct.accuracy, abs=1 / 40)

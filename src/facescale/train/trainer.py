@@ -9,6 +9,7 @@ CPU (gloo) or GPU (NCCL).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -360,21 +361,16 @@ class Trainer:
         return found
 
     def evaluate(self) -> dict[str, float]:
-        """Verification accuracy on every val target (rank 0), keeping the best per target."""
-        results: dict[str, float] = {}
-        if self.env.is_main and self.val_sets:
-            from facescale.eval import evaluate_verification, load_verification_set
+        """Verification accuracy on every val target, keeping the best per target.
 
-            self.backbone.eval()
-            for path in self.val_sets:
-                vset = load_verification_set(path)
-                res = evaluate_verification(self.backbone, vset, device=self.device)
-                results[vset.name] = res.accuracy
-                self.progress.best[vset.name] = max(
-                    res.accuracy, self.progress.best.get(vset.name, 0.0)
-                )
-            self.backbone.train()
-        barrier()
+        Every rank embeds its share of each set's images; rank 0 scores the gathered whole."""
+        results: dict[str, float] = {}
+        for path in self.val_sets:
+            result = verification_on_ranks(self.backbone, path, self.env)
+            if result is not None:
+                results[result.name] = result.accuracy
+                best = max(result.accuracy, self.progress.best.get(result.name, 0.0))
+                self.progress.best[result.name] = best
         return results
 
     # ---- the loop ----------------------------------------------------------------------
@@ -457,6 +453,29 @@ class Trainer:
             ckpt.atomic_save(self.backbone.state_dict(), path)
             log.info("backbone weights for inference: %s", path)
         barrier()
+
+
+def verification_on_ranks(backbone: nn.Module, path: Path, env: DistEnv) -> Any:
+    """10-fold verification of ``backbone`` on the ``.bin`` set at ``path``, the embedding work
+    split over ranks; the result on rank 0, None elsewhere."""
+    from facescale.eval import embed_batches, l2_normalize, load_verification_set
+    from facescale.eval.verification import VerificationResult, verification_metrics
+
+    vset = load_verification_set(path)
+    lo, hi = (len(vset.images) * r // env.world_size for r in (env.rank, env.rank + 1))
+    images = torch.from_numpy(vset.images[lo:hi])
+    batches = (images[i : i + 64] for i in range(0, len(images), 64))
+    features, norm = embed_batches(backbone, batches, env.device, flip=True)
+    parts = [(features, norm)]
+    if dist.is_initialized():
+        parts = [None] * env.world_size
+        dist.all_gather_object(parts, (features, norm))
+    if not env.is_main:
+        return None
+    features = l2_normalize(np.concatenate([f for f, _ in parts]))
+    norm = sum(n * len(f) for f, n in parts) / len(features)
+    metrics = verification_metrics(features[0::2], features[1::2], vset.issame)
+    return VerificationResult(**dataclasses.asdict(metrics), name=vset.name, norm=norm)
 
 
 def train(

@@ -1,0 +1,133 @@
+"""The whole demo job: data -> training on N ranks -> held-out verification -> ONNX -> summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from facescale.config import load_config, resolve_path
+from facescale.demo.dataset import HELDOUT_NAME, make_demo_data
+
+DEMO_CONFIG = "demo"
+
+
+def read_metrics(output: Path) -> list[dict[str, Any]]:
+    """The records a training run wrote to ``metrics.jsonl``."""
+    path = output / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path) -> Path:
+    """Loss against optimizer step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records if "loss" in r]
+    losses = [r["loss"] for r in records if "loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("facescale demo: loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def train_command(ranks: int, overrides: list[str]) -> list[str]:
+    """``torchrun --standalone --nproc_per_node=RANKS -m facescale train demo --set ...``."""
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        "-m",
+        "facescale",
+        "train",
+        str(resolve_path(DEMO_CONFIG)),
+        *sets,
+    ]
+
+
+def run_demo(
+    output: Path,
+    ranks: int = 2,
+    identities: int = 400,
+    per_identity: int = 16,
+    extra: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run every stage and return the summary; raises if a stage fails."""
+    from facescale.export import compare_onnx, export_onnx, load_backbone
+
+    started = time.perf_counter()
+    output.mkdir(parents=True, exist_ok=True)
+    print(f"[1/4] drawing {identities} synthetic identities x {per_identity} images", flush=True)
+    data = make_demo_data(output / "data", identities, per_identity)
+    overrides = [
+        f"rec={data.folder}",
+        f"num_classes={data.num_classes}",
+        f"num_image={data.num_images}",
+        f"output={output}",
+        *(extra or []),
+    ]
+    print(f"[2/4] training on {ranks} ranks: {' '.join(train_command(ranks, overrides))}")
+    subprocess.run(train_command(ranks, overrides), check=True)
+    cfg = load_config(DEMO_CONFIG, overrides)
+    records = read_metrics(output)
+    steps = [r for r in records if "loss" in r]
+    accuracy = [r[f"val/{HELDOUT_NAME}"] for r in records if f"val/{HELDOUT_NAME}" in r]
+    print("[3/4] exporting ONNX", flush=True)
+    model = load_backbone(cfg.network, output / "model.pt", cfg.embedding_size)
+    onnx_path = export_onnx(model, output / "model.onnx")
+    onnx_error = compare_onnx(model, onnx_path)
+    print("[4/4] summary", flush=True)
+    return {
+        "ranks": ranks,
+        "network": cfg.network,
+        "identities": data.num_classes,
+        "training_images": data.num_images,
+        "heldout_pairs": data.num_pairs,
+        "steps": steps[-1]["step"],
+        "samples_per_s": sum(r["samples_per_s"] for r in steps) / len(steps),
+        "loss_first": steps[0]["loss"],
+        "loss_last": steps[-1]["loss"],
+        "heldout_accuracy": accuracy[-1] if accuracy else None,
+        "onnx_max_relative_error": onnx_error,
+        "seconds": time.perf_counter() - started,
+        "outputs": {
+            "folder": str(output),
+            "log": str(output / "training.log"),
+            "tensorboard": str(output / "tensorboard"),
+            "loss_curve": str(plot_loss(records, output / "loss_curve.png")),
+            "model": str(output / "model.pt"),
+            "onnx": str(onnx_path),
+            "data": str(data.folder),
+        },
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as the few lines a person reads at the end."""
+    acc = summary["heldout_accuracy"]
+    lines = [
+        f"trained {summary['network']} on {summary['ranks']} ranks: {summary['steps']} steps, "
+        f"{summary['samples_per_s']:.1f} samples/s",
+        f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}",
+        "held-out verification accuracy "
+        + (f"{100 * acc:.2f}% (chance: 50%)" if acc is not None else "not measured")
+        + f" on {summary['heldout_pairs']} pairs of unseen identities",
+        f"ONNX matches PyTorch to {summary['onnx_max_relative_error']:.1e} (relative)",
+        f"done in {summary['seconds'] / 60:.1f} min; outputs:",
+        *(f"  {name:<12} {path}" for name, path in summary["outputs"].items()),
+    ]
+    return "\n".join(lines)
