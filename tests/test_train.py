@@ -177,3 +177,13 @@ def test_verification_during_training_matches_single_process(tmp_path):
     model.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True))
     direct = evaluate_verification(model, load_verification_set(tmp_path / "pairs.bin"))
     assert logged[-1]["val/pairs"] == pytest.approx(direct.accuracy, abs=1 / 40)
+
+
+def test_data_parallel_baseline_trains_like_partial_fc(tmp_path):
+    values = {"num_epoch": 1, "max_grad_norm": 1.0}
+    sharded = run_ranks(_run, 2, tmp_path / "pfc", values, 16)
+    replicated = run_ranks(_run, 2, tmp_path / "dp", {**values, "head": "data_parallel"}, 16)
+    torch.testing.assert_close(replicated[0]["head"], _full_head(sharded), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(replicated[1]["head"], replicated[0]["head"], rtol=0, atol=0)
+    for key, value in sharded[0]["backbone"].items():
+        torch.testing.assert_close(replicated[0]["backbone"][key], value, rtol=1e-4, atol=1e-5)

@@ -66,6 +66,10 @@ class Config:
     # model
     network: str = field(default="r50", metadata=_check(bool, "a backbone name"))
     embedding_size: int = field(default=512, metadata=_check(_positive, "an integer > 0"))
+    dropout: float = field(default=0.0, metadata=_check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    # None: the network's default (on for r2060, vit_b, vit_l)
+    gradient_checkpointing: bool | None = None
+    channels_last: bool = False
     margin_list: tuple[float, float, float] = field(
         default=(1.0, 0.5, 0.0),
         metadata=_check(
@@ -77,6 +81,14 @@ class Config:
     interclass_filtering_threshold: float = field(
         default=0.0, metadata=_check(lambda v: 0 <= v < 1, "a number in [0, 1); 0 disables")
     )
+    head: str = field(
+        default="partial_fc",
+        metadata=_check(
+            lambda v: v in ("partial_fc", "data_parallel"),
+            "'partial_fc' (sharded centers; sample_rate < 1 samples them) or 'data_parallel' "
+            "(replicated baseline for speed comparisons)",
+        ),
+    )
     sample_rate: float = field(
         default=1.0, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
     )
@@ -85,6 +97,20 @@ class Config:
     num_classes: int = field(default=93431, metadata=_check(_positive, "an integer > 0"))
     num_image: int = field(default=5179510, metadata=_check(_positive, "an integer > 0"))
     num_workers: int = field(default=2, metadata=_check(_non_negative, "an integer >= 0"))
+    data_order: str = field(
+        default="auto",
+        metadata=_check(
+            lambda v: v in ("auto", "sequential", "random"), "'auto', 'sequential' or 'random'"
+        ),
+    )
+    shuffle_buffer: int = field(
+        default=8192, metadata=_check(_positive, "an integer > 0 (records per worker)")
+    )
+    augment: str = field(
+        default="flip",
+        metadata=_check(lambda v: v in ("none", "flip", "strong"), "'none', 'flip' or 'strong'"),
+    )
+    skip_bad_records: bool = False
     val_targets: list[str] = field(default_factory=lambda: ["lfw", "cfp_fp", "agedb_30"])
     # optimisation
     optimizer: str = field(
@@ -247,7 +273,7 @@ def _parse_text(tp: Any, text: str) -> Any:
     base = next(a for a in typing.get_args(tp) if a is not type(None)) if is_union else tp
     if base is str:
         return text
-    if tp is bool:
+    if base is bool:
         low = text.strip().lower()
         return {"true": True, "yes": True, "on": True, "1": True}.get(
             low, {"false": False, "no": False, "off": False, "0": False}.get(low, text)

@@ -73,6 +73,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def make_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
+    """The optimizer the config names, over ``params``."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class ReplicatedHeadUpdate:
+    """The lean head's update interface (grad_norm_sq, step, zero_grad) for the replicated
+    data-parallel baseline head, whose summed gradients a torch optimizer applies."""
+
+    def __init__(self, head: nn.Module, cfg: Config, world_size: int) -> None:
+        self.params = list(head.parameters())
+        self.optimizer = make_optimizer(cfg, self.params)
+        self.world_size = world_size
+
+    def grad_norm_sq(self) -> torch.Tensor:
+        # every rank holds the same full gradient; the trainer sums this over ranks
+        grads = [p.grad.float().pow(2).sum() for p in self.params if p.grad is not None]
+        return torch.stack(grads).sum() / self.world_size
+
+    def step(self, lr: float, grad_scale: float = 1.0) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(grad_scale)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 class Trainer:
     """Builds everything a run needs from the config and runs it to the end or ``stop_step``."""
 
@@ -106,27 +141,25 @@ class Trainer:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
                 self.model.register_comm_hook(None, default_hooks.fp16_compress_hook)
-        margin = CombinedMargin(cfg.scale, *cfg.margin_list)
+        lean = cfg.head == "partial_fc"
         self.head = build_head(
-            "partial_fc",
+            cfg.head,
             cfg.num_classes,
             cfg.embedding_size,
-            margin,
+            CombinedMargin(cfg.scale, *cfg.margin_list),
             sample_rate=cfg.sample_rate,
-            lean=True,
+            lean=lean,
             interclass_filtering_threshold=cfg.interclass_filtering_threshold,
             seed=cfg.seed,
         ).to(self.device)
-        self.head.configure_optimizer(
-            kind=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-        params = list(self.backbone.parameters())
-        if cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(
-                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        if lean:
+            self.head.configure_optimizer(
+                kind=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
             )
+            self.head_update: Any = self.head
         else:
-            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.head_update = ReplicatedHeadUpdate(self.head, cfg, env.world_size)
+        self.optimizer = make_optimizer(cfg, self.backbone.parameters())
         use_scaler = self.dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", growth_interval=100) if use_scaler else None
 
@@ -171,6 +204,10 @@ class Trainer:
         from facescale.heads import shard_range
 
         if self._saved_step == self.progress.step:
+            return
+        if isinstance(self.head_update, ReplicatedHeadUpdate):
+            log.warning("head=data_parallel is a speed baseline; it writes no checkpoints")
+            self._saved_step = self.progress.step
             return
         self._saved_step = self.progress.step
 
@@ -282,7 +319,8 @@ class Trainer:
         """L2 norm of all gradients: backbone (identical on every rank) + head (sharded)."""
         grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
         backbone_sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
-        head_sq = torch.as_tensor(self.head.grad_norm_sq(), device=self.device, dtype=torch.float32)
+        head_sq = self.head_update.grad_norm_sq()
+        head_sq = torch.as_tensor(head_sq, device=self.device, dtype=torch.float32)
         head_sq = head_sq / (loss_scale * loss_scale)
         if dist.is_initialized():
             dist.all_reduce(head_sq)
@@ -316,9 +354,9 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.head.step(lr, grad_scale=coef / loss_scale)
+        self.head_update.step(lr, grad_scale=coef / loss_scale)
         self.optimizer.zero_grad(set_to_none=True)
-        self.head.zero_grad()
+        self.head_update.zero_grad()
         self.progress.step += 1
         self.timings["optimizer"] += time.perf_counter() - t0
         values = {"loss": loss_value, "lr": lr, "grad_norm": norm.item()}
@@ -328,7 +366,7 @@ class Trainer:
 
     def _skip_step(self, loss_value: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.head.zero_grad()
+        self.head_update.zero_grad()
         if self.scaler is not None:
             self.scaler.update()  # lowers the scale after an overflow
         if math.isfinite(loss_value):
