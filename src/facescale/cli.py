@@ -14,7 +14,7 @@ import sys
 from facescale import __version__
 from facescale.config import ConfigError
 
-COMMANDS = ("config", "train")
+COMMANDS = ("config", "train", "info", "bench", "convert", "eval", "export", "embed", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("facescale").setLevel(logging.INFO)  # our progress; others' warnings only
     args = build_parser().parse_args(argv)
     try:
         code = args.handler(args)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS: tuple[str, ...] = ()
+BENCHMARKS: tuple[str, ...] = ("backbone", "data", "tarfar", "head")
 
 HELP = "measure speed and memory (" + ", ".join(BENCHMARKS) + ")"
 
@@ -20,4 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         module = importlib.import_module(f"facescale.benchmarking.{name}")
         bench = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(bench)
-        bench.set_defaults(handler=module.run)
+        bench.set_defaults(run_benchmark=module.run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args.run_benchmark(args)

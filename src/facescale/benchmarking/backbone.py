@@ -1,0 +1,140 @@
+"""`facescale bench backbone`: training-step speed and peak memory of a backbone per option.
+
+Variants: plain fp32, channels-last, gradient checkpointing and bf16 autocast. Each runs in
+a fresh process. Its peak memory is the kernel's resident-set high-water mark (Linux
+``VmHWM``, reset once the model and the batch exist) minus the resident size at that
+moment: activations, gradients and workspace of the steps. Each variant also counts the
+multiply-adds of one training step with torch's FLOP counter: unlike time, that figure is
+free of noise and shows the recomputation that checkpointing adds. Ratios against fp32
+come from one invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+HELP = "training samples/s and peak memory of a backbone: fp32, channels_last, checkpointing, bf16"
+
+VARIANTS: dict[str, dict[str, bool]] = {
+    "fp32": {},
+    "channels_last": {"channels_last": True},
+    "checkpointing": {"gradient_checkpointing": True},
+    "bf16": {"bf16": True},
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="r50", help="backbone name (default r50)")
+    parser.add_argument("--batch", type=int, default=16, help="images per step (default 16)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {', '.join(VARIANTS)} (fp32 is always run)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _memory_mib(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (resident peak) of this process, from Linux /proc."""
+    with open("/proc/self/status") as status:
+        kib = re.search(rf"{field}:\s+(\d+) kB", status.read()).group(1)
+    return int(kib) / 1024
+
+
+def _reset_peak_memory() -> float:
+    """Restart the resident peak at the current size (Linux clear_refs) and return that size."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _memory_mib("VmRSS")
+
+
+def measure(model_name: str, batch: int, steps: int, options: dict[str, bool]) -> dict[str, float]:
+    """Time ``steps`` forward+backward steps after a warm-up, then count one step's
+    multiply-adds; runs in its own process."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from facescale.backbones import get_model
+
+    def train_step() -> None:
+        model.zero_grad(set_to_none=False)
+        model(images).square().mean().backward()
+
+    torch.manual_seed(0)
+    settings = {"gradient_checkpointing": False, **options}
+    model = get_model(model_name, **settings).train()
+    images = torch.rand(batch, 3, 112, 112) * 2 - 1
+    before = _reset_peak_memory()
+    train_step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step()
+    elapsed = time.perf_counter() - start
+    peak = _memory_mib("VmHWM") - before
+    with FlopCounterMode(display=False) as counter:
+        train_step()
+    return {
+        "samples_per_s": batch * steps / elapsed,
+        "step_s": elapsed / steps,
+        "peak_mib": peak,
+        "train_gmacs_per_sample": counter.get_total_flops() / 2 / batch / 1e9,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from facescale.backbones.registry import model_spec
+
+    model_spec(args.model)  # unknown name: ValueError listing the valid ones
+    chosen = ["fp32", *(v for v in args.variants.split(",") if v and v != "fp32")]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown or args.batch < 2 or args.steps < 1:
+        raise ValueError(
+            f"--variants must name {', '.join(VARIANTS)} (got {', '.join(unknown) or 'ok'}); "
+            f"--batch >= 2 (BatchNorm) and --steps >= 1 (got {args.batch}, {args.steps})"
+        )
+    results: dict[str, dict[str, float]] = {}
+    for variant in chosen:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            job = pool.submit(measure, args.model, args.batch, args.steps, VARIANTS[variant])
+            results[variant] = job.result()
+    base = results["fp32"]
+    report: dict[str, Any] = {
+        "benchmark": "backbone",
+        "model": args.model,
+        "batch": args.batch,
+        "steps": args.steps,
+        "threads": torch.get_num_threads(),
+        "variants": results,
+        "vs_fp32": {
+            name: {
+                "speed": r["samples_per_s"] / base["samples_per_s"],
+                "memory": r["peak_mib"] / base["peak_mib"],
+                "compute": r["train_gmacs_per_sample"] / base["train_gmacs_per_sample"],
+            }
+            for name, r in results.items()
+        },
+    }
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{args.model}, batch {args.batch}, {args.steps} timed training steps")
+    print(f"{'variant':<14} {'samples/s':>10} {'peak MiB':>9} {'GMACs/img':>10}  vs fp32:", end="")
+    print(f" {'speed':>6} {'memory':>7} {'compute':>8}")
+    for name, r in results.items():
+        ratio = report["vs_fp32"][name]
+        print(
+            f"{name:<14} {r['samples_per_s']:>10.2f} {r['peak_mib']:>9.0f} "
+            f"{r['train_gmacs_per_sample']:>10.2f} {'':9}{ratio['speed']:>5.2f}x "
+            f"{ratio['memory']:>6.2f}x {ratio['compute']:>7.2f}x"
+        )
+    return 0

@@ -1,0 +1,338 @@
+"""`facescale bench head`: one training step of the classification layer alone, on N ranks.
+
+Each step is forward, backward and the centers' update (SGD, momentum 0.9, weight decay
+5e-4) on random embeddings and labels. Reported against two references measured in the
+same run: the matmul floor, ``3 x 2 x rows x classes_computed x dim`` FLOPs (logits,
+gradient to the embeddings, gradient to the centers) at the sgemm rate each rank gets
+right after each step with its own thread count, and the memory budget, 1.15 x (centers +
+optimizer state) + 512 MB of peak resident memory growth from before the head is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+HELP = "time the classification head alone (model parallel, Partial FC, data parallel)"
+
+SPEED_TARGETS = {"model_parallel": 1.5, "partial_fc": 2.0}  # step / matmul floor
+MEMORY_FACTOR, MEMORY_SLACK_MB = 1.15, 512.0
+
+
+@dataclass(frozen=True)
+class Options:
+    kind: str
+    lean: bool
+    classes: int
+    world: int
+    batch: int
+    dim: int
+    sample_rate: float
+    chunk_size: int
+    dtype: str
+    steps: int
+    warmup: int
+    threads: int
+    lr: float
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from facescale.heads.partial_fc import DEFAULT_CHUNK_SIZE
+
+    parser.add_argument("--kind", choices=("partial_fc", "data_parallel"), default="partial_fc")
+    parser.add_argument(
+        "--mode",
+        choices=("lean", "dropin"),
+        default=None,
+        help="lean: the head updates its centers in chunks (default for partial_fc); "
+        "dropin: a torch SGD optimizer over head.parameters() (the only mode of data_parallel)",
+    )
+    parser.add_argument("--classes", type=int, default=1_000_000, help="number of identities")
+    parser.add_argument("--world", type=int, default=2, help="ranks (processes) to spawn")
+    parser.add_argument("--batch", type=int, default=128, help="embeddings per rank")
+    parser.add_argument("--dim", type=int, default=512, help="embedding size")
+    parser.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="threads per rank (default: CPU cores / ranks)"
+    )
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch.multiprocessing as mp
+
+    lean = (args.mode or ("lean" if args.kind == "partial_fc" else "dropin")) == "lean"
+    if args.world < 1 or args.steps < 1 or args.warmup < 0:
+        raise ValueError("--world and --steps must be >= 1 and --warmup >= 0")
+    options = Options(
+        args.kind,
+        lean,
+        args.classes,
+        args.world,
+        args.batch,
+        args.dim,
+        args.sample_rate,
+        args.chunk_size,
+        args.dtype,
+        args.steps,
+        args.warmup,
+        args.threads,
+        args.lr,
+    )
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_rank_main, args=(options, _free_port(), queue), nprocs=args.world, join=True)
+    report = summarize(options, queue.get())
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:<28} {value}")
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, options: Options, port: int, queue: Any) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(options.world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(options.world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    import torch
+    import torch.distributed as dist
+
+    from facescale.distributed import init_distributed, shutdown
+
+    env = init_distributed()
+    try:
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        measured = measure_rank(options, env.device)
+        gathered: list[Any] = [None] * options.world
+        dist.all_gather_object(gathered, measured)
+        if rank == 0:
+            queue.put(gathered)
+    finally:
+        shutdown()
+
+
+# ---- one rank --------------------------------------------------------------------------
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def _reset_peak(device: Any) -> float:
+    """Start a fresh peak; returns the current usage in MB (resident memory on CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM (peak resident set) to the current VmRSS
+    return _proc_status_kib("VmRSS") / 1024
+
+
+def _peak(device: Any) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _proc_status_kib("VmHWM") / 1024
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Clock:
+    """Wall and process-CPU seconds of a section (CPU time ignores other programs' load)."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+
+    def __enter__(self) -> Clock:
+        _sync(self.device)
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _sync(self.device)
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+
+def sgemm_gflops(
+    shapes: list[tuple[int, int, int]], dtype: Any, device: Any, repeats: int = 10
+) -> dict[str, float]:
+    """Wall-clock and CPU-time rates (GFLOP/s) of ``[m x k] @ [k x n]``: for each shape the
+    mean over ``repeats`` back-to-back products (a sustained rate, as a step sustains it),
+    then the best shape."""
+    import torch
+
+    best = {"wall": 0.0, "cpu": 0.0}
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        torch.mm(a, b)
+        with Clock(device) as clock:
+            for _ in range(repeats):
+                torch.mm(a, b)
+        for kind in best:
+            seconds = max(getattr(clock, kind), 1e-9)
+            best[kind] = max(best[kind], 2 * m * k * n * repeats / seconds / 1e9)
+    return best
+
+
+def measure_rank(options: Options, device: Any) -> dict[str, Any]:
+    """Build the head on this rank, run warm-up and timed steps, and measure them."""
+    import gc
+
+    import torch
+
+    from facescale.distributed import barrier, get_rank, get_world_size
+    from facescale.heads import ArcFace, build_head
+    from facescale.heads.options import resolve_logits_dtype
+
+    dtype = resolve_logits_dtype(options.dtype)
+    gc.collect()
+    base_mb = _reset_peak(device)
+    head = build_head(
+        options.kind,
+        options.classes,
+        options.dim,
+        ArcFace(),
+        options.sample_rate,
+        lean=options.lean,
+        chunk_size=options.chunk_size,
+        logits_dtype=dtype,
+        seed=0,
+    ).to(device)
+    optimizer = None
+    if options.lean:
+        head.configure_optimizer("sgd", lr=options.lr, momentum=0.9, weight_decay=5e-4)
+    else:
+        optimizer = torch.optim.SGD(
+            head.parameters(), lr=options.lr, momentum=0.9, weight_decay=5e-4
+        )
+    generator = torch.Generator(device=device).manual_seed(get_rank())
+    global_batch = options.batch * get_world_size()
+    rows = options.batch if options.kind == "data_parallel" else global_batch
+    shapes = [(1024, 1024, 1024), (rows, options.dim, options.chunk_size)]
+    steps, rates, computed = [], [], []
+    for index in range(options.warmup + options.steps):
+        x = torch.randn(options.batch, options.dim, device=device, generator=generator)
+        labels = torch.randint(
+            0, options.classes, (options.batch,), device=device, generator=generator
+        )
+        x.requires_grad_()
+        barrier()
+        with Clock(device) as clock:
+            head(x, labels).backward()
+            if optimizer is None:
+                head.step(options.lr)
+            else:
+                optimizer.step()
+            head.zero_grad()
+        barrier()
+        rate = sgemm_gflops(shapes, dtype, device)
+        if index >= options.warmup:
+            steps.append({"wall": clock.wall, "cpu": clock.cpu})
+            rates.append(rate)
+            sampled = getattr(head, "sampled_classes", None)
+            computed.append(head.weight.shape[0] if sampled is None else len(sampled))
+    peak_mb = _peak(device)
+    state = [t for t in head.state_dict().values() if torch.is_tensor(t)]
+    if optimizer is not None:
+        state += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return {
+        "steps": steps,
+        "sgemm_gflops": rates,
+        "rows": rows,
+        "classes_computed": max(computed),
+        "threads": torch.get_num_threads(),
+        "memory_growth_mb": peak_mb - base_mb,
+        "state_mb": sum(t.numel() * t.element_size() for t in state) / 2**20,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+
+
+# ---- the report ------------------------------------------------------------------------
+def _against_floor(ranks: list[dict[str, Any]], dim: int, clock: str) -> dict[str, Any]:
+    """Per step: the slowest rank's time, the floor at that step's sgemm rates, their ratio."""
+    steps = range(len(ranks[0]["steps"]))
+    flops = [6 * r["rows"] * r["classes_computed"] * dim for r in ranks]
+    slowest = [max(r["steps"][i][clock] for r in ranks) for i in steps]
+    floors = [
+        max(f / (r["sgemm_gflops"][i][clock] * 1e9) for f, r in zip(flops, ranks, strict=True))
+        for i in steps
+    ]
+    return {
+        "step_s": slowest,
+        "step_s_median": statistics.median(slowest),
+        "sgemm_gflops_median": statistics.median(
+            min(r["sgemm_gflops"][i][clock] for r in ranks) for i in steps
+        ),
+        "floor_s_median": statistics.median(floors),
+        "step_over_floor_median": statistics.median(
+            step / floor for step, floor in zip(slowest, floors, strict=True)
+        ),
+    }
+
+
+def summarize(options: Options, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One JSON-ready report: medians of the per-step ratios to the floor (wall clock, and
+    process CPU time on CPU, which other programs' load does not inflate), memory per rank,
+    and whether the targets are met (on the wall clock)."""
+    wall = _against_floor(ranks, options.dim, "wall")
+    cpu = _against_floor(ranks, options.dim, "cpu") if ranks[0]["device"] == "cpu" else None
+    budget = [MEMORY_FACTOR * r["state_mb"] + MEMORY_SLACK_MB for r in ranks]
+    growth = [r["memory_growth_mb"] for r in ranks]
+    target = None
+    if options.kind == "partial_fc":
+        target = SPEED_TARGETS["model_parallel" if options.sample_rate >= 1 else "partial_fc"]
+    ratio = wall["step_over_floor_median"]
+    return {
+        "benchmark": "head",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {ranks[0]['device']}",
+        **asdict(options),
+        "threads_per_rank": ranks[0]["threads"],
+        "global_batch": options.batch * options.world,
+        "classes_computed_per_rank": max(r["classes_computed"] for r in ranks),
+        **wall,
+        "cpu_time": cpu,
+        "step_over_floor_target": target,
+        "speed_ok": None if target is None else ratio <= target,
+        "memory_growth_mb": growth,
+        "centers_and_state_mb": [r["state_mb"] for r in ranks],
+        "memory_budget_mb": budget,
+        "memory_ok": all(g <= b for g, b in zip(growth, budget, strict=True)),
+    }

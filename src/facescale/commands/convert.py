@@ -1,0 +1,69 @@
+"""`facescale convert`: make and reshape datasets (image folder, InsightFace rec, .bin)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+HELP = "convert datasets: folder -> rec, rec -> shuffled rec, rec -> folder, pairs -> .bin"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="conversion", metavar="CONVERSION", required=True)
+    pack = sub.add_parser("folder2rec", help="image folder (one sub-folder per identity) -> rec")
+    pack.add_argument("src", help="folder of identity folders")
+    pack.add_argument("dst", help="output folder for train.rec, train.idx, property")
+    pack.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    pack.add_argument("--skip-bad", action="store_true", help="leave undecodable images out")
+
+    shuffle = sub.add_parser("shuffle", help="rec -> rec in random order (for sequential reading)")
+    shuffle.add_argument("src", help="dataset folder holding train.rec, or a .rec file")
+    shuffle.add_argument("dst", help="output folder")
+    shuffle.add_argument("--seed", type=int, default=0)
+    shuffle.add_argument("--memory-mb", type=float, default=2048.0, help="memory to shuffle in")
+    shuffle.add_argument("--tmp-dir", default=None, help="folder for spill files (default: dst)")
+
+    unpack = sub.add_parser("rec2folder", help="rec -> image folder (DST/<label>/<key>.jpg)")
+    unpack.add_argument("src", help="dataset folder holding train.rec, or a .rec file")
+    unpack.add_argument("dst", help="output image folder")
+
+    pairs = sub.add_parser("pairs2bin", help="pairs list -> verification .bin")
+    pairs.add_argument("pairs", help="text file, one 'image_a image_b same(1/0)' per line")
+    pairs.add_argument("dst", help="output .bin path")
+    pairs.add_argument("--root", default=None, help="folder image paths are relative to")
+    pairs.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+
+    for p in (pack, shuffle, unpack, pairs):
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = _convert(args)
+    except ValueError as err:  # bad input (RecordError is one): the message says where
+        print(f"facescale convert: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"conversion": args.conversion, **dataclasses.asdict(report)}))
+    else:
+        skipped = f", skipped {report.skipped}" if report.skipped else ""
+        print(f"wrote {report.output}: {report.images} images, {report.classes} classes{skipped}")
+    return 0
+
+
+def _convert(args: argparse.Namespace):
+    from facescale.data import convert
+
+    progress = not args.no_progress
+    if args.conversion == "folder2rec":
+        return convert.folder_to_rec(args.src, args.dst, args.quality, args.skip_bad, progress)
+    if args.conversion == "shuffle":
+        return convert.shuffle_rec(
+            args.src, args.dst, args.seed, args.memory_mb, args.tmp_dir, progress
+        )
+    if args.conversion == "rec2folder":
+        return convert.rec_to_folder(args.src, args.dst, progress)
+    return convert.pairs_to_bin(args.pairs, args.dst, args.root, args.quality, progress)

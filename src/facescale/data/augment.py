@@ -1,0 +1,70 @@
+"""Training augmentations on uint8 HxWx3 images, driven by an explicit random generator.
+
+``flip`` is arcface_torch's default (random horizontal flip), done while the image is copied
+into the CxHxW batch. ``strong`` adds, each with its own probability, a down-up resize, a
+Gaussian blur, a hue/saturation/value jitter and a grey conversion: useful on large datasets.
+The generator is seeded per batch, so a resumed run draws the same augmentations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+DOWN_UP_P, DOWN_UP_SCALE = 0.2, (0.4, 1.0)
+BLUR_P, BLUR_RADIUS = 0.1, (0.5, 1.5)
+HSV_P, HUE_SHIFT, SAT_VAL_SCALE = 0.5, 0.05, (0.7, 1.3)
+GREY_P = 0.1
+
+
+def draw_flips(count: int, mode: str, rng: np.random.Generator) -> np.ndarray:
+    """Which images of a batch to mirror: each with probability 1/2, none for mode 'none'."""
+    if mode == "none":
+        return np.zeros(count, dtype=bool)
+    return rng.random(count) < 0.5
+
+
+def place_chw(out: np.ndarray, image: np.ndarray, flip: bool) -> None:
+    """Copy an HxWx3 image into a 3xHxW slot, mirrored left-right when ``flip``."""
+    chw = image.transpose(2, 0, 1)
+    out[...] = chw[:, :, ::-1] if flip else chw
+
+
+def down_up(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Shrink by a random factor and scale back: the blur of a low-resolution camera."""
+    height, width = image.shape[:2]
+    scale = rng.uniform(*DOWN_UP_SCALE)
+    small = Image.fromarray(image).resize(
+        (max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR
+    )
+    return np.asarray(small.resize((width, height), Image.BILINEAR))
+
+
+def blur(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    radius = rng.uniform(*BLUR_RADIUS)
+    return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
+
+
+def hsv_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Shift the hue and scale saturation and value by random amounts."""
+    hsv = np.asarray(Image.fromarray(image).convert("HSV"), dtype=np.float32)
+    hsv[..., 0] = (hsv[..., 0] + 256 * rng.uniform(-HUE_SHIFT, HUE_SHIFT)) % 256
+    hsv[..., 1:] *= rng.uniform(*SAT_VAL_SCALE, size=2)
+    hsv = np.clip(hsv + 0.5, 0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+
+
+def grey(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    luma = np.asarray(Image.fromarray(image).convert("L"))
+    return np.repeat(luma[..., None], 3, axis=2)
+
+
+STRONG_STEPS = ((DOWN_UP_P, down_up), (BLUR_P, blur), (HSV_P, hsv_jitter), (GREY_P, grey))
+
+
+def strong_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Apply each strong step with its probability, in a fixed order."""
+    for p, step in STRONG_STEPS:
+        if rng.random() < p:
+            image = step(image, rng)
+    return image

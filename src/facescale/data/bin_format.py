@@ -1,0 +1,120 @@
+"""Verification sets in InsightFace's ``.bin`` form, read without running untrusted code.
+
+A ``.bin`` (lfw.bin, cfp_fp.bin, agedb_30.bin) is a pickle of ``(images, issame)``: a list of
+encoded images (``bytes``, or uint8 numpy arrays of those bytes) and one bool per pair of
+consecutive images. Pickles can call any importable function while loading, so the reader
+accepts only the few constructors such files need and checks the result's shape.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BIN_PROTOCOL = 4
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes with protocol 2, for latin-1 only."""
+    if codecs.lookup(encoding).name != "iso8859-1":
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _scalar(dtype: np.dtype, data: bytes = b"") -> Any:
+    """numpy's scalar constructor, limited to plain numeric and bool dtypes."""
+    if dtype.kind not in "biuf":
+        raise pickle.UnpicklingError(f"refusing a numpy scalar of dtype {dtype}")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+def _reconstruct(cls: type, shape: Any, dtype_code: bytes) -> np.ndarray:
+    """numpy's ndarray constructor used by pickle, limited to ndarray itself."""
+    if cls is not np.ndarray:
+        raise pickle.UnpicklingError(f"refusing to build {cls!r}")
+    return np.ndarray.__new__(np.ndarray, shape, np.dtype(dtype_code))
+
+
+def _frombuffer(buf: Any, dtype: np.dtype, shape: Any, order: str) -> np.ndarray:
+    """numpy's protocol-5 array constructor, limited to non-object dtypes."""
+    if np.dtype(dtype).hasobject:
+        raise pickle.UnpicklingError("refusing an object array")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+
+
+ALLOWED: dict[tuple[str, str], Any] = {
+    ("_codecs", "encode"): _latin1_encode,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+for _core in ("numpy.core", "numpy._core"):
+    ALLOWED[(f"{_core}.multiarray", "_reconstruct")] = _reconstruct
+    ALLOWED[(f"{_core}.multiarray", "scalar")] = _scalar
+    ALLOWED[(f"{_core}.numeric", "_frombuffer")] = _frombuffer
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Resolves only the names in ALLOWED; anything else is refused before it can run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a verification .bin holds only images and bools"
+            ) from None
+
+
+def _as_image(item: Any, path: Path, i: int) -> bytes | np.ndarray:
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item)
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
+        return item
+    raise ValueError(
+        f"{path}: image {i} is a {type(item).__name__} "
+        f"{getattr(item, 'dtype', '')}; expected encoded image bytes or a 1-D uint8 array"
+    )
+
+
+def load_verification_bin(path: str | Path) -> tuple[list[bytes | np.ndarray], np.ndarray]:
+    """Encoded images and the bool per consecutive pair, from an InsightFace ``.bin``."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = SafeUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+        raise ValueError(f"{path}: not a verification .bin: {err}") from None
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise ValueError(f"{path}: expected a pickled (images, issame) pair")
+    images, issame = data
+    images = [_as_image(item, path, i) for i, item in enumerate(images)]
+    flags = np.asarray(issame)
+    if flags.ndim != 1 or flags.dtype.kind not in "bi" or not np.isin(flags, (0, 1)).all():
+        raise ValueError(f"{path}: issame must be a list of bools")
+    if len(images) != 2 * len(flags):
+        raise ValueError(
+            f"{path}: {len(images)} images for {len(flags)} pairs; expected two images per pair"
+        )
+    return images, flags.astype(bool)
+
+
+def write_verification_bin(
+    path: str | Path, images: Sequence[bytes | np.ndarray], issame: Sequence[bool]
+) -> None:
+    """Write ``(images as bytes, issame as bools)`` the way InsightFace's readers expect."""
+    if len(images) != 2 * len(issame):
+        raise ValueError(f"{len(images)} images for {len(issame)} pairs; expected two per pair")
+    payload = (
+        [bytes(b) if not isinstance(b, np.ndarray) else b.tobytes() for b in images],
+        [bool(s) for s in issame],
+    )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    pickle.dump(payload, buf, protocol=BIN_PROTOCOL)
+    Path(path).write_bytes(buf.getvalue())

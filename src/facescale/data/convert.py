@@ -1,0 +1,265 @@
+"""Dataset converters behind `facescale convert`: folder -> rec, rec -> shuffled rec, rec ->
+folder, and a verification ``.bin`` from a list of pairs.
+
+Record datasets are written as InsightFace lays them out: ``train.rec``, ``train.idx`` and
+``property`` in one folder, a header record at key 0 and images at keys ``1..N``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from tqdm import tqdm
+
+from facescale.data.bin_format import write_verification_bin
+from facescale.data.image import JPEG_QUALITY, ImageDecodeError, face_bytes, image_suffix
+from facescale.data.recordio import IndexedRecordFile, IndexedRecordWriter, RecordError
+from facescale.data.records import (
+    class_label,
+    pack_record,
+    read_layout,
+    read_property,
+    unpack_record,
+    write_header_record,
+    write_property,
+)
+from facescale.data.sources import list_images
+
+log = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct("<I")
+BUCKET_HEADROOM = 1.5
+
+
+@dataclass
+class Report:
+    """What a conversion wrote (and skipped)."""
+
+    output: str
+    images: int
+    classes: int
+    skipped: int = 0
+
+
+def rec_path(path: str | Path) -> Path:
+    """``train.rec`` inside a dataset folder, or the ``.rec`` file given."""
+    path = Path(path)
+    return path / "train.rec" if path.is_dir() else path
+
+
+def _bar(total: int, desc: str, progress: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+
+
+def folder_to_rec(
+    src: str | Path,
+    dst: str | Path,
+    quality: int = JPEG_QUALITY,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> Report:
+    """Pack an image folder (one sub-folder per identity) into an InsightFace-layout rec.
+
+    Labels follow the sorted sub-folder names. 112x112 JPEG/PNG files are stored unchanged;
+    others are scaled to cover 112x112, centre-cropped and encoded as JPEG.
+    """
+    src, dst = Path(src), Path(dst)
+    classes = sorted(d for d in src.iterdir() if d.is_dir())
+    files = [(label, f) for label, d in enumerate(classes) for f in list_images(d)]
+    if not files:
+        raise FileNotFoundError(f"{src}: no images in sub-folders (one sub-folder per identity)")
+    ranges: list[list[int]] = [[0, 0] for _ in classes]
+    key, skipped = 1, 0
+    with (
+        IndexedRecordWriter(dst / "train.rec") as writer,
+        _bar(len(files), "pack", progress) as bar,
+    ):
+        for label, path in files:
+            bar.update()
+            try:
+                image = face_bytes(path.read_bytes(), quality)
+            except ImageDecodeError as err:
+                if not skip_bad:
+                    raise RecordError(f"{path}: {err}; pass --skip-bad to leave it out") from None
+                skipped += 1
+                continue
+            if ranges[label][1] == 0:
+                ranges[label][0] = key
+            ranges[label][1] = key + 1
+            writer.write(key, pack_record(float(label), image, id=key))
+            key += 1
+        write_header_record(writer, key - 1, [tuple(r) for r in ranges])
+    write_property(dst, len(classes))
+    if skipped:
+        log.warning("%s: skipped %d undecodable images", src, skipped)
+    return Report(str(dst), key - 1, len(classes), skipped)
+
+
+def _image_payloads(
+    rec: IndexedRecordFile, keys: np.ndarray, desc: str, progress: bool
+) -> Iterator[tuple[int, bytes]]:
+    with _bar(len(keys), desc, progress) as bar:
+        for key, payload in rec.iter_file_order(keys):
+            bar.update()
+            yield key, payload
+
+
+def _write_spill(handle: BinaryIO, payload: bytes) -> None:
+    handle.write(_LENGTH.pack(len(payload)))
+    handle.write(payload)
+
+
+def _read_spill(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    out, pos = [], 0
+    while pos < len(data):
+        (length,) = _LENGTH.unpack_from(data, pos)
+        out.append(data[pos + 4 : pos + 4 + length])
+        pos += 4 + length
+    return out
+
+
+def _shuffled_payloads(
+    rec: IndexedRecordFile,
+    keys: np.ndarray,
+    rng: np.random.Generator,
+    buckets: int,
+    tmp: Path,
+    progress: bool,
+) -> Iterator[bytes]:
+    """Payloads in a uniformly random order holding at most about one bucket in memory.
+
+    Each record goes to a random bucket file (one sequential pass), then each bucket is read,
+    shuffled in memory and emitted: a random bucket then a random order inside it is a
+    uniformly random permutation.
+    """
+    if buckets == 1:
+        payloads = [p for _, p in _image_payloads(rec, keys, "read", progress)]
+        for i in rng.permutation(len(payloads)):
+            yield payloads[i]
+        return
+    paths = [tmp / f"bucket{b:05d}" for b in range(buckets)]
+    handles = [open(p, "wb") for p in paths]  # noqa: SIM115 (closed below)
+    try:
+        targets = rng.integers(0, buckets, size=len(keys))
+        for i, (_, payload) in enumerate(_image_payloads(rec, keys, "spread", progress)):
+            _write_spill(handles[targets[i]], payload)
+    finally:
+        for h in handles:
+            h.close()
+    for path in paths:
+        payloads = _read_spill(path)
+        path.unlink()
+        for i in rng.permutation(len(payloads)):
+            yield payloads[i]
+
+
+def shuffle_rec(
+    src: str | Path,
+    dst: str | Path,
+    seed: int = 0,
+    memory_mb: float = 2048.0,
+    tmp_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Report:
+    """Write the images of ``src`` in a random order to ``dst``, for sequential reading.
+
+    Memory stays near ``memory_mb`` whatever the file size: larger inputs are spread over
+    bucket files in ``tmp_dir`` (default: beside ``dst``) and shuffled one bucket at a time.
+    The output has the header record (key 0, no identity ranges), images at keys 1..N with
+    their payloads unchanged, and the source's ``property``.
+    """
+    src_rec, dst = rec_path(src), Path(dst)
+    rec = IndexedRecordFile(src_rec)
+    keys = read_layout(rec).image_keys
+    starts, ends = rec.spans(keys)
+    total_bytes = int((ends - starts).sum())
+    buckets = max(1, math.ceil(total_bytes * BUCKET_HEADROOM / (memory_mb * 2**20)))
+    dst.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    classes = _num_classes(rec, keys)
+    tmp = Path(tempfile.mkdtemp(prefix="facescale-shuffle-", dir=tmp_dir or dst))
+    try:
+        with IndexedRecordWriter(dst / "train.rec") as writer:
+            write_header_record(writer, len(keys))
+            payloads = _shuffled_payloads(rec, keys, rng, buckets, tmp, progress)
+            for key, payload in enumerate(payloads, start=1):
+                writer.write(key, payload)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_property(dst, classes)
+    return Report(str(dst), len(keys), classes)
+
+
+def _num_classes(rec: IndexedRecordFile, keys: np.ndarray) -> int:
+    """Classes from ``property`` beside the rec, else one past the largest label."""
+    prop = read_property(rec.path.parent)
+    if prop is not None:
+        return prop[0]
+    labels = (unpack_record(p, f"{rec.path} key {k}").label for k, p in rec.iter_file_order(keys))
+    return int(max(labels)) + 1
+
+
+def rec_to_folder(src: str | Path, dst: str | Path, progress: bool = True) -> Report:
+    """Unpack a rec into ``dst/<label>/<key>.<ext>``, the image bytes unchanged.
+
+    Every class gets a folder (empty ones too) named by its zero-padded label, so packing the
+    folder again gives back the same labels.
+    """
+    rec = IndexedRecordFile(rec_path(src))
+    keys = read_layout(rec).image_keys
+    classes = _num_classes(rec, keys)
+    width = len(str(classes - 1))
+    for label in range(classes):
+        (Path(dst) / f"{label:0{width}d}").mkdir(parents=True, exist_ok=True)
+    for key, payload in _image_payloads(rec, keys, "unpack", progress):
+        where = f"{rec.path} key {key}"
+        record = unpack_record(payload, where)
+        label = class_label(record, classes, where)
+        (Path(dst) / f"{label:0{width}d}" / f"{key}{image_suffix(record.image)}").write_bytes(
+            record.image
+        )
+    return Report(str(dst), len(keys), classes)
+
+
+def pairs_to_bin(
+    pairs: str | Path,
+    dst: str | Path,
+    root: str | Path | None = None,
+    quality: int = JPEG_QUALITY,
+    progress: bool = True,
+) -> Report:
+    """A verification ``.bin`` from lines ``image_a image_b same`` (same: 1/0, true/false).
+
+    Paths are relative to ``root`` (default: the pairs file's folder). 112x112 JPEG/PNG images
+    are stored unchanged; others are fitted to 112x112 and encoded as JPEG.
+    """
+    pairs = Path(pairs)
+    base = Path(root) if root else pairs.parent
+    images, issame = [], []
+    lines = [(n, line.split()) for n, line in enumerate(pairs.read_text().splitlines(), 1)]
+    lines = [(n, fields) for n, fields in lines if fields]
+    for n, fields in tqdm(lines, desc="pairs", unit="pair", disable=not progress):
+        flag = fields[2].lower() if len(fields) == 3 else ""
+        if flag not in ("1", "0", "true", "false"):
+            raise ValueError(
+                f"{pairs} line {n}: expected 'image_a image_b same' with same 1/0 or true/false, "
+                f"got {' '.join(fields)!r}"
+            )
+        for name in fields[:2]:
+            try:
+                images.append(face_bytes((base / name).read_bytes(), quality))
+            except (OSError, ImageDecodeError) as err:
+                raise RecordError(f"{pairs} line {n}: {base / name}: {err}") from None
+        issame.append(flag in ("1", "true"))
+    write_verification_bin(dst, images, issame)
+    return Report(str(dst), len(images), 0)

@@ -1,0 +1,62 @@
+"""Images to embeddings: the backbone's input scaling and the flip-sum every evaluation uses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB ``[B, 3, H, W]`` to float32 in [-1, 1], the scaling arcface_torch trains with."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode without autograd, restoring its training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def embed_batches(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    device: torch.device,
+    flip: bool = True,
+) -> tuple[np.ndarray, float]:
+    """Embed uint8 image batches; with ``flip`` each row is embedding(image) + embedding(mirror).
+
+    Returns the (unnormalised) float32 embeddings ``[N, D]`` and the mean L2 norm of the
+    single-view embeddings, the "XNorm" that arcface_torch logs.
+    """
+    features: list[torch.Tensor] = []
+    norm_sum, norm_count = 0.0, 0
+    with eval_mode(model):
+        for batch in batches:
+            images = to_model_input(batch.to(device, non_blocking=True))
+            views = [model(images).float()]
+            if flip:
+                views.append(model(images.flip(3)).float())
+            for view in views:
+                norms = view.double().norm(dim=1)
+                norm_sum += norms.sum().item()
+                norm_count += norms.numel()
+            features.append(torch.stack(views).sum(0).cpu())
+    if not features:
+        raise ValueError("no images to embed")
+    return torch.cat(features).numpy(), norm_sum / norm_count
+
+
+def l2_normalize(features: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (an all-zero row stays zero)."""
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return features / np.maximum(norms, np.finfo(features.dtype).tiny)

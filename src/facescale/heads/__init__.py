@@ -1,0 +1,58 @@
+"""The classification layer: margins, sharded margin softmax (model parallel, Partial FC) and
+the data-parallel baseline. See docs/heads.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .data_parallel import DataParallelFC
+from .margins import ArcFace, CombinedMargin, CosFace, monotone_cos
+from .partial_fc import PartialFC
+from .shards import shard_range
+
+HEAD_KINDS = ("partial_fc", "data_parallel")
+
+
+def build_head(
+    kind: str,
+    num_classes: int,
+    embedding_size: int,
+    margin: CombinedMargin,
+    sample_rate: float = 1.0,
+    **options: Any,
+) -> nn.Module:
+    """The head named ``kind``: 'partial_fc' (model parallel, sampled when sample_rate < 1)
+    or 'data_parallel' (the replicated baseline: sample_rate 1, drop-in only).
+
+    ``options`` are :class:`PartialFC`'s keywords (``lean``, ``chunk_size``,
+    ``interclass_filtering_threshold``, ``logits_dtype``, ``seed``); the data-parallel head
+    takes the last three.
+    """
+    if kind == "partial_fc":
+        return PartialFC(num_classes, embedding_size, margin, sample_rate, **options)
+    if kind == "data_parallel":
+        lean = options.pop("lean", False)
+        options.pop("chunk_size", None)
+        if sample_rate != 1.0 or lean:
+            raise ValueError(
+                f"head 'data_parallel' computes every class with a torch optimizer: it takes "
+                f"sample_rate=1 and lean=False (got sample_rate={sample_rate}, lean={lean}); "
+                "use 'partial_fc' for sampling or the lean mode"
+            )
+        return DataParallelFC(num_classes, embedding_size, margin, **options)
+    raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEAD_KINDS)}")
+
+
+__all__ = [
+    "HEAD_KINDS",
+    "ArcFace",
+    "CombinedMargin",
+    "CosFace",
+    "DataParallelFC",
+    "PartialFC",
+    "build_head",
+    "monotone_cos",
+    "shard_range",
+]

@@ -1,0 +1,202 @@
+"""Memory-lean margin softmax: class chunks only, never a [batch x shard] logit matrix.
+
+Forward streams the shard's (sampled) centers in chunks and keeps, per row, an online
+maximum, the sum of exponentials and, when training, the softmax-weighted sum of the
+centers, so the gradient to the embeddings is complete when forward ends (one more matmul
+per chunk, as in flash attention). Backward hands a :class:`MicroBatch` to the head; the
+centers' gradient is recomputed from it chunk by chunk when the head steps.
+
+Chunks use raw center rows and scale the logits by the rows' inverse norms, and reuse
+scratch buffers, so a chunk neither copies nor allocates ``[chunk x dim]`` tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .collectives import sum_across_ranks
+from .margins import CombinedMargin
+from .rows import Rows, Scratch
+from .sampling import ShardSelection
+from .softmax import drop_filtered_, finite_or_zero, log_sum_exp, target_cosine
+
+
+def matmul_into(out: Tensor, a: Tensor, b: Tensor, alpha: float, accumulate: bool) -> Tensor:
+    """``out = alpha * (a @ b)``, plus ``out`` if ``accumulate``; fp32 ``out``, any-dtype a, b."""
+    if a.dtype == out.dtype:
+        return out.addmm_(a, b, beta=1.0 if accumulate else 0.0, alpha=alpha)
+    product = torch.mm(a, b).float()
+    return out.add_(product, alpha=alpha) if accumulate else torch.mul(product, alpha, out=out)
+
+
+@dataclass
+class MicroBatch:
+    """What one backward leaves for the centers' update."""
+
+    embeddings: Tensor  # [global_batch, d] normalised, fp32, detached
+    scaled: Tensor  # s * embeddings in the logits dtype
+    lse: Tensor  # [global_batch] log-sum-exp over all ranks' classes
+    selection: ShardSelection
+    target_coef: Tensor  # per target (selection order): d(row loss) / d(target cosine)
+    scale: float  # upstream gradient / global batch
+
+    @property
+    def index(self) -> Tensor | None:
+        return self.selection.index
+
+
+@dataclass(frozen=True)
+class ChunkedSoftmax:
+    """The margin softmax of one shard, computed ``chunk_size`` classes at a time."""
+
+    margin: CombinedMargin
+    threshold: float
+    dtype: torch.dtype
+    chunk_size: int
+
+    def chunks(self, count: int) -> Iterator[tuple[int, int]]:
+        for lo in range(0, count, self.chunk_size):
+            yield lo, min(lo + self.chunk_size, count)
+
+    def scale(self, embeddings: Tensor) -> Tensor:
+        """``s * embeddings`` in the logits dtype: one matmul with it gives the logits."""
+        return (embeddings * self.margin.s).to(self.dtype)
+
+    def centers(self, weight: Tensor, rows: Rows, scratch: Scratch) -> tuple[Tensor, Tensor]:
+        """Raw center rows (a view, or a copy in ``scratch``) and their inverse norms."""
+        block = scratch.rows_of("rows", weight, rows)
+        return block, torch.linalg.vector_norm(block, dim=1).clamp_min_(1e-12).reciprocal_()
+
+    def _logits(
+        self,
+        scaled: Tensor,
+        block: Tensor,
+        inv_norm: Tensor,
+        sel: ShardSelection,
+        lo: int,
+        scratch: Scratch,
+    ) -> Tensor:
+        """Negative logits of columns [lo, lo + len(block)) (in scratch); targets are -inf."""
+        out = scratch.take("logits", (scaled.shape[0], block.shape[0]), inv_norm)
+        logits = matmul_into(out, scaled, block.to(self.dtype).t(), 1.0, accumulate=False)
+        drop_filtered_(logits.mul_(inv_norm), self.margin.s * self.threshold)
+        part = sel.target_slice(lo, lo + block.shape[0])
+        logits[sel.target_rows[part], sel.target_cols[part] - lo] = float("-inf")
+        return logits
+
+    def _targets(self, weight: Tensor, embeddings: Tensor, sel: ShardSelection):
+        """Normalised target centers, their margin logits and the margin's derivative."""
+        centers = F.normalize(weight[sel.target_local], dim=1)
+        with torch.enable_grad():
+            cosine = target_cosine(embeddings[sel.target_rows], centers).requires_grad_()
+            logits = self.margin(cosine)
+            (slope,) = torch.autograd.grad(logits.sum(), cosine)
+        return centers, logits.detach(), slope
+
+    def forward(
+        self, weight: Tensor, embeddings: Tensor, sel: ShardSelection, embedding_grad: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(loss, lse, target_coef, grad)``: the mean loss over the global batch and, with
+        ``embedding_grad``, its gradient to this shard's part of ``embeddings``."""
+        rows, batch = sel.target_rows, embeddings.shape[0]
+        scaled, scratch = self.scale(embeddings), Scratch()
+        target_centers, local_target, slope = self._targets(weight, embeddings, sel)
+        target = sum_across_ranks(embeddings.new_zeros(batch).index_copy_(0, rows, local_target))
+        top = embeddings.new_full((batch,), float("-inf"))
+        sumexp = embeddings.new_zeros(batch)
+        weighted = torch.zeros_like(embeddings) if embedding_grad else None
+        for lo, hi in self.chunks(sel.count):
+            block, inv_norm = self.centers(weight, shard_rows(sel.index, lo, hi), scratch)
+            logits = self._logits(scaled, block, inv_norm, sel, lo, scratch)
+            new_top = torch.maximum(top, logits.amax(dim=1))
+            shift = finite_or_zero(new_top)
+            rescale = torch.exp(top - shift)
+            probs = logits.sub_(shift[:, None]).exp_()
+            sumexp.mul_(rescale).add_(probs.sum(dim=1))
+            if weighted is not None:
+                scaled_probs = probs.mul_(inv_norm).to(self.dtype)
+                weighted.mul_(rescale[:, None])
+                matmul_into(weighted, scaled_probs, block.to(self.dtype), 1.0, accumulate=True)
+            top = new_top
+        lse = log_sum_exp(top, sumexp, target, across_ranks=True)
+        loss = (lse - target).sum() / batch
+        target_coef = (torch.exp(local_target - lse[rows]) - 1.0) * slope
+        if weighted is None:
+            return loss, lse, target_coef, None
+        grad = weighted.mul_((self.margin.s * torch.exp(top - lse))[:, None])
+        grad.index_add_(0, rows, target_coef[:, None] * target_centers)
+        return loss, lse, target_coef, grad.div_(batch)
+
+    def add_center_grad(
+        self,
+        mb: MicroBatch,
+        block: Tensor,
+        inv_norm: Tensor,
+        lo: int,
+        out: Tensor,
+        accumulate: bool,
+        scratch: Scratch,
+    ) -> Tensor:
+        """Gradient of ``mb``'s loss to the normalised centers ``block * inv_norm`` (columns
+        [lo, lo + len(block)) of ``mb``) into ``out``, added to it if ``accumulate``."""
+        sel = mb.selection
+        logits = self._logits(mb.scaled, block, inv_norm, sel, lo, scratch)
+        probs = logits.sub_(mb.lse[:, None]).exp_()
+        matmul_into(out, probs.t().to(self.dtype), mb.scaled, mb.scale, accumulate)
+        part = sel.target_slice(lo, lo + block.shape[0])
+        coef = (mb.target_coef[part] * mb.scale)[:, None] * mb.embeddings[sel.target_rows[part]]
+        return out.index_add_(0, sel.target_cols[part] - lo, coef)
+
+
+def raw_center_grad_(grad: Tensor, block: Tensor, inv_norm: Tensor, scratch: Scratch) -> Tensor:
+    """Turn, in place, the gradient to normalised rows ``block * inv_norm`` into the gradient
+    to ``block``: ``inv_norm * grad - block * inv_norm**3 * (block . grad)``."""
+    product = torch.mul(block, grad, out=scratch.take("product", tuple(grad.shape), grad))
+    radial = product.sum(dim=1).mul_(inv_norm.pow(3))
+    return grad.mul_(inv_norm[:, None]).addcmul_(block, radial[:, None], value=-1.0)
+
+
+def shard_rows(index: Tensor | None, lo: int, hi: int) -> Rows:
+    """Rows of the shard behind computed columns [lo, hi)."""
+    return slice(lo, hi) if index is None else index[lo:hi]
+
+
+class _LeanLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, embeddings, weight, sel, softmax, record, embedding_grad):
+        loss, lse, target_coef, grad = softmax.forward(weight, embeddings, sel, embedding_grad)
+        ctx.grad, ctx.record = grad, record
+        ctx.micro_batch = (embeddings.detach(), softmax.scale(embeddings), lse, sel, target_coef)
+        return loss
+
+    @staticmethod
+    def backward(ctx, upstream):
+        embeddings = ctx.micro_batch[0]
+        ctx.record(MicroBatch(*ctx.micro_batch, scale=upstream.item() / embeddings.shape[0]))
+        grad = None if ctx.grad is None else ctx.grad * upstream
+        return grad, None, None, None, None, None
+
+
+def lean_loss(
+    embeddings: Tensor,
+    weight: Tensor,
+    sel: ShardSelection,
+    softmax: ChunkedSoftmax,
+    record: Callable[[MicroBatch], None],
+) -> Tensor:
+    """Mean loss over the global batch; its backward passes a :class:`MicroBatch` to ``record``.
+
+    ``embeddings`` are the gathered, normalised global batch. Without grad mode nothing is
+    recorded; embeddings that do not require grad still let the centers learn.
+    """
+    if not torch.is_grad_enabled():
+        return softmax.forward(weight, embeddings, sel, embedding_grad=False)[0]
+    embedding_grad = embeddings.requires_grad
+    if not embedding_grad:
+        embeddings = embeddings.detach().requires_grad_()
+    return _LeanLoss.apply(embeddings, weight, sel, softmax, record, embedding_grad)

@@ -1,0 +1,267 @@
+"""Partial FC: class centers sharded over ranks (model parallel), optionally sampled per step.
+
+Two modes share the input checks, the all-gather, the sampling and the softmax statistics:
+
+* drop-in (``lean=False``): ``weight`` is an ``nn.Parameter``; the loss is plain autograd
+  over the shard's (sampled) logits, so any torch optimizer steps the head.
+* lean (``lean=True``): ``weight`` is a buffer the head updates itself (:meth:`step`),
+  chunk by chunk; no dense logit matrix and no dense gradient of the centers exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from facescale.distributed import get_rank, get_world_size
+
+from .batch import gather_batch
+from .collectives import sum_across_ranks
+from .lean import ChunkedSoftmax, MicroBatch, lean_loss, raw_center_grad_, shard_rows
+from .margins import CombinedMargin
+from .options import check_head_args, resolve_logits_dtype
+from .row_optim import RowOptimizer, make_row_optimizer
+from .rows import Rows, Scratch, write_rows
+from .sampling import ClassSampler, ShardSelection, select_classes
+from .shards import init_centers, shard_range
+from .softmax import dense_shard_terms, log_sum_exp
+
+DEFAULT_CHUNK_SIZE = 4096
+
+
+class PartialFC(nn.Module):
+    """Margin-softmax classification layer whose class centers are split over the ranks.
+
+    ``loss = head(local_embeddings, local_labels)`` takes global class ids and returns the
+    mean loss over the global batch, the same value on every rank; the gradient reaches
+    each rank's own embeddings. With ``sample_rate < 1`` a step computes, per shard, the
+    positive classes of the global batch plus uniform negatives, ``ceil(sample_rate *
+    num_local)`` classes in all. Runs with or without an initialised process group.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: CombinedMargin,
+        sample_rate: float = 1.0,
+        *,
+        lean: bool = False,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        interclass_filtering_threshold: float = 0.0,
+        logits_dtype: torch.dtype | str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_head_args(num_classes, embedding_size, margin, interclass_filtering_threshold)
+        if not 0 < sample_rate <= 1 or chunk_size <= 0:
+            raise ValueError(
+                f"sample_rate={sample_rate} must be in (0, 1] and chunk_size={chunk_size} > 0"
+            )
+        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.sample_rate, self.lean = sample_rate, lean
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self.class_start, self.num_local = shard_range(num_classes, self.rank, self.world_size)
+        self.margin = margin
+        self.softmax = ChunkedSoftmax(
+            margin, interclass_filtering_threshold, resolve_logits_dtype(logits_dtype), chunk_size
+        )
+        centers = init_centers(self.class_start, self.num_local, embedding_size, seed)
+        if lean:
+            self.register_buffer("weight", centers)
+        else:
+            self.weight = nn.Parameter(centers)
+        self.sampler = (
+            ClassSampler(self.num_local, sample_rate, seed, self.rank) if sample_rate < 1 else None
+        )
+        self.optimizer: RowOptimizer | None = None
+        self.optimizer_steps = 0
+        self._pending: list[MicroBatch] = []
+        self._last_index: Tensor | None = None
+
+    # ---- forward -----------------------------------------------------------------------
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Mean margin-softmax loss over the global batch (same value on every rank)."""
+        with torch.autocast(embeddings.device.type, enabled=False):
+            batch = gather_batch(embeddings, labels, self.embedding_size, self.num_classes)
+            sel = select_classes(batch.labels, self.class_start, self.num_local, self.sampler)
+            self._last_index = sel.index
+            if self.lean:
+                return lean_loss(
+                    batch.embeddings, self.weight, sel, self.softmax, self._pending.append
+                )
+            return self._dense_loss(batch.embeddings, sel)
+
+    def _dense_loss(self, embeddings: Tensor, sel: ShardSelection) -> Tensor:
+        weight = self.weight if sel.index is None else self.weight[sel.index]
+        top, sumexp, local_target = dense_shard_terms(
+            embeddings,
+            F.normalize(weight, dim=1),
+            sel.target_rows,
+            sel.target_cols,
+            self.margin,
+            self.softmax.threshold,
+            self.softmax.dtype,
+        )
+        target = embeddings.new_zeros(embeddings.shape[0]).index_add(
+            0, sel.target_rows, local_target
+        )
+        target = sum_across_ranks(target)
+        lse = log_sum_exp(top, sumexp, target, across_ranks=True)
+        return (lse - target).sum() / embeddings.shape[0]
+
+    @property
+    def sampled_classes(self) -> Tensor | None:
+        """Global ids of this shard's classes computed by the last forward (None: all of them)."""
+        return None if self._last_index is None else self._last_index + self.class_start
+
+    # ---- lean mode: the head's own optimizer -------------------------------------------
+    def configure_optimizer(
+        self,
+        kind: str = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        """Choose the centers' update ('sgd' or 'adamw') and create its per-row state."""
+        self._require_lean("configure_optimizer")
+        if self.optimizer is not None:
+            for name in self.optimizer.state_names:
+                delattr(self, name)
+        self.optimizer = make_row_optimizer(kind, lr, momentum, weight_decay, betas, eps)
+        for name in self.optimizer.state_names:
+            self.register_buffer(name, torch.zeros_like(self.weight))
+        self.optimizer_steps = 0
+
+    @torch.no_grad()
+    def center_grad_chunks(self) -> Iterator[tuple[Rows, Tensor]]:
+        """This rank's center gradient accumulated since the last step, chunk by chunk.
+
+        Yields ``(rows, grad)``: shard rows (a range, or sorted row ids under sampling) and
+        the gradient of the recorded losses to those rows. Rows no micro-batch computed
+        have no gradient and are not yielded.
+        """
+        self._require_lean("center_grad_chunks")
+        for rows, _, grad in self._center_grads(Scratch()):
+            yield rows, grad.clone()
+
+    def _center_grads(self, scratch: Scratch) -> Iterator[tuple[Rows, Tensor, Tensor]]:
+        """``(rows, center rows, gradient)`` per chunk; the last two live in ``scratch``."""
+        index = _union([mb.index for mb in self._pending]) if self._pending else None
+        count = 0 if not self._pending else self.num_local if index is None else index.numel()
+        for lo, hi in self.softmax.chunks(count):
+            rows = shard_rows(index, lo, hi)
+            block, inv_norm = self.softmax.centers(self.weight, rows, scratch)
+            grad = scratch.take("grad", tuple(block.shape), block)
+            filled = False
+            for mb in self._pending:
+                first, last, hit = _columns_within(mb.index, rows, lo, hi)
+                if first == last:
+                    continue
+                if hit is None:
+                    self.softmax.add_center_grad(mb, block, inv_norm, first, grad, filled, scratch)
+                else:
+                    part = scratch.take("part", (len(hit), block.shape[1]), block)
+                    self.softmax.add_center_grad(
+                        mb, block[hit], inv_norm[hit], first, part, False, scratch
+                    )
+                    (grad if filled else grad.zero_()).index_add_(0, hit, part)
+                filled = True
+            yield rows, block, raw_center_grad_(grad, block, inv_norm, scratch)
+
+    @torch.no_grad()
+    def grad_norm_sq(self) -> Tensor:
+        """Squared L2 norm of this rank's accumulated center gradient (for global clipping)."""
+        self._require_lean("grad_norm_sq")
+        total = self.weight.new_zeros((), dtype=torch.float64)
+        for _, _, grad in self._center_grads(Scratch()):
+            total += grad.pow(2).sum(dtype=torch.float64)
+        return total.float()
+
+    @torch.no_grad()
+    def step(self, lr: float | None = None, grad_scale: float = 1.0) -> None:
+        """Update the centers with the recorded gradient times ``grad_scale``, then forget it.
+
+        Only rows some recorded micro-batch computed change, with their optimizer state;
+        ``lr`` defaults to the one given to :meth:`configure_optimizer`.
+        """
+        optimizer = self._require_optimizer()
+        if not self._pending:
+            return
+        lr = optimizer.lr if lr is None else lr
+        self.optimizer_steps += 1
+        tables = {name: getattr(self, name) for name in optimizer.state_names}
+        scratch = Scratch()
+        for rows, block, grad in self._center_grads(scratch):
+            if grad_scale != 1.0:
+                grad.mul_(grad_scale)
+            state = {name: scratch.rows_of(name, table, rows) for name, table in tables.items()}
+            optimizer.update(block, state, grad, lr, self.optimizer_steps)
+            write_rows(self.weight, rows, block)
+            for name, table in tables.items():
+                write_rows(table, rows, state[name])
+        self._pending.clear()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget recorded micro-batches (lean) and parameter gradients (drop-in)."""
+        super().zero_grad(set_to_none)
+        self._pending.clear()
+
+    def _require_lean(self, what: str) -> None:
+        if not self.lean:
+            raise RuntimeError(
+                f"head.{what}() belongs to the lean head (lean=True); a drop-in head is "
+                "updated by a torch optimizer over head.parameters()"
+            )
+
+    def _require_optimizer(self) -> RowOptimizer:
+        self._require_lean("step")
+        if self.optimizer is None:
+            raise RuntimeError("call head.configure_optimizer(...) before head.step()")
+        return self.optimizer
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        sampler = self.sampler.state_dict() if self.sampler is not None else {}
+        return {"sampler": sampler, "optimizer_steps": self.optimizer_steps}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if self.sampler is not None and state["sampler"]:
+            self.sampler.load_state_dict(state["sampler"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, shard=[{self.class_start}, "
+            f"{self.class_start + self.num_local}), embedding_size={self.embedding_size}, "
+            f"sample_rate={self.sample_rate}, lean={self.lean}, "
+            f"chunk_size={self.softmax.chunk_size}, logits_dtype={self.softmax.dtype}, "
+            f"interclass_filtering_threshold={self.softmax.threshold}"
+        )
+
+
+def _union(indices: list[Tensor | None]) -> Tensor | None:
+    """Sorted union of the micro-batches' sampled rows (None: every row)."""
+    if indices[0] is None:
+        return None
+    return indices[0] if len(indices) == 1 else torch.unique(torch.cat(indices))
+
+
+def _columns_within(
+    index: Tensor | None, rows: Rows, lo: int, hi: int
+) -> tuple[int, int, Tensor | None]:
+    """A micro-batch's columns ``[first, last)`` over ``rows`` (a chunk of the union of samples),
+    and which of ``rows`` they are (None: all)."""
+    if index is None:
+        return lo, hi, None
+    ends = torch.stack([rows[0], rows[-1] + 1])
+    first, last = torch.searchsorted(index, ends).tolist()
+    if last - first == hi - lo:
+        return first, last, None
+    return first, last, torch.isin(rows, index[first:last]).nonzero().squeeze(1)

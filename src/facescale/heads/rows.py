@@ -1,0 +1,39 @@
+"""Blocks of center rows: a range (a view) or sorted row ids (a copy in a reused buffer)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+Rows = slice | Tensor  # a contiguous range of rows, or sorted row ids
+
+
+@dataclass
+class Scratch:
+    """Buffers reused by every chunk of a pass, instead of fresh (page-faulting) allocations."""
+
+    buffers: dict[str, Tensor] = field(default_factory=dict)
+
+    def take(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised ``shape`` tensor of ``like``'s dtype and device, named ``name``."""
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[name] = like.new_empty(numel)
+        return buffer[:numel].view(shape)
+
+    def rows_of(self, name: str, table: Tensor, rows: Rows) -> Tensor:
+        """``table[rows]``: a view for a range, else a copy in buffer ``name``."""
+        if isinstance(rows, slice):
+            return table[rows]
+        out = self.take(name, (len(rows), *table.shape[1:]), table)
+        return torch.index_select(table, 0, rows, out=out)
+
+
+def write_rows(table: Tensor, rows: Rows, block: Tensor) -> None:
+    """Store a block from :meth:`Scratch.rows_of` updated in place (a range is a view already)."""
+    if not isinstance(rows, slice):
+        table.index_copy_(0, rows, block)

@@ -1,0 +1,49 @@
+"""Which classes a rank holds, and their initial centers (independent of the world size)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+INIT_STD = 0.01  # arcface_torch's normal(0, 0.01) initialisation of the class centers
+INIT_BLOCK = 8192  # classes drawn from one random stream; fixed so shards can be re-cut
+_GOLDEN = 0x9E3779B97F4A7C15  # odd constant that spreads (seed, block) over 63-bit seeds
+
+
+def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, count)`` of the contiguous classes ``rank`` holds, split as in arcface_torch."""
+    if num_classes <= 0 or world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"shard_range(num_classes={num_classes}, rank={rank}, world_size={world_size}): "
+            "need num_classes > 0, world_size > 0 and 0 <= rank < world_size"
+        )
+    base, extra = divmod(num_classes, world_size)
+    return base * rank + min(rank, extra), base + (rank < extra)
+
+
+def stream_seed(*parts: int) -> int:
+    """A 63-bit generator seed mixed from integers (seed, rank, counter, ...)."""
+    value = 0
+    for part in parts:
+        value = (value * _GOLDEN + part + 1) % (1 << 63)
+    return value
+
+
+def init_centers(
+    start: int, count: int, embedding_size: int, seed: int, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Initial centers of classes ``[start, start + count)``: N(0, 0.01), one stream per block.
+
+    Each block of :data:`INIT_BLOCK` classes has its own seeded stream, so a class's initial
+    center does not depend on how the classes are split over ranks.
+    """
+    out = torch.empty(count, embedding_size, device=device)
+    generator = torch.Generator(device=device)
+    first, last = start // INIT_BLOCK, (start + count - 1) // INIT_BLOCK
+    for block in range(first, last + 1) if count else ():
+        generator.manual_seed(stream_seed(seed, block))
+        lo, hi = max(start, block * INIT_BLOCK), min(start + count, (block + 1) * INIT_BLOCK)
+        values = torch.empty(INIT_BLOCK, embedding_size, device=device)
+        values.normal_(0.0, INIT_STD, generator=generator)
+        out[lo - start : hi - start] = values[lo - block * INIT_BLOCK : hi - block * INIT_BLOCK]
+    return out

@@ -1,0 +1,73 @@
+"""The margin softmax cross-entropy over classes split across ranks, in fp32 statistics.
+
+A shard reports, per row, the maximum ``m`` of its non-target logits and ``sumexp``, the
+sum of ``exp(logit - m)`` (0 when it has none); :func:`log_sum_exp` joins those of all
+ranks with the target logit. Targets and filtered negatives are -inf in a shard's logits:
+the target enters once, through its margin logit; filtered negatives leave the softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .collectives import max_across_ranks, sum_across_ranks
+from .margins import CombinedMargin
+
+
+def finite_or_zero(x: Tensor) -> Tensor:
+    """``x`` with -inf entries (rows without any logit) replaced by 0, to shift by safely."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def drop_filtered_(logits: Tensor, limit: float) -> Tensor:
+    """With ``limit > 0`` (``s * interclass_filtering_threshold``) logits above it become -inf."""
+    if limit > 0:
+        logits.masked_fill_(logits > limit, float("-inf"))
+    return logits
+
+
+def row_sumexp(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row maximum (-inf for a row of -inf) and sum of ``exp(logit - max)``."""
+    if logits.shape[1] == 0:
+        top = logits.new_full((logits.shape[0],), float("-inf"))
+    else:
+        top = logits.detach().amax(dim=1)
+    return top, torch.exp(logits - finite_or_zero(top)[:, None]).sum(dim=1)
+
+
+def target_cosine(embeddings: Tensor, centers: Tensor) -> Tensor:
+    """Row-wise cosine of matching rows, in fp32 whatever the logits dtype."""
+    return (embeddings.float() * centers.float()).sum(dim=1)
+
+
+def log_sum_exp(top: Tensor, sumexp: Tensor, target_logit: Tensor, across_ranks: bool) -> Tensor:
+    """``log(sum exp(logits))`` per row over every shard's negatives and the target logit."""
+    shift = max_across_ranks(top) if across_ranks else top.detach()
+    shift = torch.maximum(shift, target_logit.detach())
+    negatives = sumexp * torch.exp(top.detach() - shift)  # exp(-inf) = 0 for empty shards
+    if across_ranks:
+        negatives = sum_across_ranks(negatives)
+    return shift + torch.log(negatives + torch.exp(target_logit - shift))
+
+
+def dense_shard_terms(
+    embeddings: Tensor,
+    centers: Tensor,
+    target_rows: Tensor,
+    target_cols: Tensor,
+    margin: CombinedMargin,
+    threshold: float,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(top, sumexp, target_logits)`` of one shard, in full with autograd.
+
+    ``embeddings`` and ``centers`` are L2-normalised; the target of row ``target_rows[k]``
+    is column ``target_cols[k]``; ``target_logits[k]`` is its margin logit.
+    """
+    target = margin(target_cosine(embeddings[target_rows], centers[target_cols]))
+    scaled = (embeddings * margin.s).to(dtype)
+    logits = drop_filtered_(torch.mm(scaled, centers.to(dtype).t()).float(), margin.s * threshold)
+    logits.index_put_((target_rows, target_cols), logits.new_tensor(float("-inf")))
+    top, sumexp = row_sumexp(logits)
+    return top, sumexp, target

@@ -1,0 +1,129 @@
+"""Decoding, sizing, augmentation and normalisation of face images, against references."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import face_jpeg
+from PIL import Image
+
+from facescale.data import decode_image
+from facescale.data.augment import draw_flips, grey, place_chw, strong_augment
+from facescale.data.batches import normalize
+from facescale.data.image import ImageDecodeError, encode_jpeg, face_bytes, fit_face
+
+
+def pil_rgb(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **kw)
+    return out.getvalue()
+
+
+def random_image(mode: str, size=(112, 112), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    bands = {"RGB": 3, "L": 1, "CMYK": 4}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], bands), dtype=np.uint8)
+    return Image.fromarray(pixels.squeeze(-1) if bands == 1 else pixels, mode)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        encoded(random_image("RGB"), "JPEG", quality=95),
+        encoded(random_image("L"), "JPEG"),
+        encoded(random_image("CMYK"), "JPEG"),
+        encoded(random_image("RGB", (92, 112)), "PNG"),
+        encoded(random_image("L", (92, 112)), "PPM"),
+    ],
+    ids=["jpeg", "grey-jpeg", "cmyk-jpeg", "png", "pgm"],
+)
+def test_decode_equals_pillow(data):
+    got = decode_image(data)
+    assert got.dtype == np.uint8 and got.ndim == 3 and got.shape[2] == 3
+    np.testing.assert_array_equal(got, pil_rgb(data))
+    np.testing.assert_array_equal(decode_image(np.frombuffer(data, np.uint8)), got)
+
+
+@pytest.mark.parametrize("data", [b"", b"\xff\xd8\xff\xe0garbage", b"not an image"])
+def test_undecodable_bytes_are_an_error(data):
+    with pytest.raises(ImageDecodeError, match="not a decodable image"):
+        decode_image(data)
+
+
+def test_fit_face_keeps_aspect_and_centre():
+    image = np.zeros((112, 92, 3), np.uint8)
+    image[:, 46:] = 255  # right half white
+    fitted = fit_face(image)
+    assert fitted.shape == (112, 112, 3)
+    assert (fitted[:, :55] < 10).all() and (fitted[:, 57:] > 245).all()
+    tall = np.full((192, 168, 3), 77, np.uint8)
+    assert (fit_face(tall) == 77).all()
+    square = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    assert fit_face(square) is square
+
+
+def test_face_bytes_keeps_faces_and_fits_others():
+    jpeg = face_jpeg(0)
+    assert face_bytes(jpeg) is jpeg
+    small = encoded(random_image("L", (92, 112)), "PNG")
+    assert decode_image(face_bytes(small)).shape == (112, 112, 3)
+
+
+def test_place_chw_transposes_and_mirrors():
+    image = np.random.default_rng(1).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    out = np.empty((2, 3, 112, 112), np.uint8)
+    place_chw(out[0], image, False)
+    place_chw(out[1], image, True)
+    for c in range(3):
+        np.testing.assert_array_equal(out[0, c], image[:, :, c])
+        np.testing.assert_array_equal(out[1, c], np.fliplr(image[:, :, c]))
+
+
+def test_flips_are_drawn_per_image_and_reproducible():
+    flips = draw_flips(200, "flip", np.random.default_rng(5))
+    np.testing.assert_array_equal(flips, draw_flips(200, "strong", np.random.default_rng(5)))
+    assert 60 < flips.sum() < 140
+    assert not draw_flips(200, "none", np.random.default_rng(5)).any()
+
+
+def test_strong_augmentation_is_reproducible_and_varied():
+    base = [decode_image(face_jpeg(i)) for i in range(32)]
+    runs = [
+        [strong_augment(img, rng) for img in base] for rng in map(np.random.default_rng, (3, 3, 4))
+    ]
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(runs[0], runs[2], strict=True))
+    assert all(a.shape == (112, 112, 3) and a.dtype == np.uint8 for a in runs[0])
+    changed = sum(not np.array_equal(a, b) for a, b in zip(runs[0], base, strict=True))
+    assert 0 < changed < 32  # some images got a strong step, not all
+
+
+def test_grey_and_strong_steps_keep_the_format():
+    image = decode_image(face_jpeg(3))
+    g = grey(image, np.random.default_rng(0))
+    assert (
+        g.shape == image.shape and (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()
+    )
+    out = strong_augment(image, np.random.default_rng(0))
+    assert out.shape == image.shape and out.dtype == np.uint8
+
+
+def test_normalize_matches_float64_reference():
+    images = torch.randint(0, 256, (5, 3, 112, 112), dtype=torch.uint8)
+    images[0, 0, 0, :2] = torch.tensor([0, 255])
+    got = normalize(images)
+    reference = (images.double() / 255 - 0.5) / 0.5  # arcface_torch: ToTensor, Normalize
+    assert got.dtype == torch.float32 and got.is_contiguous() and got.shape == (5, 3, 112, 112)
+    torch.testing.assert_close(got.double(), reference, rtol=0, atol=1e-6)
+    assert got.min() == -1 and got.max() == 1
+
+
+def test_encode_jpeg_round_trip_is_close():
+    image = decode_image(face_jpeg(2))
+    again = decode_image(encode_jpeg(image, quality=95))
+    assert np.abs(again.astype(int) - image).mean() < 3

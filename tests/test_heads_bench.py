@@ -1,0 +1,73 @@
+"""`facescale bench head`: the report's arithmetic, and one small run on two spawned ranks."""
+
+import json
+
+import pytest
+
+from facescale.benchmarking.head import Options, summarize
+from facescale.cli import main
+
+
+def _options(**kw):
+    base = dict(
+        kind="partial_fc",
+        lean=True,
+        classes=1000,
+        world=2,
+        batch=128,
+        dim=512,
+        sample_rate=1.0,
+        chunk_size=256,
+        dtype="fp32",
+        steps=3,
+        warmup=0,
+        threads=1,
+        lr=0.1,
+    )
+    return Options(**{**base, **kw})
+
+
+def _rank(step_s, gflops, growth, state_mb=4.0):
+    return {
+        "steps": [{"wall": s, "cpu": s / 2} for s in step_s],
+        "sgemm_gflops": [{"wall": g, "cpu": g} for g in gflops],
+        "rows": 256,
+        "classes_computed": 500,
+        "threads": 1,
+        "memory_growth_mb": growth,
+        "state_mb": state_mb,
+        "device": "cpu",
+    }
+
+
+def test_report_pairs_each_step_with_its_sgemm_rate_and_checks_targets():
+    floor = 6 * 256 * 500 * 512 / 100e9  # at 100 GFLOP/s
+    ranks = [
+        _rank([1.2 * floor, 2.0 * floor, 1.4 * floor], [100, 50, 100], 100.0),
+        _rank([1.0 * floor, 1.0 * floor, 1.3 * floor], [100, 100, 100], 520.0),
+    ]
+    report = summarize(_options(), ranks)
+    # slowest rank per step: 1.2, 2.0, 1.4 floors; step 2's floor is doubled by its rate
+    assert report["step_s"] == pytest.approx([1.2 * floor, 2.0 * floor, 1.4 * floor])
+    assert report["step_over_floor_median"] == pytest.approx(1.2)
+    assert report["cpu_time"]["step_over_floor_median"] == pytest.approx(0.6)
+    assert report["speed_ok"] is True and report["step_over_floor_target"] == 1.5
+    assert report["memory_budget_mb"] == pytest.approx([1.15 * 4 + 512] * 2)
+    assert report["memory_ok"] is False  # rank 1 grew 520 MB > 516.6 MB
+    sampled = summarize(_options(sample_rate=0.1), ranks)
+    assert sampled["step_over_floor_target"] == 2.0
+
+
+def test_small_run_prints_one_json_object(capsys):
+    args = ["bench", "head", "--classes", "3000", "--batch", "16", "--dim", "32"]
+    args += ["--sample-rate", "0.5", "--chunk-size", "256", "--steps", "2", "--json"]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["world"] == 2 and report["global_batch"] == 32
+    assert report["classes_computed_per_rank"] == 750  # ceil(0.5 * 1500)
+    assert len(report["step_s"]) == 2 and all(s > 0 for s in report["step_s"])
+    assert report["floor_s_median"] > 0 and report["sgemm_gflops_median"] > 0
+    assert report["centers_and_state_mb"] == [pytest.approx(2 * 1500 * 32 * 4 / 2**20)] * 2
+    assert all(0 < g < 200 for g in report["memory_growth_mb"])
