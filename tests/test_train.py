@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from train_utils import ArrayLoader, make_faces
 from facescale.backbones import get_model
 from facescale.config import Config, load_config, set_value
 from facescale.distributed import init_distributed
+from facescale.train.schedule import lr_at
 from facescale.train.trainer import Trainer, train
 
 NUM_CLASSES = 12
@@ -187,3 +189,21 @@ def test_data_parallel_baseline_trains_like_partial_fc(tmp_path):
     torch.testing.assert_close(replicated[1]["head"], replicated[0]["head"], rtol=0, atol=0)
     for key, value in sharded[0]["backbone"].items():
         torch.testing.assert_close(replicated[0]["backbone"][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    # 2 micro-batches of 8 average to the step one batch of 16 takes; the LR moves per step
+    values = {"num_epoch": 1, "max_grad_norm": 1.0, "warmup_epoch": 0.5}
+    big = run_ranks(_run, 1, tmp_path / "big", values, 16)
+    accumulated = run_ranks(_run, 1, tmp_path / "acc", {**values, "gradient_acc": 2}, 8)
+    assert big[0]["summary"]["final_step"] == accumulated[0]["summary"]["final_step"] == 6
+    _assert_same_model(big, accumulated, rtol=1e-4, atol=1e-5)
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "acc" / "metrics.jsonl").open())]
+    assert lrs == [lr_at(step, 0.02, total_steps=6, warmup_steps=3) for step in range(6)]
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    results = run_ranks(_run, 1, tmp_path, {"num_epoch": 1, "bf16": True}, 16)
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open())]
+    assert len(losses) == results[0]["summary"]["final_step"] == 6
+    assert all(map(math.isfinite, losses))
