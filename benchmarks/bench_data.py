@@ -1,7 +1,7 @@
 """Loader images/s, random vs sequential, 0/1/2 workers, vs the JPEG decode floor.
 
-    python benchmarks/bench_data.py --json                 # 16,384 images, 2 epochs each
-    python benchmarks/bench_data.py --images 4096 --json   # a quick look
+python benchmarks/bench_data.py --json                 # 16,384 images, best of 2 rounds
+python benchmarks/bench_data.py --images 4096 --json   # a quick look
 """
 
 import sys

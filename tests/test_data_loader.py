@@ -13,7 +13,7 @@ from dist_utils import run_ranks
 
 from facescale.config import Config
 from facescale.data import build_train_loader, decode_image
-from facescale.data.batches import normalize
+from facescale.data.batches import BatchTask, normalize
 from facescale.data.recordio import IndexedRecordWriter, RecordError
 from facescale.data.records import pack_record, write_header_record, write_property
 from facescale.data.ring import BatchRing, Progress
@@ -85,9 +85,9 @@ def test_worker_processes_deliver_the_in_process_batches(rec):
     folder, _ = rec
     loader = build_train_loader(config(folder, num_workers=2, augment="strong"), 0, 1, "cpu")
     got = epoch_batches(loader, 2)
-    maker = loader.maker
+    maker, plan = loader.maker, loader.order.epoch(2)
     for j, (images, labels) in enumerate(got):
-        ref_images, ref_labels, skipped = maker[(0, 2, j)]
+        ref_images, ref_labels, skipped = maker[BatchTask.of(plan, 0, j)]
         assert not skipped
         torch.testing.assert_close(images, normalize(ref_images), rtol=0, atol=0)
         assert labels.tolist() == ref_labels.tolist()
@@ -115,6 +115,7 @@ def test_resume_mid_epoch_yields_exactly_the_rest(rec, workers, resume_workers, 
     resumed.load_state_dict(state)
     for loader in (resumed, interrupted):  # a fresh loader, and the one that stopped early
         loader.load_state_dict(state)
+        assert loader.state_dict() == state  # saving again before reading keeps the position
         rest = epoch_batches(loader, 1)  # the trainer calls set_epoch(1) again: position kept
         assert len(rest) == len(full) - stop
         for (x, y), (fx, fy) in zip(rest, full[stop:], strict=True):

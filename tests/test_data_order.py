@@ -26,10 +26,11 @@ def test_rank_positions_match_reference(seed):
     rng = np.random.default_rng(seed)
     world, batch = int(rng.integers(1, 5)), int(rng.integers(1, 9))
     n = int(rng.integers(world * batch, 400))
-    for rank in range(world):
-        order = make_order(n, world, rank, batch, block=int(rng.integers(1, 40)), seed=seed)
-        for epoch in (0, 3):
-            assert order.epoch(epoch).positions.tolist() == reference_positions(order, epoch)
+    for block in (1, int(rng.integers(2, 40))):  # random access, and sequential blocks
+        for rank in range(world):
+            order = make_order(n, world, rank, batch, block=block, seed=seed)
+            for epoch in (0, 3):
+                assert order.epoch(epoch).positions.tolist() == reference_positions(order, epoch)
 
 
 @pytest.mark.parametrize("n, world, batch", [(1000, 3, 8), (97, 2, 5), (64, 4, 16), (50, 1, 7)])

@@ -96,10 +96,11 @@ def get_model(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     _check_arguments(name, spec, kwargs)
+    body_dtype = amp_dtype(fp16, bf16)
     model = spec.build(
         embedding_size=embedding_size, dropout=dropout, **{**spec.arguments, **kwargs}
     )
-    model.amp_dtype = amp_dtype(fp16, bf16)
+    model.amp_dtype = body_dtype
     model.gradient_checkpointing = (
         spec.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     )

@@ -12,6 +12,7 @@ come from one invocation.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import multiprocessing
 import re
@@ -20,6 +21,8 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 HELP = "training samples/s and peak memory of a backbone: fp32, channels_last, checkpointing, bf16"
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 VARIANTS: dict[str, dict[str, bool]] = {
     "fp32": {},
@@ -48,6 +51,12 @@ def _memory_mib(field: str) -> float:
     return int(kib) / 1024
 
 
+def _return_freed_memory() -> None:
+    """Serve every allocation over 64 KiB by mmap, so freeing a tensor shrinks the resident
+    size at once (glibc would otherwise keep freed blocks and hide what is really live)."""
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+
+
 def _reset_peak_memory() -> float:
     """Restart the resident peak at the current size (Linux clear_refs) and return that size."""
     with open("/proc/self/clear_refs", "w") as clear_refs:
@@ -58,6 +67,7 @@ def _reset_peak_memory() -> float:
 def measure(model_name: str, batch: int, steps: int, options: dict[str, bool]) -> dict[str, float]:
     """Time ``steps`` forward+backward steps after a warm-up, then count one step's
     multiply-adds; runs in its own process."""
+    _return_freed_memory()
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -1,4 +1,4 @@
-"""Whole training batches, made from scratch from ``(pass, epoch, batch)``.
+"""Whole training batches, each made from scratch from the task the main process sends.
 
 A batch is read (its window, kept in memory for the following batches), decoded, augmented
 with a generator seeded by (seed, epoch, rank, batch), and written as uint8 [B,3,112,112]:
@@ -7,6 +7,7 @@ in a worker process straight into a shared buffer the main process maps once (ri
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,61 +22,63 @@ from facescale.data.ring import BatchRing, Progress
 from facescale.data.sources import Source
 
 
+@dataclass(frozen=True)
+class BatchTask:
+    """Everything a worker needs to make one batch; the main process plans it (order.py)."""
+
+    pass_id: int
+    epoch: int
+    batch: int
+    order: ReadOrder
+    window: int
+    members: np.ndarray  # the records of the batch's window, in reading order
+    positions: np.ndarray  # the batch's records
+
+    @classmethod
+    def of(cls, plan: EpochPlan, pass_id: int, batch: int) -> BatchTask:
+        window = plan.window_of(batch)
+        return cls(
+            pass_id, plan.epoch, batch, plan.order, window, plan.window(window), plan.batch(batch)
+        )
+
+
 class BatchMaker(Dataset):
-    """Makes batch ``j`` of an epoch from scratch; keeps the last window it read in memory.
+    """Makes the batch a BatchTask describes; keeps the last window it read in memory."""
 
-    An index is ``(pass, epoch, batch)``; the pass numbers iterations for the shared buffers
-    that worker processes fill (see ring.py).
-    """
-
-    def __init__(
-        self, source: Source, order: ReadOrder, augment: str, skip_bad: bool, ring_size: int = 4
-    ) -> None:
-        self.source, self.order, self.augment, self.skip_bad = source, order, augment, skip_bad
+    def __init__(self, source: Source, augment: str, skip_bad: bool, ring_size: int) -> None:
+        self.source, self.augment, self.skip_bad = source, augment, skip_bad
         self.progress = Progress()
         self.ring_size = ring_size
         self._ring: BatchRing | None = None
-        self._plan: EpochPlan | None = None
-        self._window_key: tuple[int, int] | None = None
+        self._window_key: tuple[ReadOrder, int, int] | None = None
         self._window: dict[int, Any] = {}
 
-    def __len__(self) -> int:
-        return self.order.num_batches
-
-    def _plan_for(self, epoch: int) -> EpochPlan:
-        if self._plan is None or self._plan.epoch != epoch or self._plan.order != self.order:
-            self._plan = self.order.epoch(epoch)
-        return self._plan
-
-    def _raw(self, plan: EpochPlan, batch: int) -> dict[int, Any]:
-        key = (plan.epoch, plan.window_of(batch))
+    def _raw(self, task: BatchTask) -> dict[int, Any]:
+        key = (task.order, task.epoch, task.window)
         if key != self._window_key:
             self._window = {}  # free the old window before reading the next
-            members = plan.window(key[1])
-            self._window = dict(zip(members.tolist(), self.source.fetch(members), strict=True))
+            fetched = self.source.fetch(task.members)
+            self._window = dict(zip(task.members.tolist(), fetched, strict=True))
             self._window_key = key
         return self._window
 
-    def _images(self, pass_id: int, batch: int) -> torch.Tensor:
-        """Where batch ``batch`` goes: a reused shared buffer in a worker, else new memory."""
-        shape = (self.order.batch_size, 3, FACE_SIZE, FACE_SIZE)
+    def _images(self, task: BatchTask) -> torch.Tensor:
+        """Where the batch goes: a reused shared buffer in a worker, else new memory."""
+        shape = (task.order.batch_size, 3, FACE_SIZE, FACE_SIZE)
         if get_worker_info() is None:
             return torch.empty(shape, dtype=torch.uint8)
         if self._ring is None:
             self._ring = BatchRing(shape, self.ring_size, self.progress)
-        return self._ring.acquire(pass_id, batch)
+        return self._ring.acquire(task.pass_id, task.batch)
 
-    def __getitem__(
-        self, index: tuple[int, int, int]
-    ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-        pass_id, epoch, batch = index
-        plan = self._plan_for(epoch)
-        raw = self._raw(plan, batch)
-        positions = plan.batch(batch)
-        out = self._images(pass_id, batch)
+    def __getitem__(self, task: BatchTask) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+        raw = self._raw(task)
+        positions = task.positions
+        out = self._images(task)
         images = out.numpy()
         labels = np.empty(len(positions), dtype=np.int64)
-        rng = rng_for(self.order.seed, SEED_TAG_AUGMENT, epoch, self.order.rank, batch)
+        o = task.order
+        rng = rng_for(o.seed, SEED_TAG_AUGMENT, task.epoch, o.rank, task.batch)
         flips = draw_flips(len(positions), self.augment, rng)
         bad: dict[int, str] = {}  # slot -> what was wrong
         for i, p in enumerate(positions.tolist()):

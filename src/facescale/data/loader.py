@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from facescale.data.batches import BatchMaker, normalize
-from facescale.data.order import ReadOrder
+from facescale.data.batches import BatchMaker, BatchTask, normalize
+from facescale.data.order import EpochPlan, ReadOrder
 from facescale.data.recordio import RecordError
 from facescale.data.sources import FolderSource, RecordSource, Source, SyntheticSource
 
@@ -29,14 +29,14 @@ RUNS_PER_WINDOW = 8
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-class PassIndices(Sampler):
-    """``(pass, epoch, batch)`` for the batches of the current pass; the loader sets them."""
+class PassTasks(Sampler):
+    """The tasks of the batches ``[start, stop)`` of the current pass, planned in this process."""
 
-    def __init__(self) -> None:
-        self.pass_id, self.epoch, self.start, self.stop = 0, 0, 0, 0
+    def __init__(self, plan: EpochPlan) -> None:
+        self.plan, self.pass_id, self.start, self.stop = plan, 0, 0, 0
 
-    def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        return ((self.pass_id, self.epoch, j) for j in range(self.start, self.stop))
+    def __iter__(self) -> Iterator[BatchTask]:
+        return (BatchTask.of(self.plan, self.pass_id, j) for j in range(self.start, self.stop))
 
 
 class TrainLoader:
@@ -46,20 +46,21 @@ class TrainLoader:
     """
 
     def __init__(
-        self, maker: BatchMaker, num_workers: int, device: torch.device, prefetch_factor: int = 2
+        self,
+        maker: BatchMaker,
+        order: ReadOrder,
+        num_workers: int,
+        device: torch.device,
+        prefetch_factor: int = 2,
     ) -> None:
-        self.maker, self.num_workers, self.device = maker, num_workers, torch.device(device)
-        self.prefetch_factor = prefetch_factor
+        self.maker, self.order, self.num_workers = maker, order, num_workers
+        self.device, self.prefetch_factor = torch.device(device), prefetch_factor
         self.epoch = 0
         self._start = 0
         self._position = 0
         self.skipped = 0
-        self._indices = PassIndices()
+        self._tasks = PassTasks(order.epoch(0))
         self._workers: DataLoader | None = None
-
-    @property
-    def order(self) -> ReadOrder:
-        return self.maker.order
 
     def __len__(self) -> int:
         return self.order.num_batches
@@ -75,7 +76,7 @@ class TrainLoader:
             self._workers = DataLoader(
                 self.maker,
                 batch_size=None,
-                sampler=self._indices,
+                sampler=self._tasks,
                 num_workers=self.num_workers,
                 pin_memory=self.device.type == "cuda",
                 prefetch_factor=self.prefetch_factor if workers else None,
@@ -87,21 +88,18 @@ class TrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         start, self._start = self._start, 0
         self._position = start
-        indices = self._indices
-        indices.pass_id, indices.epoch, indices.start, indices.stop = (
-            indices.pass_id + 1,
-            self.epoch,
-            start,
-            len(self),
-        )
-        self.maker.progress.publish(indices.pass_id, start)
+        tasks = self._tasks
+        if (tasks.plan.order, tasks.plan.epoch) != (self.order, self.epoch):
+            tasks.plan = self.order.epoch(self.epoch)
+        tasks.pass_id, tasks.start, tasks.stop = tasks.pass_id + 1, start, len(self)
+        self.maker.progress.publish(tasks.pass_id, start)
         if self.device.type == "cuda":
             batches = _cuda_prefetch(self._batches(), self.device)
         else:
             batches = _host_batches(self._batches(), self.maker.ring_size * self.num_workers)
         for images, labels, skipped in batches:
             self._position += 1
-            self.maker.progress.publish(indices.pass_id, self._position)  # copied out
+            self.maker.progress.publish(tasks.pass_id, self._position)  # copied out
             if skipped:
                 self.skipped += len(skipped)
                 log.warning(
@@ -133,9 +131,9 @@ class TrainLoader:
             )
         if saved["streams"] != self.order.streams:
             log.info("resuming with the saved order of %d read streams", saved["streams"])
-            self.maker.order = dataclasses.replace(self.order, streams=saved["streams"])
-            self._workers = None  # workers hold a copy of the maker
-        self.epoch, self._start, self._position = int(state["epoch"]), int(state["batch"]), 0
+            self.order = dataclasses.replace(self.order, streams=saved["streams"])
+        self.epoch, self._start = int(state["epoch"]), int(state["batch"])
+        self._position = self._start
 
 
 def _as_is(batch: Any) -> Any:
@@ -258,5 +256,5 @@ def build_train_loader(
     )
     prefetch = 2
     # a worker has at most `prefetch` batches in flight, plus one copied out and one on a stream
-    maker = BatchMaker(source, order, cfg.augment, cfg.skip_bad_records, ring_size=prefetch + 3)
-    return TrainLoader(maker, cfg.num_workers, torch.device(device), prefetch)
+    maker = BatchMaker(source, cfg.augment, cfg.skip_bad_records, ring_size=prefetch + 3)
+    return TrainLoader(maker, order, cfg.num_workers, torch.device(device), prefetch)

@@ -63,21 +63,37 @@ class ReadOrder:
 
 
 def rank_positions(order: ReadOrder, epoch: int) -> np.ndarray:
-    """Record positions (file order indices) this rank reads in ``epoch``, in reading order."""
+    """Record positions (file order indices) this rank reads in ``epoch``, in reading order.
+
+    Only the blocks of this rank's slice are expanded; where a block starts in the epoch's
+    sequence is arithmetic, since all blocks are full except the file's last.
+    """
     n, block = order.num_records, order.block
-    starts = rng_for(order.seed, SEED_TAG_BLOCKS, epoch).permutation(-(-n // block)) * block
-    lengths = np.minimum(block, n - starts)
-    bounds = np.concatenate([[0], np.cumsum(lengths)])
-    share = n // order.world_size
-    lo = order.rank * share
+    num_blocks = -(-n // block)
+    lo = order.rank * (n // order.world_size)
     hi = lo + order.num_batches * order.batch_size
-    first = int(np.searchsorted(bounds, lo, side="right")) - 1
-    last = int(np.searchsorted(bounds, hi, side="left"))
-    pieces = []
-    for b in range(first, last):
-        a, z = max(lo, bounds[b]), min(hi, bounds[b + 1])
-        pieces.append(np.arange(starts[b] + a - bounds[b], starts[b] + z - bounds[b]))
-    return np.concatenate(pieces)
+    perm = rng_for(order.seed, SEED_TAG_BLOCKS, epoch).permutation(num_blocks)
+    if block == 1:
+        return perm[lo:hi]
+    short = n - (num_blocks - 1) * block  # length of the file's last block
+    q = int(np.flatnonzero(perm == num_blocks - 1)[0])  # where that block lands
+
+    def slot_start(slot: np.ndarray) -> np.ndarray:
+        return slot * block - (block - short) * (slot > q)
+
+    def slot_of(position: int) -> int:
+        if position < q * block + short:
+            return min(position // block, q)
+        return q + 1 + (position - q * block - short) // block
+
+    slots = np.arange(slot_of(lo), slot_of(hi - 1) + 1)
+    seq_start = slot_start(slots)
+    lengths = np.where(perm[slots] == num_blocks - 1, short, block)
+    first = np.maximum(lo, seq_start)
+    counts = np.minimum(hi, seq_start + lengths) - first
+    file_first = perm[slots] * block + (first - seq_start)
+    offsets = np.cumsum(counts) - counts
+    return np.repeat(file_first - offsets, counts) + np.arange(hi - lo)
 
 
 def batch_schedule(num_batches: int, window_batches: int, streams: int) -> np.ndarray:
@@ -101,6 +117,7 @@ class EpochPlan:
 
     def __init__(self, order: ReadOrder, epoch: int) -> None:
         self.order, self.epoch = order, epoch
+        self._shuffles: dict[int, np.ndarray] = {}  # the windows read at the moment
 
     @cached_property
     def positions(self) -> np.ndarray:
@@ -124,6 +141,9 @@ class EpochPlan:
         o = self.order
         window, t = (int(v) for v in self.schedule[batch])
         members = self.window(window)
-        shuffle = rng_for(o.seed, SEED_TAG_WINDOW, self.epoch, o.rank, window)
-        perm = shuffle.permutation(len(members))
-        return members[perm[t * o.batch_size : (t + 1) * o.batch_size]]
+        if window not in self._shuffles:
+            if len(self._shuffles) >= o.streams:
+                self._shuffles.pop(next(iter(self._shuffles)))
+            shuffle = rng_for(o.seed, SEED_TAG_WINDOW, self.epoch, o.rank, window)
+            self._shuffles[window] = shuffle.permutation(len(members))
+        return members[self._shuffles[window][t * o.batch_size : (t + 1) * o.batch_size]]

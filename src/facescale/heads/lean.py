@@ -89,7 +89,9 @@ class ChunkedSoftmax:
         logits[sel.target_rows[part], sel.target_cols[part] - lo] = float("-inf")
         return logits
 
-    def _targets(self, weight: Tensor, embeddings: Tensor, sel: ShardSelection):
+    def _targets(
+        self, weight: Tensor, embeddings: Tensor, sel: ShardSelection
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised target centers, their margin logits and the margin's derivative."""
         centers = F.normalize(weight[sel.target_local], dim=1)
         with torch.enable_grad():

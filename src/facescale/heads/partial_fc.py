@@ -181,7 +181,7 @@ class PartialFC(nn.Module):
         self._require_lean("grad_norm_sq")
         total = self.weight.new_zeros((), dtype=torch.float64)
         for _, _, grad in self._center_grads(Scratch()):
-            total += grad.pow(2).sum(dtype=torch.float64)
+            total += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
         return total.float()
 
     @torch.no_grad()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -25,12 +26,14 @@ class ShardSelection:
     target_rows: Tensor  # global-batch rows whose label is in this shard
     target_cols: Tensor  # their column among the computed classes
     target_local: Tensor  # their local class id (row of the shard)
+    col_list: list[int] = field(init=False, repr=False)  # target_cols on the host, to bisect
+
+    def __post_init__(self) -> None:
+        self.col_list = self.target_cols.tolist()
 
     def target_slice(self, lo: int, hi: int) -> slice:
         """The targets (positions in the target arrays) whose column is in [lo, hi)."""
-        bounds = torch.tensor([lo, hi], device=self.target_cols.device)
-        first, last = torch.searchsorted(self.target_cols, bounds).tolist()
-        return slice(first, last)
+        return slice(bisect.bisect_left(self.col_list, lo), bisect.bisect_left(self.col_list, hi))
 
 
 class ClassSampler:

@@ -1,0 +1,207 @@
+"""One configuration of `facescale bench train`, run on every rank under torchrun.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=R \
+        -m facescale.benchmarking.train_worker SPEC.json
+
+Builds the trainer the spec's config describes, runs warm-up steps, then timed steps, and
+measures this rank's peak memory from before the model and head exist. Rank 0 writes
+``result.json`` (every rank's figures) into the spec's folder. A rank that runs out of
+memory writes ``oom_rank<r>.json`` and exits with :data:`OOM_EXIT`, so torchrun stops the
+other ranks and the parent reports the configuration as out of memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+OOM_EXIT = 3
+COMM_PREFIXES = ("gloo:", "nccl:")  # profiler ranges of the backends' collectives
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What one configuration runs; the parent writes it as JSON for the worker."""
+
+    overrides: list[str]  # config `key=value` items
+    warmup: int
+    steps: int
+    result_dir: str
+    memory_limit: int = 0  # bytes each CPU rank may add to its data segment; 0: no cap
+    comm: bool = False  # profile the timed steps to measure time with collectives in flight
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: Path) -> RunSpec:
+        return cls(**json.loads(path.read_text()))
+
+
+def _proc_status_bytes(key: str) -> int:
+    """A ``kB`` line of this process's /proc status (VmRSS, VmHWM, VmData) in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key} line (Linux is needed on CPU)")
+
+
+def cap_memory(limit: int) -> None:
+    """Let this process's data segment grow by at most ``limit`` bytes: a larger allocation
+    then fails with an error instead of waking the kernel's out-of-memory killer."""
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    soft = _proc_status_bytes("VmData") + limit
+    resource.setrlimit(resource.RLIMIT_DATA, (soft if hard < 0 else min(soft, hard), hard))
+
+
+class PeakMemory:
+    """Peak memory growth from :meth:`start` on: the resident set on CPU, allocated (and
+    reserved) bytes of the caching allocator on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # the resident high-water mark restarts from here
+        self.base = _proc_status_bytes("VmRSS")
+
+    def peak(self) -> dict[str, int]:
+        if self.device.type == "cuda":
+            reserved = torch.cuda.max_memory_reserved(self.device)
+            return {
+                "peak_bytes": torch.cuda.max_memory_allocated(self.device) - self.base,
+                "reserved_bytes": reserved,
+            }
+        return {"peak_bytes": _proc_status_bytes("VmHWM") - self.base}
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed for lack of memory, on CPU (rlimit or RAM) or GPU."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )
+
+
+def communication_seconds(events: Any) -> float:
+    """Wall time during which at least one collective was in flight (union of intervals)."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.name.startswith(COMM_PREFIXES)
+    )
+    total, end = 0.0, float("-inf")
+    for lo, hi in spans:
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total / 1e6  # microseconds
+
+
+def _fit(trainer: Any, stop_step: int, comm: bool) -> tuple[float, float | None]:
+    """Run the trainer up to ``stop_step``; wall seconds, and seconds with communication
+    in flight when ``comm``."""
+    trainer.cfg.stop_step = stop_step
+    if not comm:
+        started = time.perf_counter()
+        trainer.fit()
+        return time.perf_counter() - started, None
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if trainer.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        trainer.fit()
+    wall = time.perf_counter() - started
+    return wall, communication_seconds(prof.events())
+
+
+def measure(spec: RunSpec, env: Any) -> dict[str, Any]:
+    """Build the trainer, run warm-up then timed steps; this rank's figures."""
+    from facescale.config import load_config
+    from facescale.train.trainer import Trainer
+
+    cfg = load_config(None, spec.overrides)
+    memory = PeakMemory(env.device)
+    memory.start()
+    trainer = Trainer(cfg, env)
+    needed = spec.warmup + spec.steps
+    if trainer.steps_per_epoch <= needed:
+        raise ValueError(
+            f"rec={cfg.rec}: an epoch is {trainer.steps_per_epoch} steps of {cfg.batch_size} "
+            f"images per rank, but the benchmark needs {needed + 1} without an epoch end; "
+            "use a larger record file or fewer --steps/--warmup"
+        )
+    trainer.save = lambda: None  # a benchmark keeps no checkpoints (stop_step would write one)
+    _fit(trainer, spec.warmup, comm=False)
+    trainer.timings = dict.fromkeys(trainer.timings, 0.0)
+    wall, comm = _fit(trainer, needed, spec.comm)
+    return {
+        "rank": env.rank,
+        "timings": dict(trainer.timings),
+        "wall_s": wall,
+        "comm_s": comm,
+        "threads": torch.get_num_threads(),
+        **memory.peak(),
+    }
+
+
+def _write(path: Path, value: Any) -> None:
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(value))
+    partial.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch.distributed as dist
+
+    from facescale.distributed import init_distributed, shutdown
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m facescale.benchmarking.train_worker SPEC.json", file=sys.stderr)
+        return 2
+    spec = RunSpec.load(Path(args[0]))
+    folder = Path(spec.result_dir)
+    env = init_distributed()
+    if env.device.type == "cpu" and spec.memory_limit:
+        cap_memory(spec.memory_limit)
+    try:
+        mine = measure(spec, env)
+    except BaseException as err:
+        if not is_out_of_memory(err):
+            raise
+        _write(folder / f"oom_rank{env.rank}.json", {"rank": env.rank, "error": str(err)[:500]})
+        sys.stdout.flush()
+        os._exit(OOM_EXIT)  # no clean-up that could wait on ranks still inside a collective
+    ranks: list[Any] = [mine]
+    if dist.is_initialized():
+        ranks = [None] * env.world_size
+        dist.all_gather_object(ranks, mine)
+    if env.is_main:
+        _write(folder / "result.json", {"ranks": ranks})
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
