@@ -1,22 +1,6 @@
 from easydict import EasyDict as edict
+from ms1mv2_r50 import config as base_config
 
-# ms1mv2_r100: r100 on faces_emore (85,742 identities, 5,822,653 images)
-config = edict()
-config.margin_list = (1.0, 0.5, 0.0)
+# ms1mv2_r100: ms1mv2_r50 with network=r100.
+config = edict(base_config)
 config.network = "r100"
-config.resume = False
-config.output = None
-config.embedding_size = 512
-config.sample_rate = 1.0
-config.fp16 = True
-config.momentum = 0.9
-config.weight_decay = 0.0005
-config.batch_size = 128
-config.lr = 0.1
-config.verbose = 2000
-config.rec = "/train_tmp/faces_emore"
-config.num_classes = 85742
-config.num_image = 5822653
-config.num_epoch = 20
-config.warmup_epoch = 0
-config.val_targets = ["lfw", "cfp_fp", "agedb_30"]

@@ -1,22 +1,8 @@
 from easydict import EasyDict as edict
+from ms1mv3_r50 import config as base_config
 
-# ms1mv3_mbf: mbf on ms1m-retinaface-t1 (93,431 identities, 5,179,510 images)
-config = edict()
-config.margin_list = (1.0, 0.5, 0.0)
+# ms1mv3_mbf: ms1mv3_r50 with network=mbf, weight_decay=1e-4, num_epoch=40.
+config = edict(base_config)
 config.network = "mbf"
-config.resume = False
-config.output = None
-config.embedding_size = 512
-config.sample_rate = 1.0
-config.fp16 = True
-config.momentum = 0.9
-config.weight_decay = 0.0001
-config.batch_size = 128
-config.lr = 0.1
-config.verbose = 2000
-config.rec = "/train_tmp/ms1m-retinaface-t1"
-config.num_classes = 93431
-config.num_image = 5179510
+config.weight_decay = 1e-4
 config.num_epoch = 40
-config.warmup_epoch = 0
-config.val_targets = ["lfw", "cfp_fp", "agedb_30"]

@@ -1,22 +1,6 @@
 from easydict import EasyDict as edict
+from wf4m_r50 import config as base_config
 
-# wf4m_r100: r100 on WebFace4M (205,990 identities, 4,235,242 images)
-config = edict()
-config.margin_list = (1.0, 0.5, 0.0)
+# wf4m_r100: wf4m_r50 with network=r100.
+config = edict(base_config)
 config.network = "r100"
-config.resume = False
-config.output = None
-config.embedding_size = 512
-config.sample_rate = 1.0
-config.fp16 = True
-config.momentum = 0.9
-config.weight_decay = 0.0005
-config.batch_size = 128
-config.lr = 0.1
-config.verbose = 2000
-config.rec = "/train_tmp/WebFace4M"
-config.num_classes = 205990
-config.num_image = 4235242
-config.num_epoch = 20
-config.warmup_epoch = 0
-config.val_targets = ["lfw", "cfp_fp", "agedb_30"]

@@ -7,11 +7,11 @@ Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
 from facescale import __version__
+from facescale.commands import add_module_commands
 from facescale.config import ConfigError
 
 COMMANDS = ("config", "train", "info", "bench", "convert", "eval", "export", "embed", "demo")
@@ -23,12 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and use ArcFace-family face-recognition models at scale.",
     )
     parser.add_argument("--version", action="version", version=f"facescale {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        module = importlib.import_module(f"facescale.commands.{name}")
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(command)
-        command.set_defaults(handler=module.run)
+    add_module_commands(parser, "command", "facescale.commands", COMMANDS)
     return parser
 
 
@@ -39,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("facescale").setLevel(logging.INFO)  # our progress; others' warnings only
     args = build_parser().parse_args(argv)
     try:
-        code = args.handler(args)
+        code = args.command_run(args)
     except (ConfigError, FileNotFoundError) as err:
         print(f"facescale {args.command}: error: {err}", file=sys.stderr)
         code = 2

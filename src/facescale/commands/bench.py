@@ -7,7 +7,8 @@ and prints its figures as one JSON object with ``--json``.
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from facescale.commands import add_module_commands
 
 BENCHMARKS: tuple[str, ...] = ("backbone", "data", "tarfar", "head")
 
@@ -15,13 +16,8 @@ HELP = "measure speed and memory (" + ", ".join(BENCHMARKS) + ")"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
-    for name in BENCHMARKS:
-        module = importlib.import_module(f"facescale.benchmarking.{name}")
-        bench = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(bench)
-        bench.set_defaults(run_benchmark=module.run)
+    add_module_commands(parser, "benchmark", "facescale.benchmarking", BENCHMARKS)
 
 
 def run(args: argparse.Namespace) -> int:
-    return args.run_benchmark(args)
+    return args.benchmark_run(args)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from facescale.commands import add_overrides_argument
+
 HELP = "resolve a config (file + --set overrides), print it and the derived schedule"
 
 
@@ -15,14 +17,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         help="arcface_torch-style config file, with or without .py, or a shipped config's name",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key (repeatable), e.g. --set batch_size=64",
-    )
+    add_overrides_argument(parser, "override one config key (repeatable), e.g. --set lr=0.05")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

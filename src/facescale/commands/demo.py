@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from facescale.commands import add_overrides_argument
+
 HELP = "generate synthetic faces, train on 2 ranks, verify on unseen identities, export ONNX"
 
 
@@ -14,14 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, default=2, help="training processes (torchrun)")
     parser.add_argument("--identities", type=int, default=400, help="training identities")
     parser.add_argument("--images-per-identity", type=int, default=16)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the demo's training config (configs/demo.py)",
-    )
+    add_overrides_argument(parser, "override a key of the demo's training config (configs/demo.py)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
