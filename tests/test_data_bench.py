@@ -14,13 +14,17 @@ def test_bench_data_reports_every_setting(capsys, tmp_path):
     assert done.value.code == 0
     result = json.loads(capsys.readouterr().out)
     rates = result["images_per_s"]
-    expected = {"decode_1_cores", "decode_2_cores"} | {
-        f"{order}_{w}_workers_{cache}"
+    expected = {"decode_1_cores", "decode_2_cores", "sequential_1_workers_cached_float"} | {
+        f"{order}_{w}_workers_{cache}_host"
         for order in ("random", "sequential")
         for w in (0, 1)
         for cache in ("cold", "cached")
     }
     assert set(rates) == expected and all(v > 0 for v in rates.values())
-    assert set(result["sequential_1_workers_vs_2_core_decode"]) == {"cold", "cached"}
+    ratios = result["sequential_1_workers_vs_2_core_decode"]
+    assert set(ratios) == {"cold_host", "cached_host", "cached_float"}
+    assert set(result["cpu_us_per_image"]) == expected and all(
+        v > 0 for v in result["cpu_us_per_image"].values()
+    )
     assert 2000 < result["mean_jpeg_bytes"] < 20000
     assert list(tmp_path.iterdir()) == []  # the test rec is removed

@@ -125,6 +125,20 @@ def test_resume_mid_epoch_yields_exactly_the_rest(rec, workers, resume_workers, 
         assert all(torch.equal(a[0], b[0]) for a, b in zip(following, next_epoch, strict=True))
 
 
+def test_host_batches_are_the_batches_before_the_device_step(rec):
+    folder, _ = rec
+    cfg = config(folder, num_workers=2, augment="flip")
+    expected = epoch_batches(build_train_loader(cfg, 0, 1, "cpu"), 1)
+    loader = build_train_loader(cfg, 0, 1, "cpu")
+    loader.set_epoch(1)
+    for k, (images, labels) in enumerate(loader.host_batches(), start=1):
+        assert images.dtype == torch.uint8 and images.shape == (8, 3, 112, 112)
+        assert torch.equal(normalize(images), expected[k - 1][0])
+        assert torch.equal(labels, expected[k - 1][1])
+        assert loader.state_dict()["batch"] == k
+    assert k == len(expected)
+
+
 def test_mismatched_state_is_refused(rec):
     folder, _ = rec
     state = build_train_loader(config(folder), 0, 1, "cpu").state_dict()

@@ -14,7 +14,18 @@ from facescale import __version__
 from facescale.commands import add_module_commands
 from facescale.config import ConfigError
 
-COMMANDS = ("config", "train", "info", "bench", "convert", "eval", "export", "embed", "demo")
+COMMANDS = (
+    "config",
+    "train",
+    "info",
+    "bench",
+    "convert",
+    "eval",
+    "export",
+    "embed",
+    "demo",
+    "plan",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,8 +3,10 @@
 Builds a shuffled rec of 112x112 JPEG faces, then measures images/s of the training loader
 on the CPU device (random access and sequential reading, with 0, 1, 2, ... workers; reading,
 decoding, flip and normalisation to float all included) and of plain JPEG decoding in one
-process per core. Each loader setting runs one epoch with the rec evicted from the page cache
-(cold: reads hit the disk) and one with it cached.
+process per core. Each loader setting runs an epoch with the rec evicted from the page cache
+(cold: reads hit the disk) and one with it cached. CPU seconds per image (main process and
+workers together, read from /proc) are reported too: unlike images/s they move little when
+other processes share the machine.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", default="0,1,2", help="worker counts to measure")
     parser.add_argument("--cores", type=int, default=2, help="processes of the decode floor")
     parser.add_argument("--shuffle-buffer", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=2, help="epochs per setting; best counts")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds; the best round counts")
     parser.add_argument("--dir", default=None, help="where to build the rec (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -71,20 +72,31 @@ def _keep_jpegs(jpegs: list[bytes]) -> None:
     _JPEGS[:] = jpegs
 
 
-def _decode_share(share: tuple[int, int]) -> tuple[int, float]:
+def _decode_share(share: tuple[int, int]) -> tuple[int, float, float]:
+    """Decode images ``[start, end)``; return their count, wall seconds and CPU seconds."""
     from facescale.data.image import decode_image
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for jpeg in _JPEGS[share[0] : share[1]]:
         decode_image(jpeg)
-    return share[1] - share[0], time.perf_counter() - start
+    return share[1] - share[0], time.perf_counter() - start, time.process_time() - cpu
 
 
-def decode_rate(pool: mp.pool.Pool, processes: int, count: int) -> float:
-    """Images/s of ``processes`` pool processes decoding one share of the images each."""
+def decode_rate(pool: mp.pool.Pool, processes: int, count: int) -> tuple[float, float]:
+    """Images/s of ``processes`` pool processes decoding a share each, and CPU s/image."""
     bounds = np.linspace(0, count, processes + 1).astype(int)
     results = pool.map(_decode_share, list(itertools.pairwise(bounds)), chunksize=1)
-    return sum(n / seconds for n, seconds in results)
+    return sum(n / wall for n, wall, _ in results), sum(cpu for *_, cpu in results) / count
+
+
+def cpu_seconds(skip: set[int]) -> float:
+    """CPU time so far of this process and its live child processes but ``skip`` (Linux)."""
+    total = time.process_time()
+    for child in mp.active_children():
+        if child.pid not in skip:
+            stat = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def evict_from_page_cache(path: Path) -> None:
@@ -97,26 +109,20 @@ def evict_from_page_cache(path: Path) -> None:
         os.close(fd)
 
 
-def epoch_rate(loader: Any, epoch: int, cold: Path | None = None) -> float:
-    """Images/s of one epoch, from the first batch to the last (worker start-up excluded);
-    with ``cold``, that file is evicted from the page cache first."""
-    if cold is not None:
-        evict_from_page_cache(cold)
-    loader.set_epoch(epoch)
-    first = last = 0.0
-    count = 0
-    for images, _ in loader:
-        last = time.perf_counter()
-        if count == 0:
-            first = last
-        count += len(images)
-    return (count - len(images)) / (last - first)
+def loader_epoch(
+    folder: Path, args: argparse.Namespace, setting: tuple[str, int, str, str], skip: set[int]
+) -> tuple[float, float]:
+    """One epoch of a fresh loader, from its first batch to its last (worker start-up left
+    out): images/s, and CPU s/image of the main process and the workers together.
 
-
-def make_loader(folder: Path, args: argparse.Namespace, order: str, workers: int) -> Any:
+    ``setting`` is (order, workers, cache, output): cache 'cold' evicts the rec from the page
+    cache first; output 'host' takes the uint8 batches the workers deliver (what a GPU run
+    copies to the device), 'float' the float32 batches of a CPU run.
+    """
     from facescale.config import Config
     from facescale.data import build_train_loader
 
+    order, workers, cache, output = setting
     cfg = Config(
         rec=str(folder),
         num_classes=args.classes,
@@ -126,33 +132,56 @@ def make_loader(folder: Path, args: argparse.Namespace, order: str, workers: int
         data_order=order,
         shuffle_buffer=args.shuffle_buffer,
     )
-    return build_train_loader(cfg, 0, 1, "cpu")
+    if cache == "cold":
+        evict_from_page_cache(folder / "train.rec")
+    loader = build_train_loader(cfg, 0, 1, "cpu")
+    first = last = cpu = 0.0
+    count = 0
+    for images, _ in loader.host_batches() if output == "host" else loader:
+        last = time.perf_counter()
+        if count == 0:
+            first, cpu = last, cpu_seconds(skip)
+        count += len(images)
+    cpu = cpu_seconds(skip) - cpu
+    loader.close()
+    return (count - len(images)) / (last - first), cpu / (count - len(images))
 
 
-def measure(folder: Path, jpegs: list[bytes], args: argparse.Namespace) -> dict[str, float]:
-    """Best rate of each setting over ``repeats`` rounds; a round measures every setting once,
-    so a burst of load from other processes hits one round, not one setting."""
+def measure(
+    folder: Path, jpegs: list[bytes], args: argparse.Namespace
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Best images/s and least CPU s/image of each setting over ``repeats`` rounds; a round
+    measures every setting once, so a burst of load from other processes hits one round."""
     workers = [int(w) for w in args.workers.split(",")]
-    loaders = {
-        f"{order}_{w}_workers": make_loader(folder, args, order, w)
+    settings = [
+        (order, w, cache, "host")
         for order in ("random", "sequential")
         for w in workers
-    }
-    best: dict[str, float] = {}
+        for cache in ("cold", "cached")
+    ]
+    settings.append(("sequential", max(workers), "cached", "float"))
+    rates: dict[str, float] = {}
+    cpus: dict[str, float] = {}
+
+    def keep(name: str, rate: float, cpu: float) -> None:
+        rates[name] = max(rate, rates.get(name, 0.0))
+        cpus[name] = min(cpu, cpus.get(name, float("inf")))
+
     pools = {n: mp.Pool(n, _keep_jpegs, (jpegs,)) for n in sorted({1, args.cores})}
     try:
-        for pool in pools.values():
-            pool.map(_decode_share, [(0, 64)] * len(pool._pool))  # warm every process
-        for epoch in range(args.repeats):
-            rates = {f"decode_{n}_cores": decode_rate(p, n, len(jpegs)) for n, p in pools.items()}
-            for name, loader in loaders.items():
-                rates[f"{name}_cold"] = epoch_rate(loader, 2 * epoch, folder / "train.rec")
-                rates[f"{name}_cached"] = epoch_rate(loader, 2 * epoch + 1)
-            best = {k: max(v, best.get(k, 0.0)) for k, v in rates.items()}
+        for n, pool in pools.items():
+            pool.map(_decode_share, [(0, 64)] * n)  # start and warm every process
+        for _ in range(args.repeats):
+            for n, pool in pools.items():
+                keep(f"decode_{n}_cores", *decode_rate(pool, n, len(jpegs)))
+            pool_pids = {p.pid for pool in pools.values() for p in pool._pool}
+            for setting in settings:
+                name = "{}_{}_workers_{}_{}".format(*setting)
+                keep(name, *loader_epoch(folder, args, setting, pool_pids))
     finally:
         for pool in pools.values():
             pool.terminate()
-    return best
+    return rates, cpus
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,21 +191,29 @@ def run(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         jpegs = build_rec(Path(tmp), args.images, args.classes)
-        rates = measure(Path(tmp), jpegs, args)
+        rates, cpus = measure(Path(tmp), jpegs, args)
     floor = rates[f"decode_{args.cores}_cores"]
     workers = args.workers.split(",")
-    top = max(workers, key=int)
+    top = f"sequential_{max(workers, key=int)}_workers"
     result = {
         "images": args.images,
         "mean_jpeg_bytes": round(sum(map(len, jpegs)) / len(jpegs)),
         "batch_size": args.batch_size,
         "images_per_s": {k: round(v) for k, v in rates.items()},
-        f"sequential_{top}_workers_vs_{args.cores}_core_decode": {
-            cache: round(rates[f"sequential_{top}_workers_{cache}"] / floor, 3)
-            for cache in ("cold", "cached")
+        "cpu_us_per_image": {k: round(v * 1e6, 1) for k, v in cpus.items()},
+        f"{top}_vs_{args.cores}_core_decode": {
+            out: round(rates[f"{top}_{out}"] / floor, 3)
+            for out in ("cold_host", "cached_host", "cached_float")
+        },
+        f"decode_cpu_vs_{top}_cpu": {
+            out: round(cpus["decode_1_cores"] / cpus[f"{top}_{out}"], 3)
+            for out in ("cold_host", "cached_host", "cached_float")
         },
         "random_vs_sequential_cold": {
-            w: round(rates[f"random_{w}_workers_cold"] / rates[f"sequential_{w}_workers_cold"], 3)
+            w: round(
+                rates[f"random_{w}_workers_cold_host"] / rates[f"sequential_{w}_workers_cold_host"],
+                3,
+            )
             for w in workers
         },
         "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],

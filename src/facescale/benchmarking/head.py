@@ -17,6 +17,7 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -75,8 +76,14 @@ def run(args: argparse.Namespace) -> int:
     import torch.multiprocessing as mp
 
     lean = (args.mode or ("lean" if args.kind == "partial_fc" else "dropin")) == "lean"
+    problem = None
     if args.world < 1 or args.steps < 1 or args.warmup < 0:
-        raise ValueError("--world and --steps must be >= 1 and --warmup >= 0")
+        problem = "--world and --steps must be >= 1 and --warmup >= 0"
+    elif args.kind == "data_parallel" and (lean or args.sample_rate != 1):
+        problem = "--kind data_parallel takes --mode dropin and --sample-rate 1"
+    if problem:
+        print(f"facescale bench head: error: {problem}", file=sys.stderr)
+        return 2
     options = Options(
         args.kind,
         lean,

@@ -35,7 +35,7 @@ class RunSpec:
     warmup: int
     steps: int
     result_dir: str
-    memory_limit: int = 0  # bytes each CPU rank may add to its data segment; 0: no cap
+    memory_limit: int | None = None  # bytes each CPU rank may add to its data segment
     comm: bool = False  # profile the timed steps to measure time with collectives in flight
 
     def save(self, path: Path) -> None:
@@ -103,9 +103,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 def communication_seconds(events: Any) -> float:
     """Wall time during which at least one collective was in flight (union of intervals)."""
     spans = sorted(
-        (e.time_range.start, e.time_range.end)
-        for e in events
-        if e.name.startswith(COMM_PREFIXES)
+        (e.time_range.start, e.time_range.end) for e in events if e.name.startswith(COMM_PREFIXES)
     )
     total, end = 0.0, float("-inf")
     for lo, hi in spans:
@@ -115,14 +113,14 @@ def communication_seconds(events: Any) -> float:
     return total / 1e6  # microseconds
 
 
-def _fit(trainer: Any, stop_step: int, comm: bool) -> tuple[float, float | None]:
-    """Run the trainer up to ``stop_step``; wall seconds, and seconds with communication
-    in flight when ``comm``."""
+def _fit(trainer: Any, stop_step: int) -> None:
     trainer.cfg.stop_step = stop_step
-    if not comm:
-        started = time.perf_counter()
-        trainer.fit()
-        return time.perf_counter() - started, None
+    trainer.fit()
+
+
+def _profiled_fit(trainer: Any, stop_step: int) -> tuple[float, float]:
+    """Run up to ``stop_step`` under the profiler: wall seconds, and seconds during which a
+    collective was in flight."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -130,13 +128,13 @@ def _fit(trainer: Any, stop_step: int, comm: bool) -> tuple[float, float | None]
         activities.append(ProfilerActivity.CUDA)
     started = time.perf_counter()
     with profile(activities=activities) as prof:
-        trainer.fit()
-    wall = time.perf_counter() - started
-    return wall, communication_seconds(prof.events())
+        _fit(trainer, stop_step)
+    return time.perf_counter() - started, communication_seconds(prof.events())
 
 
 def measure(spec: RunSpec, env: Any) -> dict[str, Any]:
-    """Build the trainer, run warm-up then timed steps; this rank's figures."""
+    """Build the trainer, run warm-up then timed steps (then profiled steps with ``comm``);
+    this rank's figures."""
     from facescale.config import load_config
     from facescale.train.trainer import Trainer
 
@@ -144,7 +142,8 @@ def measure(spec: RunSpec, env: Any) -> dict[str, Any]:
     memory = PeakMemory(env.device)
     memory.start()
     trainer = Trainer(cfg, env)
-    needed = spec.warmup + spec.steps
+    timed_end = spec.warmup + spec.steps
+    needed = timed_end + (spec.steps if spec.comm else 0)
     if trainer.steps_per_epoch <= needed:
         raise ValueError(
             f"rec={cfg.rec}: an epoch is {trainer.steps_per_epoch} steps of {cfg.batch_size} "
@@ -152,17 +151,18 @@ def measure(spec: RunSpec, env: Any) -> dict[str, Any]:
             "use a larger record file or fewer --steps/--warmup"
         )
     trainer.save = lambda: None  # a benchmark keeps no checkpoints (stop_step would write one)
-    _fit(trainer, spec.warmup, comm=False)
+    _fit(trainer, spec.warmup)
     trainer.timings = dict.fromkeys(trainer.timings, 0.0)
-    wall, comm = _fit(trainer, needed, spec.comm)
-    return {
+    _fit(trainer, timed_end)
+    result = {
         "rank": env.rank,
         "timings": dict(trainer.timings),
-        "wall_s": wall,
-        "comm_s": comm,
         "threads": torch.get_num_threads(),
         **memory.peak(),
     }
+    if spec.comm:
+        result["profiled_s"], result["comm_s"] = _profiled_fit(trainer, needed)
+    return result
 
 
 def _write(path: Path, value: Any) -> None:
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = RunSpec.load(Path(args[0]))
     folder = Path(spec.result_dir)
     env = init_distributed()
-    if env.device.type == "cpu" and spec.memory_limit:
+    if env.device.type == "cpu" and spec.memory_limit is not None:
         cap_memory(spec.memory_limit)
     try:
         mine = measure(spec, env)

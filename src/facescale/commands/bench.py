@@ -10,7 +10,7 @@ import argparse
 
 from facescale.commands import add_module_commands
 
-BENCHMARKS: tuple[str, ...] = ("backbone", "data", "tarfar", "head")
+BENCHMARKS: tuple[str, ...] = ("backbone", "data", "tarfar", "head", "train")
 
 HELP = "measure speed and memory (" + ", ".join(BENCHMARKS) + ")"
 

@@ -107,9 +107,15 @@ def replace_bad(images: np.ndarray, labels: np.ndarray, bad: dict[int, str]) -> 
     images[slots], labels[slots] = images[donors], labels[donors]
 
 
+# One float32 step below 1/127.5, so that 255 maps to 1 - 1.2e-7 and never past 1.
+PIXEL_SCALE = float(np.nextafter(np.float32(1 / 127.5), np.float32(0)))
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B,3,H,W] -> float32 in [-1, 1], as arcface_torch's Normalize(mean=0.5, std=0.5).
 
-    ``(x - 127.5) / 127.5`` is exact before its final rounding, so 0 and 255 give -1 and 1.
+    ``x * scale - 1`` in one pass over the converted pixels; within 1.2e-7 of the exact value.
     """
-    return images.to(torch.float32).sub_(127.5).div_(127.5)
+    pixels = images.to(torch.float32)
+    minus_one = torch.tensor(-1.0, device=images.device)
+    return torch.add(minus_one, pixels, alpha=PIXEL_SCALE, out=pixels)

@@ -150,7 +150,7 @@ def _shuffled_payloads(
     paths = [tmp / f"bucket{b:05d}" for b in range(buckets)]
     handles = [open(p, "wb") for p in paths]  # noqa: SIM115 (closed below)
     try:
-        targets = rng.integers(0, buckets, size=len(keys))
+        targets = rng.integers(0, buckets, size=len(keys), dtype=np.int32)
         for i, (_, payload) in enumerate(_image_payloads(rec, keys, "spread", progress)):
             _write_spill(handles[targets[i]], payload)
     finally:

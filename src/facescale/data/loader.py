@@ -86,6 +86,25 @@ class TrainLoader:
         return self._workers
 
     def __iter__(self) -> Iterator[Batch]:
+        batches = self._host_stream()
+        if self.device.type == "cuda":
+            batches = _cuda_prefetch(batches, self.device)
+        else:
+            batches = ((normalize(images), labels) for images, labels in batches)
+        for batch in batches:
+            self._position += 1
+            yield batch
+
+    def host_batches(self) -> Iterator[Batch]:
+        """The same batches as iterating, before the device step: uint8 [B,3,112,112] images
+        and int64 labels on the host. The images are valid until the next batch is asked
+        for (worker processes reuse their memory): copy them to keep them."""
+        for batch in self._host_stream():
+            self._position += 1
+            yield batch
+
+    def _host_stream(self) -> Iterator[Batch]:
+        """Batches from the workers; each one's memory is released when the next is asked for."""
         start, self._start = self._start, 0
         self._position = start
         tasks = self._tasks
@@ -93,19 +112,20 @@ class TrainLoader:
             tasks.plan = self.order.epoch(self.epoch)
         tasks.pass_id, tasks.start, tasks.stop = tasks.pass_id + 1, start, len(self)
         self.maker.progress.publish(tasks.pass_id, start)
-        if self.device.type == "cuda":
-            batches = _cuda_prefetch(self._batches(), self.device)
-        else:
-            batches = _host_batches(self._batches(), self.maker.ring_size * self.num_workers)
-        for images, labels, skipped in batches:
-            self._position += 1
-            self.maker.progress.publish(tasks.pass_id, self._position)  # copied out
+        mapped: deque[torch.Tensor] = deque(maxlen=self.maker.ring_size * self.num_workers)
+        for done, (images, labels, skipped) in enumerate(self._batches(), start + 1):
             if skipped:
                 self.skipped += len(skipped)
                 log.warning(
                     "skipped %d bad records (%d so far): %s", len(skipped), self.skipped, skipped[0]
                 )
-            yield images, labels
+            mapped.append(images)  # keeps the worker buffers mapped here: no remapping
+            yield images, torch.from_numpy(labels)
+            self.maker.progress.publish(tasks.pass_id, done)  # the consumer has moved on
+
+    def close(self) -> None:
+        """Stop the worker processes now; the next iteration starts new ones."""
+        self._workers = None
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch, the batches already yielded in it, and what the order depends on."""
@@ -141,26 +161,17 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
-def _host_batches(batches: Iterable, keep: int) -> Iterator:
-    """Normalise on the CPU; the last ``keep`` worker buffers stay mapped, so reusing them
-    costs no new mapping."""
-    mapped: deque[torch.Tensor] = deque(maxlen=keep)
-    for images, labels, skipped in batches:
-        mapped.append(images)
-        yield normalize(images), torch.from_numpy(labels), skipped
-
-
 def _cuda_prefetch(batches: Iterable, device: torch.device) -> Iterator:
     """Copy and normalise batch j+1 on a side stream while batch j is in use."""
     stream = torch.cuda.Stream(device)
     pending = None
-    for images, labels, skipped in batches:
+    for images, labels in batches:
         with torch.cuda.stream(stream):
             images = normalize(images.to(device, non_blocking=True))
-            labels = torch.from_numpy(labels).to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
         if pending is not None:
             yield _hand_over(pending, stream)
-        pending = (images, labels, skipped)
+        pending = (images, labels)
     if pending is not None:
         yield _hand_over(pending, stream)
 

@@ -101,12 +101,17 @@ class ChunkedSoftmax:
         return centers, logits.detach(), slope
 
     def forward(
-        self, weight: Tensor, embeddings: Tensor, sel: ShardSelection, embedding_grad: bool
+        self,
+        weight: Tensor,
+        embeddings: Tensor,
+        sel: ShardSelection,
+        embedding_grad: bool,
+        scratch: Scratch,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """``(loss, lse, target_coef, grad)``: the mean loss over the global batch and, with
         ``embedding_grad``, its gradient to this shard's part of ``embeddings``."""
         rows, batch = sel.target_rows, embeddings.shape[0]
-        scaled, scratch = self.scale(embeddings), Scratch()
+        scaled = self.scale(embeddings)
         target_centers, local_target, slope = self._targets(weight, embeddings, sel)
         target = sum_across_ranks(embeddings.new_zeros(batch).index_copy_(0, rows, local_target))
         top = embeddings.new_full((batch,), float("-inf"))
@@ -170,8 +175,10 @@ def shard_rows(index: Tensor | None, lo: int, hi: int) -> Rows:
 
 class _LeanLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, embeddings, weight, sel, softmax, record, embedding_grad):
-        loss, lse, target_coef, grad = softmax.forward(weight, embeddings, sel, embedding_grad)
+    def forward(ctx, embeddings, weight, sel, softmax, record, embedding_grad, scratch):
+        loss, lse, target_coef, grad = softmax.forward(
+            weight, embeddings, sel, embedding_grad, scratch
+        )
         ctx.grad, ctx.record = grad, record
         ctx.micro_batch = (embeddings.detach(), softmax.scale(embeddings), lse, sel, target_coef)
         return loss
@@ -181,7 +188,7 @@ class _LeanLoss(torch.autograd.Function):
         embeddings = ctx.micro_batch[0]
         ctx.record(MicroBatch(*ctx.micro_batch, scale=upstream.item() / embeddings.shape[0]))
         grad = None if ctx.grad is None else ctx.grad * upstream
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def lean_loss(
@@ -190,6 +197,7 @@ def lean_loss(
     sel: ShardSelection,
     softmax: ChunkedSoftmax,
     record: Callable[[MicroBatch], None],
+    scratch: Scratch,
 ) -> Tensor:
     """Mean loss over the global batch; its backward passes a :class:`MicroBatch` to ``record``.
 
@@ -197,8 +205,8 @@ def lean_loss(
     recorded; embeddings that do not require grad still let the centers learn.
     """
     if not torch.is_grad_enabled():
-        return softmax.forward(weight, embeddings, sel, embedding_grad=False)[0]
+        return softmax.forward(weight, embeddings, sel, False, scratch)[0]
     embedding_grad = embeddings.requires_grad
     if not embedding_grad:
         embeddings = embeddings.detach().requires_grad_()
-    return _LeanLoss.apply(embeddings, weight, sel, softmax, record, embedding_grad)
+    return _LeanLoss.apply(embeddings, weight, sel, softmax, record, embedding_grad, scratch)

@@ -82,6 +82,7 @@ class PartialFC(nn.Module):
         self.optimizer_steps = 0
         self._pending: list[MicroBatch] = []
         self._last_index: Tensor | None = None
+        self._scratch = Scratch()  # lean mode's chunk buffers, kept from step to step
 
     # ---- forward -----------------------------------------------------------------------
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -92,7 +93,12 @@ class PartialFC(nn.Module):
             self._last_index = sel.index
             if self.lean:
                 return lean_loss(
-                    batch.embeddings, self.weight, sel, self.softmax, self._pending.append
+                    batch.embeddings,
+                    self.weight,
+                    sel,
+                    self.softmax,
+                    self._pending.append,
+                    self._scratch,
                 )
             return self._dense_loss(batch.embeddings, sel)
 
@@ -148,11 +154,12 @@ class PartialFC(nn.Module):
         have no gradient and are not yielded.
         """
         self._require_lean("center_grad_chunks")
-        for rows, _, grad in self._center_grads(Scratch()):
+        for rows, _, grad in self._center_grads():
             yield rows, grad.clone()
 
-    def _center_grads(self, scratch: Scratch) -> Iterator[tuple[Rows, Tensor, Tensor]]:
-        """``(rows, center rows, gradient)`` per chunk; the last two live in ``scratch``."""
+    def _center_grads(self) -> Iterator[tuple[Rows, Tensor, Tensor]]:
+        """``(rows, center rows, gradient)`` per chunk; the last two live in scratch buffers."""
+        scratch = self._scratch
         index = _union([mb.index for mb in self._pending]) if self._pending else None
         count = 0 if not self._pending else self.num_local if index is None else index.numel()
         for lo, hi in self.softmax.chunks(count):
@@ -180,7 +187,7 @@ class PartialFC(nn.Module):
         """Squared L2 norm of this rank's accumulated center gradient (for global clipping)."""
         self._require_lean("grad_norm_sq")
         total = self.weight.new_zeros((), dtype=torch.float64)
-        for _, _, grad in self._center_grads(Scratch()):
+        for _, _, grad in self._center_grads():
             total += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
         return total.float()
 
@@ -197,11 +204,12 @@ class PartialFC(nn.Module):
         lr = optimizer.lr if lr is None else lr
         self.optimizer_steps += 1
         tables = {name: getattr(self, name) for name in optimizer.state_names}
-        scratch = Scratch()
-        for rows, block, grad in self._center_grads(scratch):
+        for rows, block, grad in self._center_grads():
             if grad_scale != 1.0:
                 grad.mul_(grad_scale)
-            state = {name: scratch.rows_of(name, table, rows) for name, table in tables.items()}
+            state = {
+                name: self._scratch.rows_of(name, table, rows) for name, table in tables.items()
+            }
             optimizer.update(block, state, grad, lr, self.optimizer_steps)
             write_rows(self.weight, rows, block)
             for name, table in tables.items():

@@ -16,6 +16,8 @@ from torch import Tensor
 from torch.optim.adamw import adamw as torch_adamw
 from torch.optim.sgd import sgd as torch_sgd
 
+_SGD_DEFAULTS = {"weight_decay": 0.0, "dampening": 0.0, "nesterov": False, "maximize": False}
+
 
 @functools.cache
 def fused_kwargs(device_type: str) -> dict[str, bool]:
@@ -30,9 +32,6 @@ def fused_kwargs(device_type: str) -> dict[str, bool]:
     except (RuntimeError, NotImplementedError):
         return {}
     return {"fused": True}
-
-
-_SGD_DEFAULTS = {"weight_decay": 0.0, "dampening": 0.0, "nesterov": False, "maximize": False}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ Rows = slice | Tensor  # a contiguous range of rows, or sorted row ids
 
 @dataclass
 class Scratch:
-    """Buffers reused by every chunk of a pass, instead of fresh (page-faulting) allocations."""
+    """Buffers reused by every chunk and every step, instead of fresh (page-faulting)
+    allocations; they hold ``O(chunk x dim)`` memory."""
 
     buffers: dict[str, Tensor] = field(default_factory=dict)
 
@@ -21,7 +22,11 @@ class Scratch:
         """An uninitialised ``shape`` tensor of ``like``'s dtype and device, named ``name``."""
         numel = math.prod(shape)
         buffer = self.buffers.get(name)
-        if buffer is None or buffer.numel() < numel:
+        if (
+            buffer is None
+            or buffer.numel() < numel
+            or (buffer.dtype, buffer.device) != (like.dtype, like.device)
+        ):
             buffer = self.buffers[name] = like.new_empty(numel)
         return buffer[:numel].view(shape)
 

@@ -1,0 +1,375 @@
+"""Predict one rank's peak training memory for a config, and what would make it fit.
+
+The peak of a step is the memory held between steps (backbone parameters and optimizer
+state, DDP's gradient buckets, this rank's class centers and their optimizer state) plus
+the largest of the step's phases: the backbone's forward, the head's forward and backward
+(while the backbone's activations are alive), the backbone's backward, the optimizer.
+
+* Backbone: traced on the meta device (no memory used) by counting the bytes of every
+  tensor alive at each moment of two training steps (:class:`LiveTensorBytes`).
+* Head: closed forms in the bytes of one copy of the rank's centers, read off the head's
+  code and checked against a traced real step in the tests.
+* CPU only: the allocator keeps part of the freed activation memory resident, and the
+  runtime (threads, oneDNN scratch, gloo) adds a fixed amount; both constants were measured
+  with `facescale bench train` (docs/benchmarks_and_planning.md).
+
+:func:`estimate` gives the prediction; :func:`fits`, :func:`largest_num_classes`,
+:func:`largest_sample_rate` and :func:`largest_batch_size` answer the planning questions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from facescale.config import Config
+
+FLOAT_BYTES = 4  # centers, their optimizer state and backbone parameters are float32
+# CPU: share of the backbone's activation bytes that glibc keeps resident after freeing
+# them, and the resident growth of a rank's runtime (threads, oneDNN scratch, gloo buffers);
+# fitted to `facescale bench train` peaks (docs/benchmarks_and_planning.md).
+CPU_RETAINED_SHARE = 0.2
+CPU_RUNTIME_BYTES = 190 * 2**20
+# What a process holds before training starts, outside the predicted growth: Python, torch
+# and the process group on CPU (measured); the CUDA context and allocator slack on a GPU.
+PROCESS_BYTES = {"cpu": 450 * 2**20, "cuda": 1 * 2**30}
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '80GiB', '80GB', '512MiB', '1.5T' or '1000000' (B/iB units, case-free)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if not match or (match.group(3) and not match.group(2)):
+        raise ValueError(f"memory size {text!r}: expected a number with a unit, e.g. 80GiB")
+    number, prefix, binary = match.groups()
+    scale = 1024 ** "kmgt".index(prefix) * 1024 if binary else _UNITS[prefix]
+    return int(float(number) * scale)
+
+
+def format_size(count: float) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """While active, the bytes of every tensor storage that an operation created and that
+    is still alive: ``live`` now, and ``timeline``, its value after each operation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.timeline: list[int] = []
+        self._seen: set[int] = set()
+
+    def _freed(self, key: int, size: int) -> None:
+        self.live -= size
+        self._seen.discard(key)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_leaves(out):
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                key = id(storage)
+                if key not in self._seen:
+                    self._seen.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._freed, key, storage.nbytes())
+        self.timeline.append(self.live)
+        return out
+
+
+# ---- the backbone ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackboneTrace:
+    """Bytes of one training step of the backbone; phases are counted above ``state``."""
+
+    parameters: int  # number of parameters
+    state: int  # held between steps: parameters, buffers, optimizer state
+    forward: int  # peak during forward
+    activations: int  # alive when forward ends (saved for backward, and the output)
+    backward: int  # peak during backward
+    gradients: int  # alive when backward ends
+    step: int  # peak during the optimizer step
+
+
+STEP_PHASES = ("forward", "backward", "step")
+TRACED_BATCHES = (2, 4)
+
+
+def trace_backbone(cfg: Config) -> BackboneTrace:
+    """``cfg``'s backbone training step at ``cfg.batch_size`` images per rank.
+
+    Every tensor of a step has a size affine in the batch, and the sequence of operations
+    does not depend on it, so the live bytes after each operation, traced at two small
+    batches, give them exactly at any batch; the peaks are the maxima of those lines.
+    """
+    key = (
+        cfg.network,
+        cfg.embedding_size,
+        cfg.dropout,
+        cfg.gradient_checkpointing,
+        cfg.channels_last,
+        cfg.optimizer,
+        cfg.momentum,
+    )
+    (parameters, state, small), (_, _, large) = (_trace_step(*key, b) for b in TRACED_BATCHES)
+    lo, hi = TRACED_BATCHES
+    lines = {p: small[p] + (large[p] - small[p]) * (cfg.batch_size - lo) / (hi - lo) for p in small}
+    return BackboneTrace(
+        parameters=parameters,
+        state=state,
+        forward=round(lines["forward"].max()),
+        activations=round(lines["forward"][-1]),
+        backward=round(lines["backward"].max()),
+        gradients=round(lines["backward"][-1]),
+        step=round(lines["step"].max()),
+    )
+
+
+@functools.cache
+def _trace_step(
+    network: str,
+    embedding_size: int,
+    dropout: float,
+    gradient_checkpointing: bool | None,
+    channels_last: bool,
+    optimizer: str,
+    momentum: float,
+    batch: int,
+) -> tuple[int, int, dict[str, np.ndarray]]:
+    """Parameters, bytes held between steps, and per phase the live bytes above those after
+    each operation, of a second training step (the first creates the optimizer state)."""
+    from facescale.backbones import model_from_config
+    from facescale.backbones.base import INPUT_SIZE
+    from facescale.train.trainer import make_optimizer
+
+    cfg = Config(
+        network=network,
+        embedding_size=embedding_size,
+        dropout=dropout,
+        gradient_checkpointing=gradient_checkpointing,
+        channels_last=channels_last,
+        optimizer=optimizer,
+        momentum=momentum,
+    )
+    live = LiveTensorBytes()
+    with live, torch.device("meta"):
+        model = model_from_config(cfg).train()
+        opt = make_optimizer(cfg, model.parameters())
+        for _ in range(2):
+            state, marks = live.live, [len(live.timeline)]
+            embeddings = model(torch.empty(batch, 3, INPUT_SIZE, INPUT_SIZE))
+            marks.append(len(live.timeline))
+            embeddings.sum().backward()
+            marks.append(len(live.timeline))
+            opt.step()
+            marks.append(len(live.timeline))
+            opt.zero_grad(set_to_none=True)
+            del embeddings
+    timeline = np.asarray(live.timeline, dtype=np.float64) - state
+    phases = {
+        name: timeline[start:stop]
+        for name, start, stop in zip(STEP_PHASES, marks[:-1], marks[1:], strict=True)
+    }
+    return sum(p.numel() for p in model.parameters()), state, phases
+
+
+# ---- the head --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeadMemory:
+    """Bytes of this rank's classification layer: held between steps, and the extra
+    transient bytes of each phase of a step."""
+
+    state: int
+    forward: int
+    backward: int
+    retained: int  # kept from the head's backward through the backbone's backward
+    step: int
+
+
+def optimizer_states(cfg: Config) -> int:
+    """Tensors of optimizer state per parameter tensor: momentum (SGD), two moments (AdamW)."""
+    if cfg.optimizer == "adamw":
+        return 2
+    return 1 if cfg.momentum else 0
+
+
+def head_memory(cfg: Config, world_size: int) -> HeadMemory:
+    """The head of rank 0 (which holds the largest shard) for ``cfg`` on ``world_size`` ranks."""
+    from facescale.heads.partial_fc import DEFAULT_CHUNK_SIZE
+
+    d, k = cfg.embedding_size, optimizer_states(cfg)
+    if cfg.head == "data_parallel":
+        # Every rank: all centers. Forward keeps the normalised centers and the logits;
+        # backward of the normalisation holds five center-sized tensors at its peak; the
+        # dense gradient lives on to the update, which adds one temporary (two for AdamW).
+        copy = cfg.num_classes * d * FLOAT_BYTES
+        logits = cfg.batch_size * cfg.num_classes * FLOAT_BYTES
+        return HeadMemory(
+            state=(1 + k) * copy,
+            forward=copy + 3 * logits,
+            backward=5 * copy,
+            retained=copy,
+            step=(2 if k < 2 else 3) * copy,
+        )
+    # Partial FC (lean): the shard's centers and optimizer state; a step works on chunks of
+    # DEFAULT_CHUNK_SIZE classes in reused buffers, and the sampler draws a key per class.
+    local = math.ceil(cfg.num_classes / world_size)
+    sampled = cfg.sample_rate < 1
+    computed = min(local, math.ceil(cfg.sample_rate * local)) if sampled else local
+    rows = min(DEFAULT_CHUNK_SIZE, computed)
+    block = rows * d * FLOAT_BYTES
+    batch = cfg.batch_size * world_size * d * FLOAT_BYTES  # the gathered embeddings
+    logits = cfg.batch_size * world_size * rows * FLOAT_BYTES
+    sampler = (4 * local + 24 * computed) if sampled else 0  # keys, top-k and sort buffers
+    update_blocks = 2 + (1 + k if sampled else 0)  # gradient, product; copied rows and state
+    return HeadMemory(
+        state=(1 + k) * local * d * FLOAT_BYTES,
+        forward=sampler + (block if sampled else 0) + logits + 4 * batch,
+        backward=8 * batch,
+        retained=4 * batch,
+        step=update_blocks * block + logits + 4 * batch,
+    )
+
+
+# ---- the whole step --------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak memory growth of one rank over a training step, by part (bytes).
+
+    ``peak`` is what `facescale bench train` measures (growth from before the model and
+    head exist); ``required`` adds what the process holds before that.
+    """
+
+    device: str
+    backbone_parameters: int
+    backbone_state: int  # parameters, optimizer state, DDP buckets
+    head_state: int  # this rank's centers and their optimizer state
+    step_transient: int  # the largest phase of the step
+    peak_phase: str
+    runtime: int  # CPU: allocator retention and runtime scratch
+    process: int
+
+    @property
+    def peak(self) -> int:
+        return self.backbone_state + self.head_state + self.step_transient + self.runtime
+
+    @property
+    def required(self) -> int:
+        return self.peak + self.process
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "peak": self.peak, "required": self.required}
+
+
+def _reduced_precision(trace: BackboneTrace) -> BackboneTrace:
+    """fp16/bf16 autocast: the body's activations take 2 bytes instead of 4, and autocast
+    keeps a 16-bit copy of the weights through the step."""
+    weights = 2 * trace.parameters
+    return dataclasses.replace(
+        trace,
+        forward=trace.forward // 2 + weights,
+        activations=trace.activations // 2 + weights,
+        backward=(trace.backward - trace.gradients) // 2 + trace.gradients + weights,
+    )
+
+
+def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimate:
+    """Peak memory of rank 0 training ``cfg`` on ``world_size`` ranks of ``device``
+    ('cpu' or 'cuda')."""
+    if device not in PROCESS_BYTES:
+        raise ValueError(f"device {device!r}: choose 'cpu' or 'cuda'")
+    trace = trace_backbone(cfg)
+    if cfg.fp16 or cfg.bf16:
+        trace = _reduced_precision(trace)
+    head = head_memory(cfg, world_size)
+    buckets = trace.parameters * FLOAT_BYTES if world_size > 1 else 0
+    phases = {
+        "backbone forward": trace.forward,
+        "head forward": trace.activations + head.forward,
+        "head backward": trace.activations + head.backward,
+        "backbone backward": trace.backward + head.retained,
+        "optimizer": max(trace.step + head.retained, trace.gradients + head.step),
+    }
+    phase = max(phases, key=phases.__getitem__)
+    runtime = 0
+    if device == "cpu":
+        runtime = round(CPU_RETAINED_SHARE * trace.activations) + CPU_RUNTIME_BYTES
+    return MemoryEstimate(
+        device=device,
+        backbone_parameters=trace.parameters,
+        backbone_state=trace.state + buckets,
+        head_state=head.state,
+        step_transient=phases[phase],
+        peak_phase=phase,
+        runtime=runtime,
+        process=PROCESS_BYTES[device],
+    )
+
+
+# ---- planning questions ----------------------------------------------------------------
+def fits(cfg: Config, world_size: int, device: str, memory: int) -> bool:
+    """Whether a rank with ``memory`` bytes can train ``cfg``."""
+    return estimate(cfg, world_size, device).required <= memory
+
+
+def _largest(lo: int, hi: int, ok: Any) -> int | None:
+    """The largest integer in [lo, hi] for which ``ok`` holds (``ok`` monotone: true, then
+    false), or None."""
+    if not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def largest_num_classes(
+    cfg: Config, world_size: int, device: str, memory: int, limit: int = 10**10
+) -> int | None:
+    """The most identities ``cfg`` can train with (None: not even one)."""
+
+    def ok(count: int) -> bool:
+        return fits(dataclasses.replace(cfg, num_classes=count), world_size, device, memory)
+
+    return _largest(1, limit, ok)
+
+
+def largest_sample_rate(
+    cfg: Config, world_size: int, device: str, memory: int, step: float = 0.01
+) -> float | None:
+    """The largest Partial FC sample rate (a multiple of ``step``) that fits, or None."""
+
+    def ok(units: int) -> bool:
+        rate = min(1.0, units * step)
+        return fits(
+            dataclasses.replace(cfg, head="partial_fc", sample_rate=rate),
+            world_size,
+            device,
+            memory,
+        )
+
+    found = _largest(1, round(1 / step), ok)
+    return None if found is None else min(1.0, found * step)
+
+
+def largest_batch_size(
+    cfg: Config, world_size: int, device: str, memory: int, limit: int = 4096
+) -> int | None:
+    """The largest batch size per rank that fits, or None."""
+
+    def ok(batch: int) -> bool:
+        return fits(dataclasses.replace(cfg, batch_size=batch), world_size, device, memory)
+
+    return _largest(1, limit, ok)

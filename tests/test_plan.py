@@ -1,0 +1,219 @@
+"""The memory planner: its traces against real-device steps, its head formulas against traced
+head steps on 1 and 2 ranks, its planning answers, and `facescale plan`."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from dist_utils import run_ranks
+
+from facescale import plan
+from facescale.backbones import model_from_config
+from facescale.config import Config
+from facescale.heads import CombinedMargin, build_head
+from facescale.train.trainer import ReplicatedHeadUpdate, make_optimizer
+
+MIB = 2**20
+
+
+def test_parse_size_reads_binary_and_decimal_units():
+    assert plan.parse_size("80GiB") == 80 * 2**30
+    assert plan.parse_size("24GB") == 24 * 10**9
+    assert plan.parse_size("512 MiB") == 512 * 2**20
+    assert plan.parse_size("1.5t") == 1_500_000_000_000
+    assert plan.parse_size("4096") == 4096
+    for bad in ("", "GiB", "12 apples", "5iB", "-3GB"):
+        with pytest.raises(ValueError, match="expected a number with a unit"):
+            plan.parse_size(bad)
+
+
+def test_live_tensor_bytes_counts_storages_until_freed():
+    live = plan.LiveTensorBytes()
+    with live:
+        a = torch.zeros(1000)  # 4000 bytes
+        view = a[10:20]  # a view: no new storage
+        b = torch.ones(500, dtype=torch.float64)  # 4000 bytes
+        assert live.live == 8000
+        del a
+        assert live.live == 8000  # the view keeps the storage alive
+        del view
+        assert live.live == 4000
+        c = torch.cat([b, b])  # 8000 bytes
+        del b, c
+    assert live.live == 0
+    assert max(live.timeline) == 12000  # b and c alive together
+
+
+def _real_step_timeline(cfg: Config) -> tuple[int, dict[str, np.ndarray]]:
+    """The reference: two real CPU training steps of the backbone, live bytes per operation."""
+    live = plan.LiveTensorBytes()
+    with live:
+        model = model_from_config(cfg).train()
+        opt = make_optimizer(cfg, model.parameters())
+        for _ in range(2):
+            state, marks = live.live, [len(live.timeline)]
+            embeddings = model(torch.randn(cfg.batch_size, 3, 112, 112))
+            marks.append(len(live.timeline))
+            embeddings.sum().backward()
+            marks.append(len(live.timeline))
+            opt.step()
+            marks.append(len(live.timeline))
+            opt.zero_grad(set_to_none=True)
+            del embeddings
+    line = np.asarray(live.timeline, dtype=np.float64) - state
+    spans = itertools.pairwise(marks)
+    return state, {p: line[a:b] for p, (a, b) in zip(plan.STEP_PHASES, spans, strict=True)}
+
+
+def test_meta_trace_equals_a_real_cpu_step_and_interpolates_exactly_in_batch():
+    cfg = Config(network="mbf", batch_size=3)
+    state, real = _real_step_timeline(cfg)
+    trace = plan.trace_backbone(cfg)  # from meta traces at batches 2 and 4
+    assert trace.state == state
+    assert trace.forward == real["forward"].max()
+    assert trace.activations == real["forward"][-1]
+    assert trace.backward == real["backward"].max()
+    assert trace.gradients == real["backward"][-1]
+    assert trace.step == real["step"].max()
+    assert trace.parameters == sum(p.numel() for p in model_from_config(cfg).parameters())
+
+
+def _head_step_phases(cfg: Config, world: int) -> dict[str, int]:
+    """The reference: bytes of a real head step as the trainer runs it (forward, backward,
+    gradient norm, update), the second of two, measured with a live-tensor trace."""
+    lean = cfg.head == "partial_fc"
+    live = plan.LiveTensorBytes()
+    with live:
+        head = build_head(
+            cfg.head, cfg.num_classes, cfg.embedding_size, CombinedMargin(64, 1, 0.5, 0),
+            sample_rate=cfg.sample_rate, lean=lean,
+        )  # fmt: skip
+        if lean:
+            head.configure_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+            update = head
+        else:
+            update = ReplicatedHeadUpdate(head, cfg, world)
+        for _ in range(2):
+            x = torch.randn(cfg.batch_size, cfg.embedding_size, requires_grad=True)
+            labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,))
+            state, marks = live.live, [len(live.timeline)]
+            loss = head(x, labels)
+            marks.append(len(live.timeline))
+            loss.backward()
+            marks.append(len(live.timeline))
+            retained = live.live - state
+            update.grad_norm_sq()
+            update.step(0.1)
+            update.zero_grad()
+            marks.append(len(live.timeline))
+            del loss, x
+        state -= cfg.batch_size * cfg.embedding_size * 4  # the input is not the head's
+    peaks = [max(live.timeline[a:b]) for a, b in itertools.pairwise(marks)]
+    phases = dict(zip(plan.STEP_PHASES, peaks, strict=True))
+    return {"state": state, "retained": retained, **{k: v - state for k, v in phases.items()}}
+
+
+HEAD_CASES = [
+    {"head": "data_parallel"},
+    {"head": "data_parallel", "optimizer": "adamw"},
+    {"head": "partial_fc"},
+    {"head": "partial_fc", "sample_rate": 0.1},
+    {"head": "partial_fc", "sample_rate": 0.1, "optimizer": "adamw"},
+    {"head": "partial_fc", "batch_size": 256, "num_classes": 2000},
+]
+
+
+def _assert_close(traced: dict[str, int], formula: plan.HeadMemory, context: str) -> None:
+    for key, value in traced.items():
+        expected = getattr(formula, key)
+        # within 2% of the phase, and 1.5 MiB for the input and small per-batch vectors
+        assert abs(expected - value) <= 0.02 * value + 1.5 * MIB, (context, key, value, expected)
+
+
+@pytest.mark.parametrize("case", HEAD_CASES, ids=lambda c: "-".join(map(str, c.values())))
+def test_head_formula_matches_a_traced_head_step(case):
+    torch.manual_seed(0)
+    cfg = Config(**{"num_classes": 40_000, "batch_size": 32, **case})
+    _assert_close(_head_step_phases(cfg, 1), plan.head_memory(cfg, 1), str(case))
+
+
+TWO_RANK_CASES = [
+    {"head": "data_parallel", "num_classes": 30_001, "batch_size": 16},
+    {"head": "partial_fc", "num_classes": 60_001, "batch_size": 16, "sample_rate": 0.2},
+]
+
+
+def _rank_head_phases(rank: int, world: int) -> list[dict[str, int]]:
+    torch.manual_seed(rank)
+    return [_head_step_phases(Config(**case), world) for case in TWO_RANK_CASES]
+
+
+def test_head_formula_holds_on_each_of_two_ranks():
+    by_rank = run_ranks(_rank_head_phases, 2)
+    for case, rank0, rank1 in zip(TWO_RANK_CASES, *by_rank, strict=True):
+        # rank 0 holds the larger shard (30,001 of 60,001 classes): the formula's rank
+        _assert_close(rank0, plan.head_memory(Config(**case), 2), f"{case} rank 0")
+        assert rank1["state"] <= rank0["state"]
+
+
+def test_estimate_adds_state_and_the_largest_phase():
+    cfg = Config(network="mbf", batch_size=8, num_classes=100_000, head="partial_fc")
+    cpu, cuda = plan.estimate(cfg, 4, "cpu"), plan.estimate(cfg, 4, "cuda")
+    assert cpu.head_state == 2 * 25_000 * 512 * 4  # centers + momentum of one shard
+    trace = plan.trace_backbone(cfg)
+    assert cuda.backbone_state == trace.state + 4 * trace.parameters  # + DDP buckets
+    assert plan.estimate(cfg, 1, "cuda").backbone_state == trace.state
+    assert cuda.runtime == 0 and cpu.runtime > plan.CPU_RUNTIME_BYTES
+    assert cpu.peak == cpu.backbone_state + cpu.head_state + cpu.step_transient + cpu.runtime
+    assert cpu.required == cpu.peak + plan.PROCESS_BYTES["cpu"]
+    dp = plan.estimate(dataclasses.replace(cfg, head="data_parallel"), 4, "cuda")
+    assert dp.peak_phase == "head backward"  # five center-sized temporaries at once
+    assert dp.head_state == 2 * 100_000 * 512 * 4
+    fp16 = plan.estimate(dataclasses.replace(cfg, fp16=True), 4, "cuda")
+    assert fp16.step_transient < cuda.step_transient
+
+
+def test_planning_answers_are_the_largest_that_fit():
+    cfg = Config(network="mbf", batch_size=16, num_classes=1_000_000, head="data_parallel")
+    memory, world = 6 * 2**30, 2
+    assert not plan.fits(cfg, world, "cuda", memory)
+    most = plan.largest_num_classes(cfg, world, "cuda", memory)
+    assert plan.fits(dataclasses.replace(cfg, num_classes=most), world, "cuda", memory)
+    assert not plan.fits(dataclasses.replace(cfg, num_classes=most + 1), world, "cuda", memory)
+    rate = plan.largest_sample_rate(cfg, world, "cuda", memory)
+    assert rate == 1.0  # the sharded head fits where the replicated one does not
+    pfc = dataclasses.replace(cfg, head="partial_fc", num_classes=2_000_000)
+    batch = plan.largest_batch_size(pfc, world, "cuda", memory)
+    assert plan.fits(dataclasses.replace(pfc, batch_size=batch), world, "cuda", memory)
+    assert not plan.fits(dataclasses.replace(pfc, batch_size=batch + 1), world, "cuda", memory)
+    assert plan.largest_batch_size(pfc, world, "cuda", 4 * 2**30) is None  # centers: 3.8 GiB
+
+
+def test_plan_command_prints_one_json_object(capsys):
+    from facescale.cli import main
+
+    args = ["plan", "--set", "network=mbf", "--set", "num_classes=2000000"]
+    args += ["--set", "batch_size=32", "--devices", "2", "--device-memory", "8GiB", "--json"]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["device"] == "cuda" and report["device_memory"] == 8 * 2**30
+    assert report["fits"] is True
+    assert report["estimate"]["head_state"] == 2 * 1_000_000 * 512 * 4
+    assert report["largest_num_classes"] > 2_000_000
+    assert report["largest_batch_size"] >= 32
+
+
+def test_plan_command_explains_bad_memory_sizes(capsys):
+    from facescale.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["plan", "--set", "network=mbf", "--device-memory", "lots"])
+    assert done.value.code == 2
+    assert "memory size 'lots'" in capsys.readouterr().err
