@@ -14,8 +14,8 @@ HELP = "generate synthetic faces, train on 2 ranks, verify on unseen identities,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="work_dirs/demo", help="folder for every output")
     parser.add_argument("--ranks", type=int, default=2, help="training processes (torchrun)")
-    parser.add_argument("--identities", type=int, default=400, help="training identities")
-    parser.add_argument("--images-per-identity", type=int, default=16)
+    parser.add_argument("--identities", type=int, default=300, help="training identities")
+    parser.add_argument("--images-per-identity", type=int, default=12)
     add_overrides_argument(parser, "override a key of the demo's training config (configs/demo.py)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 

@@ -68,8 +68,8 @@ def write_heldout_bin(
 
 def make_demo_data(
     folder: Path,
-    num_classes: int = 400,
-    per_identity: int = 16,
+    num_classes: int = 300,
+    per_identity: int = 12,
     heldout_identities: int = 100,
     num_pairs: int = 1200,
     seed: int = 0,

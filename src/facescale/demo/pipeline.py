@@ -62,8 +62,8 @@ def train_command(ranks: int, overrides: list[str]) -> list[str]:
 def run_demo(
     output: Path,
     ranks: int = 2,
-    identities: int = 400,
-    per_identity: int = 16,
+    identities: int = 300,
+    per_identity: int = 12,
     extra: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run every stage and return the summary; raises if a stage fails."""
