@@ -7,8 +7,11 @@ import json
 import math
 
 import pytest
+import torch
+from torch import nn
 
 from facescale.backbones import get_model, model_info
+from facescale.backbones.info import flop_counter
 from facescale.cli import main
 
 # arcface_torch's published fp32 parameter sizes (MiB) and GFLOPs (multiply-adds), 112x112.
@@ -81,6 +84,16 @@ def test_meta_device_count_equals_a_real_model():
     assert model_info("r18").trainable_parameters == model_info("r18").parameters - 512
 
 
+@pytest.mark.parametrize("groups", [1, 64])
+def test_training_count_charges_each_convolution_gradient_one_forward(groups):
+    conv = nn.Conv2d(64, 64, 3, padding=1, groups=groups, bias=False)
+    images = torch.randn(2, 64, 28, 28, requires_grad=True)
+    with flop_counter() as counter:
+        conv(images).sum().backward()
+    forward_flops = 2 * (2 * 64 * 28 * 28) * (64 // groups) * 9
+    assert counter.get_total_flops() == 3 * forward_flops  # forward, input and weight grads
+
+
 def test_info_command_prints_one_json_object(capsys):
     code, out, _ = run_cli(capsys, "info", "r50", "--json")
     report = json.loads(out)
@@ -113,7 +126,8 @@ def test_bench_backbone_reports_every_variant_against_fp32(capsys):
         speed = figures["samples_per_s"] / report["variants"]["fp32"]["samples_per_s"]
         assert report["vs_fp32"][name]["speed"] == pytest.approx(speed)
     assert report["vs_fp32"]["fp32"] == {"speed": 1.0, "memory": 1.0, "compute": 1.0}
-    # a training step is one forward and a backward of twice its multiply-adds
+    # a training step: one forward and a backward of twice its multiply-adds (less the
+    # input gradient of the first conv, which images do not need)
     forward = model_info("mbf").macs / 1e9
     assert report["variants"]["fp32"]["train_gmacs_per_sample"] == pytest.approx(
         3 * forward, rel=0.02

@@ -223,23 +223,26 @@ def head_memory(cfg: Config, world_size: int) -> HeadMemory:
             retained=copy,
             step=(2 if k < 2 else 3) * copy,
         )
-    # Partial FC (lean): the shard's centers and optimizer state; a step works on chunks of
-    # DEFAULT_CHUNK_SIZE classes in reused buffers, and the sampler draws a key per class.
+    # Partial FC (lean): the shard's centers and optimizer state, and the head's scratch
+    # buffers, kept from step to step: a chunk of DEFAULT_CHUNK_SIZE computed classes for
+    # the gradient and its product with the centers (under sampling also the chunk's rows
+    # and their optimizer state, copied), and the chunk's logits. Other transients are
+    # vectors of the global batch, and the sampler's key per class.
     local = math.ceil(cfg.num_classes / world_size)
     sampled = cfg.sample_rate < 1
     computed = min(local, math.ceil(cfg.sample_rate * local)) if sampled else local
     rows = min(DEFAULT_CHUNK_SIZE, computed)
-    block = rows * d * FLOAT_BYTES
-    batch = cfg.batch_size * world_size * d * FLOAT_BYTES  # the gathered embeddings
-    logits = cfg.batch_size * world_size * rows * FLOAT_BYTES
-    sampler = (4 * local + 24 * computed) if sampled else 0  # keys, top-k and sort buffers
-    update_blocks = 2 + (1 + k if sampled else 0)  # gradient, product; copied rows and state
+    global_batch = cfg.batch_size * world_size
+    scratch_blocks = 2 + (1 + k if sampled else 0)
+    scratch = scratch_blocks * rows * d * FLOAT_BYTES + global_batch * rows * FLOAT_BYTES
+    batch = global_batch * d * FLOAT_BYTES  # one copy of the gathered embeddings
+    sampler = 4 * local + 24 * computed if sampled else 0  # keys, top-k and sort buffers
     return HeadMemory(
-        state=(1 + k) * local * d * FLOAT_BYTES,
-        forward=sampler + (block if sampled else 0) + logits + 4 * batch,
+        state=(1 + k) * local * d * FLOAT_BYTES + scratch,
+        forward=max(5 * batch, sampler),
         backward=8 * batch,
         retained=4 * batch,
-        step=update_blocks * block + logits + 4 * batch,
+        step=6 * batch,
     )
 
 

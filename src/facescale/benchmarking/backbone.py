@@ -4,7 +4,8 @@ Variants: plain fp32, channels-last, gradient checkpointing and bf16 autocast. E
 a fresh process. Its peak memory is the kernel's resident-set high-water mark (Linux
 ``VmHWM``, reset once the model and the batch exist) minus the resident size at that
 moment: activations, gradients and workspace of the steps. Each variant also counts the
-multiply-adds of one training step with torch's FLOP counter: unlike time, that figure is
+multiply-adds of one training step with torch's FLOP counter (see
+:mod:`facescale.backbones.info`): unlike time, that figure is
 free of noise and shows the recomputation that checkpointing adds. Ratios against fp32
 come from one invocation.
 """
@@ -69,9 +70,9 @@ def measure(model_name: str, batch: int, steps: int, options: dict[str, bool]) -
     multiply-adds; runs in its own process."""
     _return_freed_memory()
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from facescale.backbones import get_model
+    from facescale.backbones.info import flop_counter
 
     def train_step() -> None:
         model.zero_grad(set_to_none=False)
@@ -88,7 +89,7 @@ def measure(model_name: str, batch: int, steps: int, options: dict[str, bool]) -
         train_step()
     elapsed = time.perf_counter() - start
     peak = _memory_mib("VmHWM") - before
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         train_step()
     return {
         "samples_per_s": batch * steps / elapsed,
