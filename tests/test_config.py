@@ -130,6 +130,7 @@ def test_unknown_key_in_file_warns_with_its_name(tmp_path, caplog):
         ("lr=nan", "wrong type"),
         ("margin_list=1,2", "margin_list=(1, 2) has the wrong type; expected a list of 3 numbers"),
         ("optimizer=adam", "allowed: 'sgd' or 'adamw'"),
+        ("network=r51", "network='r51' is out of range; allowed: one of r18, r34, r50, r100"),
         ("fp16=maybe", "fp16='maybe' has the wrong type; expected true/false"),
         ("batch_size=2.5", "wrong type"),
         ("lr", "expected key=value"),

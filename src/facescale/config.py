@@ -47,8 +47,14 @@ class ConfigError(ValueError):
     """A config file or value that cannot be used; the message says which and how to fix it."""
 
 
-def _check(predicate: Callable[[Any], bool], allowed: str) -> dict[str, Any]:
+def _check(predicate: Callable[[Any], bool], allowed: str | Callable[[], str]) -> dict[str, Any]:
     return {"check": predicate, "allowed": allowed}
+
+
+def _backbone_names() -> list[str]:
+    from facescale.backbones import list_models  # imported on first use: it loads torch
+
+    return list_models()
 
 
 def _positive(v: Any) -> bool:
@@ -64,7 +70,12 @@ class Config:
     """Every setting of a facescale run; names follow arcface_torch's config keys."""
 
     # model
-    network: str = field(default="r50", metadata=_check(bool, "a backbone name"))
+    network: str = field(
+        default="r50",
+        metadata=_check(
+            lambda v: v in _backbone_names(), lambda: "one of " + ", ".join(_backbone_names())
+        ),
+    )
     embedding_size: int = field(default=512, metadata=_check(_positive, "an integer > 0"))
     dropout: float = field(default=0.0, metadata=_check(lambda v: 0 <= v < 1, "in [0, 1)"))
     # None: the network's default (on for r2060, vit_b, vit_l)
@@ -287,6 +298,11 @@ def _parse_text(tp: Any, text: str) -> Any:
     return value
 
 
+def _allowed(key: str) -> str:
+    allowed = FIELDS[key].metadata["allowed"]
+    return allowed() if callable(allowed) else allowed
+
+
 def set_value(cfg: Config, key: str, value: Any, source: str) -> None:
     """Check ``value`` for ``key`` (type and range) and store it; ``source`` names its origin."""
     tp = _field_type(key)
@@ -298,9 +314,7 @@ def set_value(cfg: Config, key: str, value: Any, source: str) -> None:
         ) from None
     check = FIELDS[key].metadata.get("check")
     if check is not None and typed is not None and not check(typed):
-        raise ConfigError(
-            f"{source}: {key}={typed!r} is out of range; allowed: {FIELDS[key].metadata['allowed']}"
-        )
+        raise ConfigError(f"{source}: {key}={typed!r} is out of range; allowed: {_allowed(key)}")
     setattr(cfg, key, typed)
 
 

@@ -115,7 +115,7 @@ class Trainer:
         self, cfg: Config, env: DistEnv, loader: Any = None, backbone: nn.Module | None = None
     ) -> None:
         """``loader`` and ``backbone`` replace the ones the config names (custom data, models)."""
-        from facescale.backbones import get_model
+        from facescale.backbones import model_from_config
         from facescale.heads import CombinedMargin, build_head
 
         self.cfg, self.env = cfg, env
@@ -126,7 +126,7 @@ class Trainer:
 
         seed_everything(cfg.seed)  # identical backbone initialisation on every rank
         if backbone is None:
-            backbone = get_model(cfg.network, cfg.embedding_size)
+            backbone = model_from_config(cfg)
         self.backbone = backbone.to(self.device)
         self.model: nn.Module = self.backbone
         if env.world_size > 1:
