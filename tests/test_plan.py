@@ -16,7 +16,7 @@ from facescale import plan
 from facescale.backbones import model_from_config
 from facescale.config import Config
 from facescale.heads import CombinedMargin, build_head
-from facescale.train.trainer import ReplicatedHeadUpdate, make_optimizer
+from facescale.train.trainer import ReplicatedHeadUpdate
 
 MIB = 2**20
 
@@ -49,37 +49,20 @@ def test_live_tensor_bytes_counts_storages_until_freed():
     assert max(live.timeline) == 12000  # b and c alive together
 
 
-def _real_step_timeline(cfg: Config) -> tuple[int, dict[str, np.ndarray]]:
-    """The reference: two real CPU training steps of the backbone, live bytes per operation."""
-    live = plan.LiveTensorBytes()
-    with live:
-        model = model_from_config(cfg).train()
-        opt = make_optimizer(cfg, model.parameters())
-        for _ in range(2):
-            state, marks = live.live, [len(live.timeline)]
-            embeddings = model(torch.randn(cfg.batch_size, 3, 112, 112))
-            marks.append(len(live.timeline))
-            embeddings.sum().backward()
-            marks.append(len(live.timeline))
-            opt.step()
-            marks.append(len(live.timeline))
-            opt.zero_grad(set_to_none=True)
-            del embeddings
-    line = np.asarray(live.timeline, dtype=np.float64) - state
-    spans = itertools.pairwise(marks)
-    return state, {p: line[a:b] for p, (a, b) in zip(plan.STEP_PHASES, spans, strict=True)}
-
-
 def test_meta_trace_equals_a_real_cpu_step_and_interpolates_exactly_in_batch():
     cfg = Config(network="mbf", batch_size=3)
-    state, real = _real_step_timeline(cfg)
+    real = plan.step_timeline(cfg, 3, device="cpu")
+    meta = plan.step_timeline(cfg, 3)
+    assert meta.state == real.state
+    for phase in plan.STEP_PHASES:
+        np.testing.assert_array_equal(meta.phases[phase], real.phases[phase])
     trace = plan.trace_backbone(cfg)  # from meta traces at batches 2 and 4
-    assert trace.state == state
-    assert trace.forward == real["forward"].max()
-    assert trace.activations == real["forward"][-1]
-    assert trace.backward == real["backward"].max()
-    assert trace.gradients == real["backward"][-1]
-    assert trace.step == real["step"].max()
+    assert trace.state == real.state
+    assert trace.forward == real.phases["forward"].max()
+    assert trace.activations == real.phases["forward"][-1]
+    assert trace.backward == real.phases["backward"].max()
+    assert trace.gradients == real.phases["backward"][-1]
+    assert trace.step == real.phases["step"].max()
     assert trace.parameters == sum(p.numel() for p in model_from_config(cfg).parameters())
 
 
@@ -164,7 +147,9 @@ def test_head_formula_holds_on_each_of_two_ranks():
 def test_estimate_adds_state_and_the_largest_phase():
     cfg = Config(network="mbf", batch_size=8, num_classes=100_000, head="partial_fc")
     cpu, cuda = plan.estimate(cfg, 4, "cpu"), plan.estimate(cfg, 4, "cuda")
-    assert cpu.head_state == 2 * 25_000 * 512 * 4  # centers + momentum of one shard
+    # centers + momentum of one shard, and the kept scratch: two chunks of 4096 centers
+    # (gradient, product) and the chunk's logits for the global batch of 32
+    assert cpu.head_state == 2 * 25_000 * 512 * 4 + 2 * 4096 * 512 * 4 + 32 * 4096 * 4
     trace = plan.trace_backbone(cfg)
     assert cuda.backbone_state == trace.state + 4 * trace.parameters  # + DDP buckets
     assert plan.estimate(cfg, 1, "cuda").backbone_state == trace.state
@@ -174,8 +159,9 @@ def test_estimate_adds_state_and_the_largest_phase():
     dp = plan.estimate(dataclasses.replace(cfg, head="data_parallel"), 4, "cuda")
     assert dp.peak_phase == "head backward"  # five center-sized temporaries at once
     assert dp.head_state == 2 * 100_000 * 512 * 4
-    fp16 = plan.estimate(dataclasses.replace(cfg, fp16=True), 4, "cuda")
-    assert fp16.step_transient < cuda.step_transient
+    fp16 = dataclasses.replace(cfg, fp16=True)
+    assert plan.estimate(fp16, 4, "cuda").step_transient < cuda.step_transient
+    assert plan.estimate(fp16, 4, "cpu") == cpu  # the trainer computes fp16 in fp32 on CPU
 
 
 def test_planning_answers_are_the_largest_that_fit():
@@ -205,7 +191,7 @@ def test_plan_command_prints_one_json_object(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["device"] == "cuda" and report["device_memory"] == 8 * 2**30
     assert report["fits"] is True
-    assert report["estimate"]["head_state"] == 2 * 1_000_000 * 512 * 4
+    assert report["estimate"]["head_state"] == 2 * (1_000_000 * 512 + 4096 * 512 + 32 * 4096) * 4
     assert report["largest_num_classes"] > 2_000_000
     assert report["largest_batch_size"] >= 32
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import re
 import weakref
@@ -105,6 +106,59 @@ class BackboneTrace:
 
 STEP_PHASES = ("forward", "backward", "step")
 TRACED_BATCHES = (2, 4)
+# the config keys a backbone's training step depends on (the trainer's model and optimizer)
+BACKBONE_KEYS = (
+    "network",
+    "embedding_size",
+    "dropout",
+    "gradient_checkpointing",
+    "channels_last",
+    "optimizer",
+    "momentum",
+)
+
+
+@dataclass(frozen=True)
+class StepTimeline:
+    """Live tensor bytes of a backbone training step, after each operation of each phase,
+    counted above ``state`` (what is held between steps)."""
+
+    parameters: int
+    state: int
+    phases: dict[str, np.ndarray]
+
+
+def step_timeline(cfg: Config, batch: int, device: str = "meta") -> StepTimeline:
+    """Trace two training steps of ``cfg``'s backbone at ``batch`` images on ``device`` and
+    return the second (the first creates the optimizer state). On the meta device nothing
+    is allocated, so any backbone can be traced on any machine."""
+    from facescale.backbones import model_from_config
+    from facescale.backbones.base import INPUT_SIZE
+    from facescale.train.trainer import make_optimizer
+
+    live = LiveTensorBytes()
+    with live, torch.device(device):
+        model = model_from_config(cfg).train()
+        opt = make_optimizer(cfg, model.parameters())
+        for _ in range(2):
+            state, marks = live.live, [len(live.timeline)]
+            embeddings = model(torch.randn(batch, 3, INPUT_SIZE, INPUT_SIZE))
+            marks.append(len(live.timeline))
+            embeddings.sum().backward()
+            marks.append(len(live.timeline))
+            opt.step()
+            marks.append(len(live.timeline))
+            opt.zero_grad(set_to_none=True)
+            del embeddings
+    line = np.asarray(live.timeline, dtype=np.float64) - state
+    spans = itertools.pairwise(marks)
+    phases = {name: line[a:b] for name, (a, b) in zip(STEP_PHASES, spans, strict=True)}
+    return StepTimeline(sum(p.numel() for p in model.parameters()), state, phases)
+
+
+@functools.cache
+def _meta_timeline(key: tuple[Any, ...], batch: int) -> StepTimeline:
+    return step_timeline(Config(**dict(zip(BACKBONE_KEYS, key, strict=True))), batch)
 
 
 def trace_backbone(cfg: Config) -> BackboneTrace:
@@ -114,75 +168,20 @@ def trace_backbone(cfg: Config) -> BackboneTrace:
     does not depend on it, so the live bytes after each operation, traced at two small
     batches, give them exactly at any batch; the peaks are the maxima of those lines.
     """
-    key = (
-        cfg.network,
-        cfg.embedding_size,
-        cfg.dropout,
-        cfg.gradient_checkpointing,
-        cfg.channels_last,
-        cfg.optimizer,
-        cfg.momentum,
-    )
-    (parameters, state, small), (_, _, large) = (_trace_step(*key, b) for b in TRACED_BATCHES)
+    key = tuple(getattr(cfg, name) for name in BACKBONE_KEYS)
+    small, large = (_meta_timeline(key, b) for b in TRACED_BATCHES)
     lo, hi = TRACED_BATCHES
-    lines = {p: small[p] + (large[p] - small[p]) * (cfg.batch_size - lo) / (hi - lo) for p in small}
+    weight = (cfg.batch_size - lo) / (hi - lo)
+    lines = {p: v + (large.phases[p] - v) * weight for p, v in small.phases.items()}
     return BackboneTrace(
-        parameters=parameters,
-        state=state,
+        parameters=small.parameters,
+        state=small.state,
         forward=round(lines["forward"].max()),
         activations=round(lines["forward"][-1]),
         backward=round(lines["backward"].max()),
         gradients=round(lines["backward"][-1]),
         step=round(lines["step"].max()),
     )
-
-
-@functools.cache
-def _trace_step(
-    network: str,
-    embedding_size: int,
-    dropout: float,
-    gradient_checkpointing: bool | None,
-    channels_last: bool,
-    optimizer: str,
-    momentum: float,
-    batch: int,
-) -> tuple[int, int, dict[str, np.ndarray]]:
-    """Parameters, bytes held between steps, and per phase the live bytes above those after
-    each operation, of a second training step (the first creates the optimizer state)."""
-    from facescale.backbones import model_from_config
-    from facescale.backbones.base import INPUT_SIZE
-    from facescale.train.trainer import make_optimizer
-
-    cfg = Config(
-        network=network,
-        embedding_size=embedding_size,
-        dropout=dropout,
-        gradient_checkpointing=gradient_checkpointing,
-        channels_last=channels_last,
-        optimizer=optimizer,
-        momentum=momentum,
-    )
-    live = LiveTensorBytes()
-    with live, torch.device("meta"):
-        model = model_from_config(cfg).train()
-        opt = make_optimizer(cfg, model.parameters())
-        for _ in range(2):
-            state, marks = live.live, [len(live.timeline)]
-            embeddings = model(torch.empty(batch, 3, INPUT_SIZE, INPUT_SIZE))
-            marks.append(len(live.timeline))
-            embeddings.sum().backward()
-            marks.append(len(live.timeline))
-            opt.step()
-            marks.append(len(live.timeline))
-            opt.zero_grad(set_to_none=True)
-            del embeddings
-    timeline = np.asarray(live.timeline, dtype=np.float64) - state
-    phases = {
-        name: timeline[start:stop]
-        for name, start, stop in zip(STEP_PHASES, marks[:-1], marks[1:], strict=True)
-    }
-    return sum(p.numel() for p in model.parameters()), state, phases
 
 
 # ---- the head --------------------------------------------------------------------------
@@ -294,7 +293,7 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
     if device not in PROCESS_BYTES:
         raise ValueError(f"device {device!r}: choose 'cpu' or 'cuda'")
     trace = trace_backbone(cfg)
-    if cfg.fp16 or cfg.bf16:
+    if cfg.bf16 or (cfg.fp16 and device == "cuda"):  # the trainer runs fp16 on CPU in fp32
         trace = _reduced_precision(trace)
     head = head_memory(cfg, world_size)
     buckets = trace.parameters * FLOAT_BYTES if world_size > 1 else 0

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,10 @@ def parse_count(text: str) -> int:
     """A positive count, optionally with a k or M suffix: 10k, 1.4M, 93431."""
     scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:].lower(), 1)
     try:
-        value = float(text[:-1] if scale > 1 else text) * scale
-    except ValueError:
-        value = 0.0
-    if value < 1 or value != int(value):
+        value = Decimal(text[:-1] if scale > 1 else text) * scale
+    except InvalidOperation:
+        value = Decimal(0)
+    if not value.is_finite() or value < 1 or value != value.to_integral_value():
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole count > 0 such as 10k or 2M")
     return int(value)
 

@@ -158,6 +158,7 @@ def measure(spec: RunSpec, env: Any) -> dict[str, Any]:
         "rank": env.rank,
         "timings": dict(trainer.timings),
         "threads": torch.get_num_threads(),
+        "baseline_bytes": memory.base,
         **memory.peak(),
     }
     if spec.comm:

@@ -124,39 +124,63 @@ def tar_at_far(scores: np.ndarray, genuine: np.ndarray, fars: Sequence[float]) -
 
 @dataclass
 class _ImpostorPool:
-    """Impostor pairs whose float32 score may still rank among the top ``keep`` in float64."""
+    """Pairs whose float32 score may still rank among the top ``keep`` impostors in float64.
+
+    A part holds scores and flat indices into a block whose first query row, first ref row
+    and width are given; the block scan adds parts as they are (genuine pairs included) and
+    :meth:`prune` decodes, drops genuine pairs and low scores, all parts in one pass.
+    """
 
     keep: int
     slack: float
+    query_labels: torch.Tensor
+    ref_labels: torch.Tensor
     cutoff: float = -math.inf
-    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    parts: list[tuple[torch.Tensor, torch.Tensor, int, int, int]] = field(default_factory=list)
     size: int = 0
 
     def raise_cutoff(self, kth_largest: float) -> None:
         self.cutoff = max(self.cutoff, kth_largest - self.slack)
 
-    def add(self, scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        self.parts.append((scores, rows, cols))
+    def add(
+        self, scores: torch.Tensor, index: torch.Tensor, row: int, col: int, width: int
+    ) -> None:
+        self.parts.append((scores, index, row, col, width))
         self.size += len(scores)
         if self.size >= 2 * self.keep + PRUNE_AT_LEAST:
             self.prune()
 
-    def prune(self) -> None:
-        """Merge the parts and drop every pair below the (k+1)-th largest score minus slack."""
+    def _decoded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores, query rows and ref rows of every pair in the parts."""
         if not self.parts:  # a rank that was given no blocks
             no_pairs = torch.empty(0, dtype=torch.long)
-            self.parts = [(torch.empty(0), no_pairs, no_pairs)]
-        scores, rows, cols = (torch.cat(column) for column in zip(*self.parts, strict=True))
+            return torch.empty(0), no_pairs, no_pairs
+        scores, index, *origins = zip(*self.parts, strict=True)
+        lengths = torch.tensor([len(part) for part in scores], device=index[0].device)
+        row, col, width = (
+            torch.tensor(values, device=index[0].device).repeat_interleave(lengths)
+            for values in origins
+        )
+        index = torch.cat(index)
+        return torch.cat(scores), row + index // width, col + index % width
+
+    def prune(self) -> None:
+        """Keep only impostor pairs at or above the (k+1)-th largest score minus slack."""
+        scores, rows, cols = self._decoded()
+        impostor = self.query_labels[rows] != self.ref_labels[cols]
+        scores, rows, cols = scores[impostor], rows[impostor], cols[impostor]
         if len(scores) >= self.keep:
             self.raise_cutoff(torch.kthvalue(scores, len(scores) - self.keep + 1).values.item())
             kept = scores >= self.cutoff
             scores, rows, cols = scores[kept], rows[kept], cols[kept]
-        self.parts = [(scores, rows, cols)]
+        width = len(self.ref_labels)
+        self.parts = [(scores, rows * width + cols, 0, 0, width)]
         self.size = len(scores)
 
     def merged(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The surviving impostor pairs: scores, query rows, ref rows."""
         self.prune()
-        return self.parts[0]
+        return self._decoded()
 
 
 @contextmanager
@@ -205,17 +229,12 @@ def _score_error_bound(queries: torch.Tensor, refs: torch.Tensor) -> float:
 
 
 def _scan_blocks(
-    pool: _ImpostorPool,
-    queries: torch.Tensor,
-    query_labels: torch.Tensor,
-    refs: torch.Tensor,
-    ref_labels: torch.Tensor,
-    block: int,
-    upper: bool,
+    pool: _ImpostorPool, queries: torch.Tensor, refs: torch.Tensor, block: int, upper: bool
 ) -> None:
-    """Feed this rank's share of the float32 impostor scores into ``pool``.
+    """Feed this rank's share of the float32 scores above the pool's cutoff into ``pool``.
 
     Row block ``b`` belongs to rank ``b % world``; with ``upper`` only pairs ``i < j`` count.
+    Per block: one matrix product, one comparison, one nonzero and one gather.
     """
     buffer = torch.empty(block * block, dtype=torch.float32, device=queries.device)
     hit_buffer = torch.empty(block * block, dtype=torch.bool, device=queries.device)
@@ -224,36 +243,49 @@ def _scan_blocks(
     for row_block, q_start in enumerate(range(0, len(queries), block)):
         if row_block % world != rank:
             continue
-        q, q_labels = queries[q_start : q_start + block], query_labels[q_start : q_start + block]
+        q = queries[q_start : q_start + block]
         for r_start in range(q_start if upper else 0, len(refs), block):
-            r, r_labels = refs[r_start : r_start + block], ref_labels[r_start : r_start + block]
-            scores = torch.mm(q, r.T, out=buffer[: len(q) * len(r)].view(len(q), len(r)))
+            r = refs[r_start : r_start + block]
+            flat = buffer[: len(q) * len(r)]
+            scores = torch.mm(q, r.T, out=flat.view(len(q), len(r)))
             if upper and r_start == q_start:
                 scores.masked_fill_(lower_triangle[: len(q), : len(r)], -math.inf)
             if pool.cutoff == -math.inf:
-                scores.masked_fill_(q_labels[:, None] == r_labels[None, :], -math.inf)
-                if scores.numel() >= pool.keep:
-                    kth = torch.kthvalue(scores.view(-1), scores.numel() - pool.keep + 1).values
-                    pool.raise_cutoff(kth.item())
-            hits = hit_buffer[: scores.numel()].view_as(scores)
+                _mask_genuine_and_seed_cutoff(pool, scores, q_start, r_start)
+            hits = hit_buffer[: len(flat)]
             if pool.cutoff == -math.inf:
-                torch.gt(scores, -math.inf, out=hits)
+                torch.gt(flat, -math.inf, out=hits)
             else:
-                torch.ge(scores, pool.cutoff, out=hits)
-            rows, cols = hits.nonzero(as_tuple=True)
-            impostor = q_labels[rows] != r_labels[cols]
-            rows, cols = rows[impostor], cols[impostor]
-            pool.add(scores[rows, cols], rows + q_start, cols + r_start)
+                torch.ge(flat, pool.cutoff, out=hits)
+            found = hits.nonzero().view(-1)
+            pool.add(flat.index_select(0, found), found, q_start, r_start, len(r))
+
+
+def _mask_genuine_and_seed_cutoff(
+    pool: _ImpostorPool, scores: torch.Tensor, q_start: int, r_start: int
+) -> None:
+    """Until the pool has a cutoff: hide a block's genuine pairs, and take the block's own
+    ``keep``-th largest impostor score (a lower bound of the final one) as a first cutoff."""
+    q_labels = pool.query_labels[q_start : q_start + scores.shape[0]]
+    r_labels = pool.ref_labels[r_start : r_start + scores.shape[1]]
+    scores.masked_fill_(q_labels[:, None] == r_labels[None, :], -math.inf)
+    if scores.numel() >= pool.keep:
+        kth = torch.kthvalue(scores.view(-1), scores.numel() - pool.keep + 1).values
+        pool.raise_cutoff(kth.item())
 
 
 def _gather_pool(pool: _ImpostorPool) -> None:
     """Pool every rank's candidates on every rank (a no-op without a process group)."""
     if get_world_size() == 1:
         return
+    pool.prune()
+    scores, codes, *_ = pool.parts[0]
     gathered: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(gathered, tuple(t.cpu() for t in pool.merged()))
-    pool.parts = list(gathered)
-    pool.size = sum(len(part[0]) for part in gathered)
+    dist.all_gather_object(gathered, (scores.cpu(), codes.cpu()))
+    width = len(pool.ref_labels)
+    device = pool.ref_labels.device
+    pool.parts = [(s.to(device), c.to(device), 0, 0, width) for s, c in gathered]
+    pool.size = sum(len(s) for s, _ in gathered)
 
 
 def _pair_scores64(
@@ -326,16 +358,15 @@ def _blockwise(
         )
     keep = max(impostor_rank(far, impostors) for far in fars) + 1
     device = device or queries.device
-    pool = _ImpostorPool(keep=keep, slack=2.0 * _score_error_bound(queries, refs))
+    pool = _ImpostorPool(
+        keep=keep,
+        slack=2.0 * _score_error_bound(queries, refs),
+        query_labels=torch.as_tensor(query_labels, device=device),
+        ref_labels=torch.as_tensor(ref_labels, device=device),
+    )
     with _full_fp32_matmul():
         _scan_blocks(
-            pool,
-            queries.to(device, torch.float32),
-            torch.as_tensor(query_labels, device=device),
-            refs.to(device, torch.float32),
-            torch.as_tensor(ref_labels, device=device),
-            block,
-            upper,
+            pool, queries.to(device, torch.float32), refs.to(device, torch.float32), block, upper
         )
     _gather_pool(pool)
     _, rows, cols = pool.merged()
