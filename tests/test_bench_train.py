@@ -52,6 +52,7 @@ def _rank(data, backbone, head, optimizer, peak_mib):
         },
         "threads": 1,
         "peak_bytes": peak_mib * 2**20,
+        "baseline_bytes": 400 * 2**20,
         "comm_s": 0.5,
         "profiled_s": 2.0,
     }
@@ -63,6 +64,7 @@ def test_report_uses_the_slowest_rank_and_sums_phases_over_ranks():
     assert summary["step_s"] == pytest.approx(5.0)  # rank 0: 10 s over 2 steps
     assert summary["samples_per_s"] == pytest.approx(64 / 5.0)
     assert summary["peak_mib"] == 1000 and summary["peak_mib_per_rank"] == [900, 1000]
+    assert summary["baseline_mib"] == 400
     assert summary["phase_share"] == pytest.approx(
         {"data": 1 / 20, "backbone": 14 / 20, "head": 3 / 20, "optimizer": 2 / 20}
     )
@@ -91,7 +93,7 @@ def test_communication_time_is_the_union_of_collective_intervals():
         event("gloo:all_reduce", 0, 1_000_000),
         event("gloo:all_reduce", 500_000, 1_500_000),  # overlaps the first on another thread
         event("aten::mm", 0, 9_000_000),
-        event("nccl:all_gather", 3_000_000, 3_250_000),
+        event("ncclDevKernel_AllGather_RING_LL", 3_000_000, 3_250_000),
         event("gloo:broadcast", 3_100_000, 3_200_000),  # inside the previous one
     ]
     assert communication_seconds(events) == pytest.approx(1.75)

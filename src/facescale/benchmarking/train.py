@@ -209,6 +209,7 @@ def summarize_ranks(ranks: list[dict[str, Any]], global_batch: int, steps: int) 
         "step_s": step_s,
         "peak_mib": max(r["peak_bytes"] for r in ranks) / MIB,
         "peak_mib_per_rank": [r["peak_bytes"] / MIB for r in ranks],
+        "baseline_mib": max(r["baseline_bytes"] for r in ranks) / MIB,
         "phase_share": {k: v / whole for k, v in totals.items()},
         "threads_per_rank": ranks[0]["threads"],
     }

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 OOM_EXIT = 3
-COMM_PREFIXES = ("gloo:", "nccl:")  # profiler ranges of the backends' collectives
+# profiler events of collectives: gloo's ranges; NCCL's ranges and its CUDA kernels
+COMM_PREFIXES = ("gloo:", "nccl")
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class RunSpec:
     steps: int
     result_dir: str
     memory_limit: int | None = None  # bytes each CPU rank may add to its data segment
-    comm: bool = False  # profile the timed steps to measure time with collectives in flight
+    comm: bool = False  # then profile as many steps to time collectives in flight
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))

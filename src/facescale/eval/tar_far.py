@@ -19,10 +19,11 @@ feature size ``D``, a float32 score is within ``eps = 2 (D + 2) 2^-24 a b`` of t
 A pool keeps each impostor whose float32 score is at least the running (k+1)-th largest
 float32 impostor score minus ``2 eps``; that running value only rises, so the pool ends up
 holding every impostor whose float64 score can reach the float64 threshold. The pool is
-rescored in float64 and the threshold read from it; genuine pairs are listed from the labels
-and scored in float64. Memory: the features, one block of scores, the pool (about ``k + 1``
-pairs) and the genuine scores. Under a process group each rank scans a share of the row
-blocks and the pools are gathered, so every rank returns what one process would.
+rescored in float64 and the threshold read from it; genuine pairs are scored in float64, one
+batched Gram matrix per class size. Memory: the features, one block of scores, the pool
+(about ``k + 1`` pairs) and the genuine scores. Under a process group each rank scans a
+share of the row blocks and the pools are gathered, so every rank returns what one process
+would.
 """
 
 from __future__ import annotations

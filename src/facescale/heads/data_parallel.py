@@ -9,7 +9,6 @@ exists to be compared with :class:`~facescale.heads.PartialFC`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batch import gather_batch
@@ -53,7 +52,7 @@ class DataParallelFC(nn.Module):
             rows = torch.arange(local.shape[0], device=local.device)
             top, sumexp, target = dense_shard_terms(
                 local,
-                F.normalize(self.weight, dim=1),
+                self.weight,
                 rows,
                 labels.to(torch.int64),
                 self.margin,

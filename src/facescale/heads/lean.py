@@ -23,7 +23,7 @@ from .collectives import sum_across_ranks
 from .margins import CombinedMargin
 from .rows import Rows, Scratch
 from .sampling import ShardSelection
-from .softmax import drop_filtered_, finite_or_zero, log_sum_exp, target_cosine
+from .softmax import drop_filtered_, finite_or_zero, inverse_norms, log_sum_exp, target_cosine
 
 
 def matmul_into(out: Tensor, a: Tensor, b: Tensor, alpha: float, accumulate: bool) -> Tensor:
@@ -70,7 +70,7 @@ class ChunkedSoftmax:
     def centers(self, weight: Tensor, rows: Rows, scratch: Scratch) -> tuple[Tensor, Tensor]:
         """Raw center rows (a view, or a copy in ``scratch``) and their inverse norms."""
         block = scratch.rows_of("rows", weight, rows)
-        return block, torch.linalg.vector_norm(block, dim=1).clamp_min_(1e-12).reciprocal_()
+        return block, inverse_norms(block)
 
     def _logits(
         self,

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facescale.distributed import get_rank, get_world_size
@@ -106,7 +105,7 @@ class PartialFC(nn.Module):
         weight = self.weight if sel.index is None else self.weight[sel.index]
         top, sumexp, local_target = dense_shard_terms(
             embeddings,
-            F.normalize(weight, dim=1),
+            weight,
             sel.target_rows,
             sel.target_cols,
             self.margin,

@@ -51,9 +51,14 @@ def log_sum_exp(top: Tensor, sumexp: Tensor, target_logit: Tensor, across_ranks:
     return shift + torch.log(negatives + torch.exp(target_logit - shift))
 
 
+def inverse_norms(weight: Tensor) -> Tensor:
+    """``1 / ||row||`` per row, the norm clamped at 1e-12 as :func:`F.normalize` does."""
+    return torch.linalg.vector_norm(weight, dim=1).clamp_min(1e-12).reciprocal()
+
+
 def dense_shard_terms(
     embeddings: Tensor,
-    centers: Tensor,
+    weight: Tensor,
     target_rows: Tensor,
     target_cols: Tensor,
     margin: CombinedMargin,
@@ -62,12 +67,14 @@ def dense_shard_terms(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(top, sumexp, target_logits)`` of one shard, in full with autograd.
 
-    ``embeddings`` and ``centers`` are L2-normalised; the target of row ``target_rows[k]``
-    is column ``target_cols[k]``; ``target_logits[k]`` is its margin logit.
+    ``embeddings`` are L2-normalised; ``weight`` holds raw centers, whose inverse norms
+    scale the logits' columns. The target of row ``target_rows[k]`` is column
+    ``target_cols[k]``; ``target_logits[k]`` is its margin logit, from the same cosines.
     """
-    target = margin(target_cosine(embeddings[target_rows], centers[target_cols]))
     scaled = (embeddings * margin.s).to(dtype)
-    logits = drop_filtered_(torch.mm(scaled, centers.to(dtype).t()).float(), margin.s * threshold)
+    logits = torch.mm(scaled, weight.to(dtype).t()).float() * inverse_norms(weight)
+    target = margin(logits[target_rows, target_cols] / margin.s)
+    drop_filtered_(logits, margin.s * threshold)
     logits.index_put_((target_rows, target_cols), logits.new_tensor(float("-inf")))
     top, sumexp = row_sumexp(logits)
     return top, sumexp, target
