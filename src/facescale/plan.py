@@ -9,9 +9,9 @@ the largest of the step's phases: the backbone's forward, the head's forward and
   tensor alive at each moment of two training steps (:class:`LiveTensorBytes`).
 * Head: closed forms in the bytes of one copy of the rank's centers, read off the head's
   code and checked against a traced real step in the tests.
-* CPU only: the allocator keeps part of the freed activation memory resident, and the
-  runtime (threads, oneDNN scratch, gloo) adds a fixed amount; both constants were measured
-  with `facescale bench train` (docs/benchmarks_and_planning.md).
+* CPU only: the runtime (threads, oneDNN scratch, gloo) adds a fixed amount, and from the
+  backbone's backward on glibc keeps freed blocks resident; constants fitted to
+  `facescale bench train` runs (docs/benchmarks_and_planning.md).
 
 :func:`estimate` gives the prediction; :func:`fits`, :func:`largest_num_classes`,
 :func:`largest_sample_rate` and :func:`largest_batch_size` answer the planning questions.
@@ -36,14 +36,17 @@ from torch.utils._pytree import tree_leaves
 from facescale.config import Config
 
 FLOAT_BYTES = 4  # centers, their optimizer state and backbone parameters are float32
-# CPU: share of the backbone's activation bytes that glibc keeps resident after freeing
-# them, and the resident growth of a rank's runtime (threads, oneDNN scratch, gloo buffers);
-# fitted to `facescale bench train` peaks (docs/benchmarks_and_planning.md).
-CPU_RETAINED_SHARE = 0.2
-CPU_RUNTIME_BYTES = 190 * 2**20
+# CPU: resident memory above the live tensors. The runtime (threads, oneDNN scratch, gloo
+# buffers) adds a fixed amount; from the backbone's backward on, glibc also keeps freed
+# blocks of activations and of parameter-sized tensors (gradients, buckets) resident.
+# Fitted to `facescale bench train` calibration runs (benchmarks/RESULTS.md).
+CPU_RUNTIME_BYTES = 218 * 2**20
+CPU_RETAINED_SHARE = 0.19  # of the activation bytes
+CPU_RETAINED_PARAMETER_COPIES = 1.5  # float32 copies of the backbone's parameters
+BACKWARD_PHASES = ("backbone backward", "optimizer")
 # What a process holds before training starts, outside the predicted growth: Python, torch
 # and the process group on CPU (measured); the CUDA context and allocator slack on a GPU.
-PROCESS_BYTES = {"cpu": 450 * 2**20, "cuda": 1 * 2**30}
+PROCESS_BYTES = {"cpu": 230 * 2**20, "cuda": 1 * 2**30}
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -210,15 +213,16 @@ def head_memory(cfg: Config, world_size: int) -> HeadMemory:
 
     d, k = cfg.embedding_size, optimizer_states(cfg)
     if cfg.head == "data_parallel":
-        # Every rank: all centers. Forward keeps the normalised centers and the logits;
-        # backward of the normalisation holds five center-sized tensors at its peak; the
-        # dense gradient lives on to the update, which adds one temporary (two for AdamW).
+        # Every rank: all centers. Forward holds a few [batch x classes] logit tensors;
+        # backward holds three center-sized tensors at its peak (the gradient of the raw
+        # centers and two terms of the normalisation's); the dense gradient lives on to the
+        # update, which adds one temporary (two for AdamW).
         copy = cfg.num_classes * d * FLOAT_BYTES
         logits = cfg.batch_size * cfg.num_classes * FLOAT_BYTES
         return HeadMemory(
             state=(1 + k) * copy,
-            forward=copy + 3 * logits,
-            backward=5 * copy,
+            forward=4 * logits,
+            backward=3 * copy,
             retained=copy,
             step=(2 if k < 2 else 3) * copy,
         )
@@ -287,6 +291,15 @@ def _reduced_precision(trace: BackboneTrace) -> BackboneTrace:
     )
 
 
+def cpu_overhead(trace: BackboneTrace, phase: str) -> int:
+    """Resident bytes above the live tensors on CPU during ``phase`` (module constants)."""
+    retained = 0.0
+    if phase in BACKWARD_PHASES:
+        retained = CPU_RETAINED_SHARE * trace.activations
+        retained += CPU_RETAINED_PARAMETER_COPIES * FLOAT_BYTES * trace.parameters
+    return round(CPU_RUNTIME_BYTES + retained)
+
+
 def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimate:
     """Peak memory of rank 0 training ``cfg`` on ``world_size`` ranks of ``device``
     ('cpu' or 'cuda')."""
@@ -304,10 +317,8 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
         "backbone backward": trace.backward + head.retained,
         "optimizer": max(trace.step + head.retained, trace.gradients + head.step),
     }
-    phase = max(phases, key=phases.__getitem__)
-    runtime = 0
-    if device == "cpu":
-        runtime = round(CPU_RETAINED_SHARE * trace.activations) + CPU_RUNTIME_BYTES
+    overhead = {p: cpu_overhead(trace, p) if device == "cpu" else 0 for p in phases}
+    phase = max(phases, key=lambda p: phases[p] + overhead[p])
     return MemoryEstimate(
         device=device,
         backbone_parameters=trace.parameters,
@@ -315,7 +326,7 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
         head_state=head.state,
         step_transient=phases[phase],
         peak_phase=phase,
-        runtime=runtime,
+        runtime=overhead[phase],
         process=PROCESS_BYTES[device],
     )
 

@@ -6,8 +6,8 @@ centers, so the gradient to the embeddings is complete when forward ends (one mo
 per chunk, as in flash attention). Backward hands a :class:`MicroBatch` to the head; the
 centers' gradient is recomputed from it chunk by chunk when the head steps.
 
-Chunks use raw center rows and scale the logits by the rows' inverse norms, and reuse
-scratch buffers, so a chunk neither copies nor allocates ``[chunk x dim]`` tensors.
+Chunks use raw center rows and scale the logits by the rows' inverse norms (no normalised
+copy of the centers), and their buffers are reused across chunks and steps.
 """
 
 from __future__ import annotations
