@@ -21,6 +21,15 @@ from facescale.train.trainer import ReplicatedHeadUpdate
 MIB = 2**20
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Real CPU steps here are small: one thread runs them fastest on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_parse_size_reads_binary_and_decimal_units():
     assert plan.parse_size("80GiB") == 80 * 2**30
     assert plan.parse_size("24GB") == 24 * 10**9
