@@ -51,6 +51,18 @@ def _env_int(name: str) -> int:
         raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def _attempt_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under a torchrun restart, a key space of this attempt's own in the agent's store, so
+    the new ranks never read the addresses the previous attempt's ranks published."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], _env_int("MASTER_PORT"), world, False, timeout=timeout
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"facescale/attempt_{attempt}", store)
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
     """Join the process group torchrun describes, or set up a single process without one.
 
@@ -82,11 +94,13 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, local_world)))
     if not is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(
             backend=backend,
+            store=_attempt_store(world, timeout),
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
             device_id=device if cuda else None,
         )
     return DistEnv(rank, world, local_rank, device, backend)
