@@ -15,6 +15,7 @@ from facescale.benchmarking.train import (
     markdown_table,
     parse_count,
     parse_mode,
+    read_outcome,
     summarize_ranks,
 )
 from facescale.benchmarking.train_worker import cap_memory, communication_seconds, is_out_of_memory
@@ -152,3 +153,39 @@ def test_runs_measure_on_a_rec_file_and_running_out_of_memory_is_a_dash(small_re
     assert skipped["status"] == "skipped" and "4,000,000" in skipped["error"]
     assert report["markdown"].splitlines()[3:] == ["| 4,000,000 | - |", "| 8,000,000 | - |"]
     assert report["plan_max_error"] == pytest.approx(abs(ok["predicted_over_measured"] - 1))
+
+
+def test_outcome_reads_results_out_of_memory_and_failures(tmp_path):
+    (tmp_path / "log.txt").write_text("Traceback ...\nValueError: the reason")
+    assert read_outcome(tmp_path, None) == {
+        "status": "failed",
+        "error": "Traceback ...\nValueError: the reason",
+    }
+    stopped = read_outcome(tmp_path, "timeout")
+    assert stopped["status"] == "timeout" and "the reason" in stopped["error"]
+    failed = {"rank": 0, "time": 2.0, "oom": False, "error": "gloo: connection closed"}
+    (tmp_path / "failed_rank0.json").write_text(json.dumps(failed))
+    failed = {"rank": 1, "time": 1.0, "oom": False, "error": "ValueError: the reason"}
+    (tmp_path / "failed_rank1.json").write_text(json.dumps(failed))
+    assert read_outcome(tmp_path, None) == {
+        "status": "failed",
+        "error": "rank 1: ValueError: the reason",  # the earliest failure
+    }
+    oom = {"rank": 2, "time": 3.0, "oom": True, "error": "can't allocate"}
+    (tmp_path / "failed_rank2.json").write_text(json.dumps(oom))
+    assert read_outcome(tmp_path, None) == {"status": "oom", "error": "rank 2: can't allocate"}
+    (tmp_path / "result.json").write_text(json.dumps({"ranks": [{"rank": 0}]}))
+    assert read_outcome(tmp_path, None) == {"status": "ok", "ranks": [{"rank": 0}]}
+
+
+def test_a_record_file_too_small_for_the_steps_is_a_clear_failure(small_rec, capsys):
+    from facescale.cli import main
+
+    args = ["bench", "train", "--network", "mbf", "--classes", "100", "--parallel", "model"]
+    args += ["--batch", "16", "--steps", "3", "--rec", str(small_rec), "--json"]
+    with pytest.raises(SystemExit):
+        main(args)
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    assert run["status"] == "failed"
+    assert "rank" in run["error"]
+    assert "needs 5 without an epoch end; use a larger record file" in run["error"]

@@ -8,7 +8,7 @@ the largest of the step's phases: the backbone's forward, the head's forward and
 * Backbone: traced on the meta device (no memory used) by counting the bytes of every
   tensor alive at each moment of two training steps (:class:`LiveTensorBytes`).
 * Head: closed forms in the bytes of one copy of the rank's centers, read off the head's
-  code and checked against a traced real step in the tests.
+  code and checked in the tests against the allocations of real steps.
 * CPU only: the runtime (threads, oneDNN scratch, gloo) adds a fixed amount, and from the
   backbone's backward on glibc keeps freed blocks resident; constants fitted to
   `facescale bench train` runs (docs/benchmarks_and_planning.md).
@@ -67,7 +67,11 @@ def format_size(count: float) -> str:
 
 class LiveTensorBytes(TorchDispatchMode):
     """While active, the bytes of every tensor storage that an operation created and that
-    is still alive: ``live`` now, and ``timeline``, its value after each operation."""
+    is still alive: ``live`` now, and ``timeline``, its value after each operation.
+
+    Being a dispatch mode it holds a Python reference to each new tensor, so autograd
+    copies a fresh gradient into ``.grad`` instead of taking it over: for a backbone one
+    parameter's bytes at a time, within the tests' tolerance."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -214,23 +218,24 @@ def head_memory(cfg: Config, world_size: int) -> HeadMemory:
     d, k = cfg.embedding_size, optimizer_states(cfg)
     if cfg.head == "data_parallel":
         # Every rank: all centers. Forward holds a few [batch x classes] logit tensors;
-        # backward holds three center-sized tensors at its peak (the gradient of the raw
-        # centers and two terms of the normalisation's); the dense gradient lives on to the
-        # update, which adds one temporary (two for AdamW).
+        # backward two center-sized ones at its peak (the gradient of the raw centers and
+        # a term of the normalisation's) and the logits' gradient; the dense gradient lives
+        # on to the update, which adds one temporary (two for AdamW).
         copy = cfg.num_classes * d * FLOAT_BYTES
         logits = cfg.batch_size * cfg.num_classes * FLOAT_BYTES
         return HeadMemory(
             state=(1 + k) * copy,
             forward=4 * logits,
-            backward=3 * copy,
+            backward=2 * copy + logits,
             retained=copy,
             step=(2 if k < 2 else 3) * copy,
         )
     # Partial FC (lean): the shard's centers and optimizer state, and the head's scratch
     # buffers, kept from step to step: a chunk of DEFAULT_CHUNK_SIZE computed classes for
     # the gradient and its product with the centers (under sampling also the chunk's rows
-    # and their optimizer state, copied), and the chunk's logits. Other transients are
-    # vectors of the global batch, and the sampler's key per class.
+    # and their optimizer state, copied), and the chunk's logits. The gradient norm reads
+    # a chunk's gradient in float64 (two chunks' bytes); other transients are vectors of
+    # the global batch, and the sampler's key per class.
     local = math.ceil(cfg.num_classes / world_size)
     sampled = cfg.sample_rate < 1
     computed = min(local, math.ceil(cfg.sample_rate * local)) if sampled else local
@@ -244,8 +249,8 @@ def head_memory(cfg: Config, world_size: int) -> HeadMemory:
         state=(1 + k) * local * d * FLOAT_BYTES + scratch,
         forward=max(5 * batch, sampler),
         backward=8 * batch,
-        retained=4 * batch,
-        step=6 * batch,
+        retained=3 * batch,
+        step=2 * rows * d * FLOAT_BYTES + 3 * batch,
     )
 
 

@@ -25,6 +25,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from facescale.commands import add_overrides_argument
+
 HELP = "training samples/s and peak memory per rank: data vs model parallel vs Partial FC"
 
 MIB = 2**20
@@ -134,14 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="profile as many steps again to measure time with collectives in flight",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other config key, e.g. --set optimizer=adamw",
-    )
+    add_overrides_argument(parser, "any other config key (repeatable), e.g. --set optimizer=adamw")
     parser.add_argument("--plot", type=Path, help="write a PNG of samples/s and memory")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -225,14 +220,16 @@ def read_outcome(folder: Path, stopped: str | None) -> dict[str, Any]:
     result = folder / "result.json"
     if result.is_file():
         return {"status": "ok", "ranks": json.loads(result.read_text())["ranks"]}
-    ooms = sorted(folder.glob("oom_rank*.json"))
-    if ooms:
-        first = json.loads(ooms[0].read_text())
-        return {"status": "oom", "error": f"rank {first['rank']}: {first['error']}"}
-    log = (folder / "log.txt").read_text(errors="replace") if (folder / "log.txt").exists() else ""
+    failures = [json.loads(path.read_text()) for path in folder.glob("failed_rank*.json")]
+    if failures:  # out of memory anywhere, else the earliest error (the others follow it)
+        first = min(failures, key=lambda f: (not f["oom"], f["time"]))
+        status = "oom" if first["oom"] else "failed"
+        return {"status": status, "error": f"rank {first['rank']}: {first['error']}"}
+    log = folder / "log.txt"
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
     if stopped:
-        return {"status": stopped, "error": f"stopped after the time limit; log: {folder}"}
-    return {"status": "failed", "error": log[-2000:] or f"no output; see {folder}"}
+        return {"status": stopped, "error": f"stopped at the time limit; its output:\n{tail}"}
+    return {"status": "failed", "error": tail or "the job printed nothing"}
 
 
 def run_config(
@@ -258,7 +255,7 @@ def run_config(
         "label": mode.label,
         "classes": classes,
         "predicted_mib": predicted.peak / MIB,
-        "memory_limit_mib": limit / MIB if limit else None,
+        "memory_limit_mib": None if limit is None else limit / MIB,
     }
     stopped = launch(folder / "spec.json", args.ranks, folder / "log.txt", args.timeout)
     outcome = read_outcome(folder, stopped)

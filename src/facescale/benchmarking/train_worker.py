@@ -5,9 +5,9 @@
 
 Builds the trainer the spec's config describes, runs warm-up steps, then timed steps, and
 measures this rank's peak memory from before the model and head exist. Rank 0 writes
-``result.json`` (every rank's figures) into the spec's folder. A rank that runs out of
-memory writes ``oom_rank<r>.json`` and exits with :data:`OOM_EXIT`, so torchrun stops the
-other ranks and the parent reports the configuration as out of memory.
+``result.json`` (every rank's figures) into the spec's folder. A rank that fails writes
+``failed_rank<r>.json`` (the error, and whether it ran out of memory); out of memory it
+exits at once with :data:`OOM_EXIT`, so torchrun stops the other ranks.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def communication_seconds(events: Any) -> float:
         if hi > end:
             total += hi - max(lo, end)
             end = hi
-    return total / 1e6  # microseconds
+    return total / 1e6  # the profiler counts microseconds
 
 
 def _fit(trainer: Any, stop_step: int) -> None:
@@ -190,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mine = measure(spec, env)
     except BaseException as err:
-        if not is_out_of_memory(err):
+        oom = is_out_of_memory(err)
+        failure = {"rank": env.rank, "time": time.time(), "oom": oom}
+        _write(folder / f"failed_rank{env.rank}.json", failure | {"error": str(err)[:500]})
+        if not oom:
             raise
-        _write(folder / f"oom_rank{env.rank}.json", {"rank": env.rank, "error": str(err)[:500]})
         sys.stdout.flush()
         os._exit(OOM_EXIT)  # no clean-up that could wait on ranks still inside a collective
     ranks: list[Any] = [mine]

@@ -93,9 +93,10 @@ def _describe(report: dict[str, Any]) -> str:
     if rate is not None:
         lines.append(f"largest Partial FC sample_rate that fits: {rate:g}")
     elif cfg["head"] == "partial_fc" or not report["fits"]:
+        remedy = f"add devices or lower batch_size to {batch}" if batch else "add devices"
         lines.append(
             "no Partial FC sample_rate fits: every rank keeps its whole shard of centers and "
-            "their optimizer state; add devices or lower batch_size"
+            f"their optimizer state (sampling saves compute, not memory); {remedy}"
         )
     return "\n".join(lines)
 
