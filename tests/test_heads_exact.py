@@ -28,7 +28,7 @@ MARGINS = {
     "combined": CombinedMargin(64, 0.9, 0.3, 0.1),
     "straight": ArcFace(64, 0.5, straight_through=True),
 }
-MODES = ("dropin", "lean", "data_parallel")
+MODES = ("dropin", "lean", "lean_recompute", "data_parallel")  # recompute: no cache
 # (margin, mode, inter-class filtering threshold)
 CASES = [(m, mode, 0.0) for m in ("arcface", "cosface", "combined") for mode in MODES]
 CASES += [("arcface", mode, 0.25) for mode in MODES] + [("straight", "dropin", 0.0)]
@@ -42,11 +42,12 @@ def _build(mode, margin, num_classes, threshold):
         num_classes,
         DIM,
         margin,
-        lean=mode == "lean",
+        lean=mode.startswith("lean"),
         chunk_size=3,
+        cache_bytes=0 if mode == "lean_recompute" else 2**20,
         interclass_filtering_threshold=threshold,
     )
-    if mode == "lean":
+    if mode.startswith("lean"):
         head.configure_optimizer("sgd", lr=0.1)
     return head
 

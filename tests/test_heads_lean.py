@@ -9,6 +9,7 @@ their largest entry (both fp32; only the summation order differs); AdamW weights
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from dist_utils import run_ranks
 from heads_cases import assert_close_scaled, make_problem
 
@@ -19,11 +20,15 @@ NUM_CLASSES = 13
 MARGIN = CombinedMargin(64, 0.9, 0.3, 0.1)
 # per optimizer step, per micro-batch: rows on each of (up to) two ranks
 MICRO_SIZES = [[[5, 3], [2, 6]], [[4, 1], [3, 3]], [[6, 2], [1, 4]]]
-# (optimizer, momentum, weight decay, sample rate, micro-batches, max grad norm)
+# (optimizer, momentum, weight decay, sample rate, micro-batches, max grad norm, cache
+# bytes: None the default, which keeps every probability; 0 recomputes them all; 300 keeps
+# the first micro-batch of a step and recomputes the second)
 CASES = [
-    ("sgd", 0.9, 5e-4, 1.0, 2, 0.5),
-    ("adamw", 0.0, 5e-4, 1.0, 1, 0.0),
-    ("sgd", 0.0, 0.0, 0.5, 2, 0.0),
+    ("sgd", 0.9, 5e-4, 1.0, 2, 0.5, None),
+    ("adamw", 0.0, 5e-4, 1.0, 1, 0.0, None),
+    ("sgd", 0.0, 0.0, 0.5, 2, 0.0, None),
+    ("sgd", 0.0, 0.0, 0.5, 2, 0.5, 0),
+    ("sgd", 0.9, 5e-4, 1.0, 2, 0.5, 300),
 ]
 
 
@@ -41,10 +46,13 @@ def _global_norm(local_sq: torch.Tensor) -> float:
 
 
 def _train_both(rank, world, case):
-    kind, momentum, weight_decay, rate, micro, max_norm = case
+    kind, momentum, weight_decay, rate, micro, max_norm, cache_bytes = case
+    cache = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
     heads = {
-        lean: build_head("partial_fc", NUM_CLASSES, DIM, MARGIN, rate, lean=lean, chunk_size=3)
-        for lean in (False, True)
+        False: build_head("partial_fc", NUM_CLASSES, DIM, MARGIN, rate, chunk_size=3),
+        True: build_head(
+            "partial_fc", NUM_CLASSES, DIM, MARGIN, rate, lean=True, chunk_size=3, **cache
+        ),
     }
     optimizer = _torch_optimizer(kind, heads[False].parameters(), momentum, weight_decay)
     heads[True].configure_optimizer(kind, lr=0.1, momentum=momentum, weight_decay=weight_decay)
@@ -94,7 +102,7 @@ def _assert_same_training(result, kind):
             assert_close_scaled(lean_state[name], torch_state[name], 1e-5, name)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-rate{c[3]}-micro{c[4]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-rate{c[3]}-micro{c[4]}-cache{c[6]}")
 def test_lean_equals_dropin_after_several_steps_single_process(case):
     _assert_same_training(_train_both(0, 1, case), case[0])
 
@@ -113,6 +121,25 @@ def _lean_head(**kw):
     head = build_head("partial_fc", NUM_CLASSES, DIM, MARGIN, lean=True, chunk_size=5, **kw)
     head.configure_optimizer("sgd", lr=0.2)
     return head
+
+
+def test_probabilities_are_kept_while_they_fit_the_budget():
+    head = _lean_head(cache_bytes=6 * NUM_CLASSES * 4 + 4 * NUM_CLASSES * 4)
+    for rows in (6, 4, 1):  # the third micro-batch no longer fits
+        embeddings, labels, _ = make_problem(rows, rows, NUM_CLASSES, DIM)
+        head(embeddings.requires_grad_(), labels).backward()
+    assert [mb.probs is not None for mb in head._pending] == [True, True, False]
+    embeddings, labels, _ = make_problem(6, 6, NUM_CLASSES, DIM)  # the first micro-batch
+    cosine = F.normalize(embeddings, dim=1) @ F.normalize(head.weight, dim=1).t()
+    logits = MARGIN.s * cosine
+    rows = torch.arange(6)
+    logits[rows, labels] = MARGIN(cosine[rows, labels])
+    expected = logits.softmax(dim=1).index_put_((rows, labels), torch.tensor(0.0))
+    torch.testing.assert_close(head._pending[0].probs, expected, rtol=1e-5, atol=1e-7)
+    head.step()
+    embeddings, labels, _ = make_problem(9, 6, NUM_CLASSES, DIM)
+    head(embeddings.requires_grad_(), labels).backward()
+    assert head._pending[0].probs is not None  # the budget is per step
 
 
 def test_forward_without_grad_records_nothing():

@@ -118,7 +118,7 @@ def _head_step(rank: int, world: int, case: dict) -> dict[str, int]:
     def build() -> None:
         head = build_head(
             cfg.head, cfg.num_classes, cfg.embedding_size, CombinedMargin(64, 1, 0.5, 0),
-            sample_rate=cfg.sample_rate, lean=lean,
+            sample_rate=cfg.sample_rate, lean=lean, cache_bytes=cfg.head_cache_mib * 2**20,
         )  # fmt: skip
         if lean:
             head.configure_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
@@ -153,6 +153,8 @@ HEAD_CASES = [
     {"head": "partial_fc", "sample_rate": 0.1},
     {"head": "partial_fc", "sample_rate": 0.1, "optimizer": "adamw"},
     {"head": "partial_fc", "batch_size": 256, "num_classes": 2000},
+    {"head": "partial_fc", "head_cache_mib": 0},  # the softmax is recomputed, not kept
+    {"head": "partial_fc", "batch_size": 256, "head_cache_mib": 8},  # over the budget
 ]
 
 
@@ -193,8 +195,12 @@ def test_estimate_adds_state_and_the_largest_phase():
     cfg = Config(network="mbf", batch_size=8, num_classes=100_000, head="partial_fc")
     cpu, cuda = plan.estimate(cfg, 4, "cpu"), plan.estimate(cfg, 4, "cuda")
     # centers + momentum of one shard, and the kept scratch: two chunks of 4096 centers
-    # (gradient, product) and the chunk's logits for the global batch of 32
-    assert cpu.head_state == 2 * 25_000 * 512 * 4 + 2 * 4096 * 512 * 4 + 32 * 4096 * 4
+    # (gradient, product), the chunk's logits for the global batch of 32 and the kept
+    # softmax of the global batch over the shard
+    kept = 32 * 25_000 * 4
+    assert cpu.head_state == 2 * 25_000 * 512 * 4 + 2 * 4096 * 512 * 4 + 32 * 4096 * 4 + kept
+    recomputing = plan.estimate(dataclasses.replace(cfg, head_cache_mib=0), 4, "cpu")
+    assert recomputing.head_state == cpu.head_state - kept
     trace = plan.trace_backbone(cfg)
     assert cuda.backbone_state == trace.state + 4 * trace.parameters  # + DDP buckets
     assert plan.estimate(cfg, 1, "cuda").backbone_state == trace.state
@@ -236,7 +242,9 @@ def test_plan_command_prints_one_json_object(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["device"] == "cuda" and report["device_memory"] == 8 * 2**30
     assert report["fits"] is True
-    assert report["estimate"]["head_state"] == 2 * (1_000_000 * 512 + 4096 * 512 + 32 * 4096) * 4
+    kept_softmax = 64 * 1_000_000 * 4  # the global batch over the shard
+    centers_and_scratch = 2 * (1_000_000 * 512 + 4096 * 512 + 32 * 4096) * 4
+    assert report["estimate"]["head_state"] == centers_and_scratch + kept_softmax
     assert report["largest_num_classes"] > 2_000_000
     assert report["largest_batch_size"] >= 32
 

@@ -103,6 +103,9 @@ class Config:
     sample_rate: float = field(
         default=1.0, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
     )
+    # MiB per rank the Partial FC head may keep a step's softmax in, to skip recomputing the
+    # logits in its update (a quarter of the head's matmuls); 0 always recomputes
+    head_cache_mib: int = field(default=512, metadata=_check(_non_negative, "an integer >= 0"))
     # data
     rec: str = field(default="synthetic", metadata=_check(bool, "a dataset folder or 'synthetic'"))
     num_classes: int = field(default=93431, metadata=_check(_positive, "an integer > 0"))

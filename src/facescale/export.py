@@ -7,8 +7,10 @@ float32 interface and stores weights and computes in float16 inside.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,7 +61,7 @@ def export_onnx(
     device = next(model.parameters()).device
     example = torch.rand(2, 3, 112, 112, device=device) * 2 - 1
     external = _parameter_bytes(model) >= SINGLE_FILE_LIMIT
-    with eval_mode(model):
+    with eval_mode(model), _quiet_exporter():
         program = torch.onnx.export(
             model,
             (example,),
@@ -84,6 +86,21 @@ def export_onnx(
         )
     onnx.save_model(half, path, save_as_external_data=external)
     return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Hide the exporter's notes that never concern a face model: torchvision's detection
+    ops being absent, and a deprecation raised inside torch itself."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def onnx_session(path: str | Path) -> onnxruntime.InferenceSession:

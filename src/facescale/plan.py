@@ -235,14 +235,23 @@ def head_memory(cfg: Config, world_size: int) -> HeadMemory:
     # the gradient and its product with the centers (under sampling also the chunk's rows
     # and their optimizer state, copied), and the chunk's logits. The gradient norm reads
     # a chunk's gradient in float64 (two chunks' bytes); other transients are vectors of
-    # the global batch, and the sampler's key per class.
+    # the global batch, and the sampler's key per class. The softmax of each micro-batch
+    # whose [batch x computed] probabilities fit the cache budget is kept too (the chunk of
+    # logits then holds probabilities; both exist when some micro-batches are kept and
+    # others recomputed).
     local = math.ceil(cfg.num_classes / world_size)
     sampled = cfg.sample_rate < 1
     computed = min(local, math.ceil(cfg.sample_rate * local)) if sampled else local
     rows = min(DEFAULT_CHUNK_SIZE, computed)
     global_batch = cfg.batch_size * world_size
+    probs = global_batch * computed * FLOAT_BYTES
+    kept = min(cfg.gradient_acc, cfg.head_cache_mib * 2**20 // probs)
     scratch_blocks = 2 + (1 + k if sampled else 0)
-    scratch = scratch_blocks * rows * d * FLOAT_BYTES + global_batch * rows * FLOAT_BYTES
+    logit_chunks = 2 if 0 < kept < cfg.gradient_acc else 1
+    scratch = (
+        scratch_blocks * rows * d * FLOAT_BYTES + logit_chunks * global_batch * rows * FLOAT_BYTES
+    )
+    scratch += kept * probs
     batch = global_batch * d * FLOAT_BYTES  # one copy of the gathered embeddings
     sampler = 4 * local + 24 * computed if sampled else 0  # keys, top-k and sort buffers
     return HeadMemory(

@@ -38,6 +38,7 @@ class Options:
     dim: int
     sample_rate: float
     chunk_size: int
+    cache_mib: int
     dtype: str
     steps: int
     warmup: int
@@ -46,7 +47,7 @@ class Options:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from facescale.heads.partial_fc import DEFAULT_CHUNK_SIZE
+    from facescale.heads.partial_fc import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_SIZE
 
     parser.add_argument("--kind", choices=("partial_fc", "data_parallel"), default="partial_fc")
     parser.add_argument(
@@ -62,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=512, help="embedding size")
     parser.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument(
+        "--cache-mib",
+        type=int,
+        default=DEFAULT_CACHE_BYTES // 2**20,
+        help="MiB the lean head may keep the softmax in between forward and update (0: "
+        "recompute the logits in the update)",
+    )
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
@@ -77,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
     lean = (args.mode or ("lean" if args.kind == "partial_fc" else "dropin")) == "lean"
     problem = None
-    if args.world < 1 or args.steps < 1 or args.warmup < 0:
-        problem = "--world and --steps must be >= 1 and --warmup >= 0"
+    if args.world < 1 or args.steps < 1 or args.warmup < 0 or args.cache_mib < 0:
+        problem = "--world and --steps must be >= 1, --warmup and --cache-mib >= 0"
     elif args.kind == "data_parallel" and (lean or args.sample_rate != 1):
         problem = "--kind data_parallel takes --mode dropin and --sample-rate 1"
     if problem:
@@ -93,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         args.dim,
         args.sample_rate,
         args.chunk_size,
+        args.cache_mib,
         args.dtype,
         args.steps,
         args.warmup,
@@ -239,6 +248,7 @@ def measure_rank(options: Options, device: Any) -> dict[str, Any]:
         options.sample_rate,
         lean=options.lean,
         chunk_size=options.chunk_size,
+        cache_bytes=options.cache_mib * 2**20,
         logits_dtype=dtype,
         seed=0,
     ).to(device)

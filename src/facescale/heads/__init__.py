@@ -26,7 +26,7 @@ def build_head(
     """The head named ``kind``: 'partial_fc' (model parallel, sampled when sample_rate < 1)
     or 'data_parallel' (the replicated baseline: sample_rate 1, drop-in only).
 
-    ``options`` are :class:`PartialFC`'s keywords (``lean``, ``chunk_size``,
+    ``options`` are :class:`PartialFC`'s keywords (``lean``, ``chunk_size``, ``cache_bytes``,
     ``interclass_filtering_threshold``, ``logits_dtype``, ``seed``); the data-parallel head
     takes the last three.
     """
@@ -35,6 +35,7 @@ def build_head(
     if kind == "data_parallel":
         lean = options.pop("lean", False)
         options.pop("chunk_size", None)
+        options.pop("cache_bytes", None)
         if sample_rate != 1.0 or lean:
             raise ValueError(
                 f"head 'data_parallel' computes every class with a torch optimizer: it takes "

@@ -4,7 +4,10 @@ Forward streams the shard's (sampled) centers in chunks and keeps, per row, an o
 maximum, the sum of exponentials and, when training, the softmax-weighted sum of the
 centers, so the gradient to the embeddings is complete when forward ends (one more matmul
 per chunk, as in flash attention). Backward hands a :class:`MicroBatch` to the head; the
-centers' gradient is recomputed from it chunk by chunk when the head steps.
+centers' gradient is made from it chunk by chunk when the head steps. Given a cache (a
+[batch x classes] buffer the head grants while it fits its memory budget), forward keeps
+the softmax probabilities there and the update needs one matmul per chunk; without one the
+update recomputes the logits (a fourth matmul pass).
 
 Chunks use raw center rows and scale the logits by the rows' inverse norms (no normalised
 copy of the centers), and their buffers are reused across chunks and steps.
@@ -43,6 +46,7 @@ class MicroBatch:
     lse: Tensor  # [global_batch] log-sum-exp over all ranks' classes
     selection: ShardSelection
     target_coef: Tensor  # per target (selection order): d(row loss) / d(target cosine)
+    probs: Tensor | None  # [global_batch, computed classes] softmax, targets 0; or recompute
     scale: float  # upstream gradient / global batch
 
     @property
@@ -80,9 +84,12 @@ class ChunkedSoftmax:
         sel: ShardSelection,
         lo: int,
         scratch: Scratch,
+        out: Tensor | None = None,
     ) -> Tensor:
-        """Negative logits of columns [lo, lo + len(block)) (in scratch); targets are -inf."""
-        out = scratch.take("logits", (scaled.shape[0], block.shape[0]), inv_norm)
+        """Non-target logits of columns [lo, lo + len(block)), in ``out`` or scratch; targets
+        are -inf."""
+        if out is None:
+            out = scratch.take("logits", (scaled.shape[0], block.shape[0]), inv_norm)
         logits = matmul_into(out, scaled, block.to(self.dtype).t(), 1.0, accumulate=False)
         drop_filtered_(logits.mul_(inv_norm), self.margin.s * self.threshold)
         part = sel.target_slice(lo, lo + block.shape[0])
@@ -107,9 +114,11 @@ class ChunkedSoftmax:
         sel: ShardSelection,
         embedding_grad: bool,
         scratch: Scratch,
+        cache: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """``(loss, lse, target_coef, grad)``: the mean loss over the global batch and, with
-        ``embedding_grad``, its gradient to this shard's part of ``embeddings``."""
+        ``embedding_grad``, its gradient to this shard's part of ``embeddings``. A ``cache``
+        of shape [batch, sel.count] receives the softmax probabilities of the columns."""
         rows, batch = sel.target_rows, embeddings.shape[0]
         scaled = self.scale(embeddings)
         target_centers, local_target, slope = self._targets(weight, embeddings, sel)
@@ -117,20 +126,30 @@ class ChunkedSoftmax:
         top = embeddings.new_full((batch,), float("-inf"))
         sumexp = embeddings.new_zeros(batch)
         weighted = torch.zeros_like(embeddings) if embedding_grad else None
+        shifts = []
         for lo, hi in self.chunks(sel.count):
             block, inv_norm = self.centers(weight, shard_rows(sel.index, lo, hi), scratch)
-            logits = self._logits(scaled, block, inv_norm, sel, lo, scratch)
+            out = None if cache is None else cache[:, lo:hi]
+            logits = self._logits(scaled, block, inv_norm, sel, lo, scratch, out)
             new_top = torch.maximum(top, logits.amax(dim=1))
             shift = finite_or_zero(new_top)
             rescale = torch.exp(top - shift)
-            probs = logits.sub_(shift[:, None]).exp_()
+            probs = logits.sub_(shift[:, None]).exp_()  # relative to this chunk's shift
             sumexp.mul_(rescale).add_(probs.sum(dim=1))
             if weighted is not None:
-                scaled_probs = probs.mul_(inv_norm).to(self.dtype)
+                if cache is None:
+                    scaled_probs = probs.mul_(inv_norm)
+                else:
+                    buffer = scratch.take("scaled_probs", tuple(probs.shape), probs)
+                    scaled_probs = torch.mul(probs, inv_norm, out=buffer)
                 weighted.mul_(rescale[:, None])
-                matmul_into(weighted, scaled_probs, block.to(self.dtype), 1.0, accumulate=True)
+                matmul_into(weighted, scaled_probs.to(self.dtype), block.to(self.dtype), 1.0, True)
+            shifts.append(shift)
             top = new_top
         lse = log_sum_exp(top, sumexp, target, across_ranks=True)
+        if cache is not None:
+            for (lo, hi), shift in zip(self.chunks(sel.count), shifts, strict=True):
+                cache[:, lo:hi].mul_(torch.exp(shift - lse)[:, None])
         loss = (lse - target).sum() / batch
         target_coef = (torch.exp(local_target - lse[rows]) - 1.0) * slope
         if weighted is None:
@@ -152,8 +171,11 @@ class ChunkedSoftmax:
         """Gradient of ``mb``'s loss to the normalised centers ``block * inv_norm`` (columns
         [lo, lo + len(block)) of ``mb``) into ``out``, added to it if ``accumulate``."""
         sel = mb.selection
-        logits = self._logits(mb.scaled, block, inv_norm, sel, lo, scratch)
-        probs = logits.sub_(mb.lse[:, None]).exp_()
+        if mb.probs is not None:
+            probs = mb.probs[:, lo : lo + block.shape[0]]
+        else:
+            logits = self._logits(mb.scaled, block, inv_norm, sel, lo, scratch)
+            probs = logits.sub_(mb.lse[:, None]).exp_()
         matmul_into(out, probs.t().to(self.dtype), mb.scaled, mb.scale, accumulate)
         part = sel.target_slice(lo, lo + block.shape[0])
         coef = (mb.target_coef[part] * mb.scale)[:, None] * mb.embeddings[sel.target_rows[part]]
@@ -175,12 +197,13 @@ def shard_rows(index: Tensor | None, lo: int, hi: int) -> Rows:
 
 class _LeanLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, embeddings, weight, sel, softmax, record, embedding_grad, scratch):
+    def forward(ctx, embeddings, weight, sel, softmax, record, embedding_grad, scratch, cache):
         loss, lse, target_coef, grad = softmax.forward(
-            weight, embeddings, sel, embedding_grad, scratch
+            weight, embeddings, sel, embedding_grad, scratch, cache
         )
         ctx.grad, ctx.record = grad, record
-        ctx.micro_batch = (embeddings.detach(), softmax.scale(embeddings), lse, sel, target_coef)
+        scaled = softmax.scale(embeddings)
+        ctx.micro_batch = (embeddings.detach(), scaled, lse, sel, target_coef, cache)
         return loss
 
     @staticmethod
@@ -188,7 +211,7 @@ class _LeanLoss(torch.autograd.Function):
         embeddings = ctx.micro_batch[0]
         ctx.record(MicroBatch(*ctx.micro_batch, scale=upstream.item() / embeddings.shape[0]))
         grad = None if ctx.grad is None else ctx.grad * upstream
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def lean_loss(
@@ -198,15 +221,17 @@ def lean_loss(
     softmax: ChunkedSoftmax,
     record: Callable[[MicroBatch], None],
     scratch: Scratch,
+    cache: Tensor | None = None,
 ) -> Tensor:
     """Mean loss over the global batch; its backward passes a :class:`MicroBatch` to ``record``.
 
     ``embeddings`` are the gathered, normalised global batch. Without grad mode nothing is
-    recorded; embeddings that do not require grad still let the centers learn.
+    recorded; embeddings that do not require grad still let the centers learn. ``cache``
+    ([batch, sel.count], fp32) keeps the probabilities for the update.
     """
     if not torch.is_grad_enabled():
         return softmax.forward(weight, embeddings, sel, False, scratch)[0]
     embedding_grad = embeddings.requires_grad
     if not embedding_grad:
         embeddings = embeddings.detach().requires_grad_()
-    return _LeanLoss.apply(embeddings, weight, sel, softmax, record, embedding_grad, scratch)
+    return _LeanLoss.apply(embeddings, weight, sel, softmax, record, embedding_grad, scratch, cache)

@@ -5,7 +5,8 @@ Two modes share the input checks, the all-gather, the sampling and the softmax s
 * drop-in (``lean=False``): ``weight`` is an ``nn.Parameter``; the loss is plain autograd
   over the shard's (sampled) logits, so any torch optimizer steps the head.
 * lean (``lean=True``): ``weight`` is a buffer the head updates itself (:meth:`step`),
-  chunk by chunk; no dense logit matrix and no dense gradient of the centers exist.
+  chunk by chunk; no dense gradient of the centers exists, and the [batch x classes]
+  softmax is kept only while it fits ``cache_bytes`` (else recomputed in the update).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .shards import init_centers, shard_range
 from .softmax import dense_shard_terms, log_sum_exp
 
 DEFAULT_CHUNK_SIZE = 4096
+DEFAULT_CACHE_BYTES = 512 * 2**20
 
 
 class PartialFC(nn.Module):
@@ -54,12 +56,14 @@ class PartialFC(nn.Module):
         interclass_filtering_threshold: float = 0.0,
         logits_dtype: torch.dtype | str | None = None,
         seed: int = 0,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         super().__init__()
         check_head_args(num_classes, embedding_size, margin, interclass_filtering_threshold)
-        if not 0 < sample_rate <= 1 or chunk_size <= 0:
+        if not 0 < sample_rate <= 1 or chunk_size <= 0 or cache_bytes < 0:
             raise ValueError(
-                f"sample_rate={sample_rate} must be in (0, 1] and chunk_size={chunk_size} > 0"
+                f"sample_rate={sample_rate} must be in (0, 1], chunk_size={chunk_size} > 0 "
+                f"and cache_bytes={cache_bytes} >= 0"
             )
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.sample_rate, self.lean = sample_rate, lean
@@ -82,6 +86,8 @@ class PartialFC(nn.Module):
         self._pending: list[MicroBatch] = []
         self._last_index: Tensor | None = None
         self._scratch = Scratch()  # lean mode's chunk buffers, kept from step to step
+        self.cache_bytes = cache_bytes
+        self._cached: list[int] = []  # bytes of each probability cache handed out this step
 
     # ---- forward -----------------------------------------------------------------------
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -98,6 +104,7 @@ class PartialFC(nn.Module):
                     self.softmax,
                     self._pending.append,
                     self._scratch,
+                    self._probability_cache(batch.embeddings.shape[0], sel.count),
                 )
             return self._dense_loss(batch.embeddings, sel)
 
@@ -118,6 +125,18 @@ class PartialFC(nn.Module):
         target = sum_across_ranks(target)
         lse = log_sum_exp(top, sumexp, target, across_ranks=True)
         return (lse - target).sum() / embeddings.shape[0]
+
+    def _probability_cache(self, rows: int, columns: int) -> Tensor | None:
+        """A reused fp32 [rows x columns] buffer for a training forward's softmax, while the
+        caches handed out since the last step stay within ``cache_bytes``; else None."""
+        size = rows * columns * 4
+        if not torch.is_grad_enabled() or sum(self._cached) + size > self.cache_bytes:
+            return None
+        self._cached.append(size)
+        name = f"probs{len(self._cached)}"
+        return self._scratch.take(
+            name, (rows, columns), self.weight.new_empty(0, dtype=torch.float32)
+        )
 
     @property
     def sampled_classes(self) -> Tensor | None:
@@ -199,6 +218,7 @@ class PartialFC(nn.Module):
         """
         optimizer = self._require_optimizer()
         if not self._pending:
+            self._forget()
             return
         lr = optimizer.lr if lr is None else lr
         self.optimizer_steps += 1
@@ -213,12 +233,16 @@ class PartialFC(nn.Module):
             write_rows(self.weight, rows, block)
             for name, table in tables.items():
                 write_rows(table, rows, state[name])
-        self._pending.clear()
+        self._forget()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget recorded micro-batches (lean) and parameter gradients (drop-in)."""
         super().zero_grad(set_to_none)
+        self._forget()
+
+    def _forget(self) -> None:
         self._pending.clear()
+        self._cached.clear()
 
     def _require_lean(self, what: str) -> None:
         if not self.lean:
@@ -248,7 +272,8 @@ class PartialFC(nn.Module):
             f"num_classes={self.num_classes}, shard=[{self.class_start}, "
             f"{self.class_start + self.num_local}), embedding_size={self.embedding_size}, "
             f"sample_rate={self.sample_rate}, lean={self.lean}, "
-            f"chunk_size={self.softmax.chunk_size}, logits_dtype={self.softmax.dtype}, "
+            f"chunk_size={self.softmax.chunk_size}, cache_bytes={self.cache_bytes}, "
+            f"logits_dtype={self.softmax.dtype}, "
             f"interclass_filtering_threshold={self.softmax.threshold}"
         )
 

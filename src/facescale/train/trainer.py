@@ -151,6 +151,7 @@ class Trainer:
             lean=lean,
             interclass_filtering_threshold=cfg.interclass_filtering_threshold,
             seed=cfg.seed,
+            cache_bytes=cfg.head_cache_mib * 2**20,
         ).to(self.device)
         if lean:
             self.head.configure_optimizer(
