@@ -202,6 +202,12 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     assert lrs == [lr_at(step, 0.02, total_steps=6, warmup_steps=3) for step in range(6)]
 
 
+def test_keep_checkpoints_zero_writes_none(tmp_path):
+    run_ranks(_run, 1, tmp_path, {"num_epoch": 1, "keep_checkpoints": 0}, 16)
+    assert (tmp_path / "model.pt").is_file()
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     results = run_ranks(_run, 1, tmp_path, {"num_epoch": 1, "bf16": True}, 16)
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open())]

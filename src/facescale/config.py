@@ -154,7 +154,9 @@ class Config:
     checkpoint_every: int = field(
         default=2000, metadata=_check(_non_negative, "an integer >= 0 (steps; 0: epochs only)")
     )
-    keep_checkpoints: int = field(default=3, metadata=_check(_positive, "an integer > 0"))
+    keep_checkpoints: int = field(
+        default=3, metadata=_check(_non_negative, "an integer >= 0 (0: write no checkpoints)")
+    )
     stop_step: int = field(
         default=0, metadata=_check(_non_negative, "an integer >= 0 (0: run the whole schedule)")
     )

@@ -165,7 +165,7 @@ def config_overrides(args: argparse.Namespace, mode: Mode, classes: int, output:
         f"num_workers={args.workers}",
         f"fp16={args.precision == 'fp16'}",
         f"bf16={args.precision == 'bf16'}",
-        "checkpoint_every=0",
+        "keep_checkpoints=0",
         "val_targets=[]",
         "frequent=1000000000",
         "verbose=1000000000",

@@ -151,7 +151,6 @@ def measure(spec: RunSpec, env: Any) -> dict[str, Any]:
             f"images per rank, but the benchmark needs {needed + 1} without an epoch end; "
             "use a larger record file or fewer --steps/--warmup"
         )
-    trainer.save = lambda: None  # a benchmark keeps no checkpoints (stop_step would write one)
     _fit(trainer, spec.warmup)
     trainer.timings = dict.fromkeys(trainer.timings, 0.0)
     _fit(trainer, timed_end)

@@ -204,7 +204,7 @@ class Trainer:
         """Write a checkpoint of the current step (once per step); collective over ranks."""
         from facescale.heads import shard_range
 
-        if self._saved_step == self.progress.step:
+        if self._saved_step == self.progress.step or not self.cfg.keep_checkpoints:
             return
         if isinstance(self.head_update, ReplicatedHeadUpdate):
             log.warning("head=data_parallel is a speed baseline; it writes no checkpoints")
