@@ -46,7 +46,7 @@ class ArrayLoader:
             yield self.images[index], self.labels[index]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "batch": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
+        self.epoch, self.position = state["epoch"], state["batch"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import math
 import os
@@ -114,7 +113,11 @@ class Trainer:
     def __init__(
         self, cfg: Config, env: DistEnv, loader: Any = None, backbone: nn.Module | None = None
     ) -> None:
-        """``loader`` and ``backbone`` replace the ones the config names (custom data, models)."""
+        """``loader`` and ``backbone`` replace the ones the config names (custom data, models).
+
+        A loader has ``len`` (batches per epoch), ``set_epoch``, iteration, and a
+        ``state_dict`` whose ``epoch`` and ``batch`` entries ``load_state_dict`` resumes from.
+        """
         from facescale.backbones import model_from_config
         from facescale.heads import CombinedMargin, build_head
 
@@ -188,7 +191,6 @@ class Trainer:
         self.warmup_steps = round(self.steps_per_epoch * cfg.warmup_epoch)
         self.progress = Progress()
         self._saved_step = -1
-        self._skip_micro = 0  # batches to pass over after resuming on another number of ranks
         self.val_sets = self._find_val_sets()
         self.timings = dict.fromkeys(TIMED_PHASES, 0.0)  # seconds on this rank
 
@@ -269,10 +271,13 @@ class Trainer:
             self.loader.load_state_dict(mine["loader"])
         else:
             # Another world size reads the data in another order: finish the epoch on the
-            # new order from the same step, and restart the per-rank random streams.
+            # new order from the same step (the loader starts there without reading what
+            # comes before), and restart the per-rank random streams.
             seed_everything(self.cfg.seed + 1000003 * self.env.rank + self.progress.step)
-            self.progress.micro_in_epoch = 0
-            self._skip_micro = (self.progress.step % self.steps_per_epoch) * self.cfg.gradient_acc
+            done = (self.progress.step % self.steps_per_epoch) * self.cfg.gradient_acc
+            position = {"epoch": self.progress.epoch, "batch": done}
+            self.loader.load_state_dict(self.loader.state_dict() | position)
+            self.progress.micro_in_epoch = done
         if self.env.is_main:
             log.info(
                 "resumed from %s (step %d, epoch %d, saved on %d ranks, now %d)",
@@ -428,9 +433,6 @@ class Trainer:
                 if progress.micro_in_epoch == 0:
                     self.loader.set_epoch(progress.epoch)
                 batches = iter(self.loader)
-                if self._skip_micro:
-                    batches = itertools.islice(batches, self._skip_micro, None)
-                    progress.micro_in_epoch, self._skip_micro = self._skip_micro, 0
                 end_of_epoch = self.steps_per_epoch * acc
                 t_data = time.perf_counter()
                 for images, labels in batches:
