@@ -18,6 +18,7 @@ def _options(**kw):
         dim=512,
         sample_rate=1.0,
         chunk_size=256,
+        cache_mib=512,
         dtype="fp32",
         steps=3,
         warmup=0,
