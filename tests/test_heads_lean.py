@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from dist_utils import run_ranks
-from heads_cases import assert_close_scaled, make_problem
+from heads_cases import assert_close_scaled, center_grad, make_problem
 
-from facescale.heads import CombinedMargin, build_head
+from facescale.heads import ArcFace, CombinedMargin, build_head
 
 DIM = 8
 NUM_CLASSES = 13
@@ -140,6 +140,27 @@ def test_probabilities_are_kept_while_they_fit_the_budget():
     embeddings, labels, _ = make_problem(9, 6, NUM_CLASSES, DIM)
     head(embeddings.requires_grad_(), labels).backward()
     assert head._pending[0].probs is not None  # the budget is per step
+
+
+def test_kept_softmax_stays_finite_when_every_negative_is_filtered():
+    """A row whose negatives are all filtered and whose target logit is far below -88 (where
+    exp overflows float32) still gives the drop-in head's finite center gradient."""
+    margin = ArcFace(100, 0.5)
+    centers = torch.tensor([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0]])
+    x, labels = torch.tensor([[1.0, 0.0]]), torch.tensor([2])
+    grads = []
+    for lean in (False, True):
+        options = {"lean": lean, "interclass_filtering_threshold": 0.5}
+        head = build_head("partial_fc", 3, 2, margin, chunk_size=2, **options)
+        if lean:
+            head.configure_optimizer("sgd", lr=0.1)
+        head.weight.data.copy_(centers)
+        loss = head(x.clone().requires_grad_(), labels)
+        loss.backward()
+        assert loss.item() == pytest.approx(0.0, abs=1e-6)  # the target is the only class
+        grads.append(center_grad(head))
+    assert torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
 
 
 def test_forward_without_grad_records_nothing():

@@ -126,7 +126,7 @@ class ChunkedSoftmax:
         top = embeddings.new_full((batch,), float("-inf"))
         sumexp = embeddings.new_zeros(batch)
         weighted = torch.zeros_like(embeddings) if embedding_grad else None
-        shifts = []
+        tops = []  # per chunk: the running maximum its probabilities are relative to
         for lo, hi in self.chunks(sel.count):
             block, inv_norm = self.centers(weight, shard_rows(sel.index, lo, hi), scratch)
             out = None if cache is None else cache[:, lo:hi]
@@ -144,12 +144,13 @@ class ChunkedSoftmax:
                     scaled_probs = torch.mul(probs, inv_norm, out=buffer)
                 weighted.mul_(rescale[:, None])
                 matmul_into(weighted, scaled_probs.to(self.dtype), block.to(self.dtype), 1.0, True)
-            shifts.append(shift)
+            tops.append(new_top)
             top = new_top
         lse = log_sum_exp(top, sumexp, target, across_ranks=True)
         if cache is not None:
-            for (lo, hi), shift in zip(self.chunks(sel.count), shifts, strict=True):
-                cache[:, lo:hi].mul_(torch.exp(shift - lse)[:, None])
+            # -inf (no logit yet) gives 0, never exp(0 - lse) overflowing for a very low lse
+            for (lo, hi), chunk_top in zip(self.chunks(sel.count), tops, strict=True):
+                cache[:, lo:hi].mul_(torch.exp(chunk_top - lse)[:, None])
         loss = (lse - target).sum() / batch
         target_coef = (torch.exp(local_target - lse[rows]) - 1.0) * slope
         if weighted is None:
