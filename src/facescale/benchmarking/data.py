@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import multiprocessing as mp
 import multiprocessing.pool
 import os
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from facescale.benchmarking import print_report
 
 HELP = "loader images/s: random vs sequential reading, 0/1/2 workers, vs the JPEG decode floor"
 
@@ -218,9 +219,5 @@ def run(args: argparse.Namespace) -> int:
         },
         "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key}: {value}")
+    print_report(result, args.json)
     return 0

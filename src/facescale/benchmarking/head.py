@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import socket
@@ -21,6 +20,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from facescale.benchmarking import print_report
 
 HELP = "time the classification head alone (model parallel, Partial FC, data parallel)"
 
@@ -110,12 +111,7 @@ def run(args: argparse.Namespace) -> int:
     )
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_rank_main, args=(options, _free_port(), queue), nprocs=args.world, join=True)
-    report = summarize(options, queue.get())
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for key, value in report.items():
-            print(f"{key:<28} {value}")
+    print_report(summarize(options, queue.get()), args.json)
     return 0
 
 
