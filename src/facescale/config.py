@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facescale.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -43,7 +45,7 @@ IGNORED_KEYS: dict[str, str] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or value that cannot be used; the message says which and how to fix it."""
 
 

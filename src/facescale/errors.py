@@ -1,0 +1,11 @@
+"""The one exception type for a mistake the user can fix, and how the CLI reports it."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad config, bad data, an unwritable path: the message names the thing and the fix.
+
+    ``facescale`` prints it as one line (and to ``training.log`` in a run) with exit code 2;
+    anything else is a bug and keeps its traceback.
+    """
