@@ -8,8 +8,9 @@ from typing import Any
 from torch import nn
 
 from .data_parallel import DataParallelFC
+from .interface import TrainableHead
 from .margins import ArcFace, CombinedMargin, CosFace, monotone_cos
-from .partial_fc import PartialFC
+from .partial_fc import LeanPartialFC, PartialFC
 from .shards import shard_range
 
 HEAD_KINDS = ("partial_fc", "data_parallel")
@@ -26,11 +27,15 @@ def build_head(
     """The head named ``kind``: 'partial_fc' (model parallel, sampled when sample_rate < 1)
     or 'data_parallel' (the replicated baseline: sample_rate 1, drop-in only).
 
-    ``options`` are :class:`PartialFC`'s keywords (``lean``, ``chunk_size``, ``cache_bytes``,
-    ``interclass_filtering_threshold``, ``logits_dtype``, ``seed``); the data-parallel head
+    ``options`` are the heads' keywords: ``lean`` (:class:`LeanPartialFC` instead of the
+    drop-in :class:`PartialFC`), ``chunk_size``, ``cache_bytes`` (lean only),
+    ``interclass_filtering_threshold``, ``logits_dtype``, ``seed``; the data-parallel head
     takes the last three.
     """
     if kind == "partial_fc":
+        if options.pop("lean", False):
+            return LeanPartialFC(num_classes, embedding_size, margin, sample_rate, **options)
+        options.pop("cache_bytes", None)  # the drop-in head keeps nothing between steps
         return PartialFC(num_classes, embedding_size, margin, sample_rate, **options)
     if kind == "data_parallel":
         lean = options.pop("lean", False)
@@ -52,7 +57,9 @@ __all__ = [
     "CombinedMargin",
     "CosFace",
     "DataParallelFC",
+    "LeanPartialFC",
     "PartialFC",
+    "TrainableHead",
     "build_head",
     "monotone_cos",
     "shard_range",

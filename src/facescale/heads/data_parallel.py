@@ -8,8 +8,13 @@ exists to be compared with :class:`~facescale.heads.PartialFC`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+
+from facescale.distributed import get_world_size
+from facescale.optim import build_optimizer
 
 from .batch import gather_batch
 from .collectives import sum_across_ranks, summed
@@ -22,7 +27,8 @@ from .softmax import dense_shard_terms, log_sum_exp
 class DataParallelFC(nn.Module):
     """Full, replicated classification layer; same loss and gradients as PartialFC at rate 1."""
 
-    lean = False  # always stepped by a torch optimizer over head.parameters()
+    lean = False  # stepped by a torch optimizer over head.parameters()
+    class_start = 0  # every rank holds every class
 
     def __init__(
         self,
@@ -41,6 +47,8 @@ class DataParallelFC(nn.Module):
         self.dtype = resolve_logits_dtype(logits_dtype)
         self.weight = nn.Parameter(init_centers(0, num_classes, embedding_size, seed))
         self.weight.register_hook(summed)
+        self.num_local = num_classes
+        self.optimizer: torch.optim.Optimizer | None = None
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean loss over the global batch (same value on every rank)."""
@@ -61,6 +69,38 @@ class DataParallelFC(nn.Module):
             )
             lse = log_sum_exp(top, sumexp, target, across_ranks=False)
             return sum_across_ranks((lse - target).sum()) / batch.size
+
+    # ---- the training loop's head interface (facescale.heads.TrainableHead) -------------
+    def configure_optimizer(
+        self, kind: str = "sgd", lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4
+    ) -> None:
+        """The torch optimizer that :meth:`step` applies to the (summed) gradient."""
+        self.optimizer = build_optimizer(kind, self.parameters(), lr, momentum, weight_decay)
+
+    @torch.no_grad()
+    def grad_norm_sq(self) -> Tensor:
+        """This rank's part of the squared gradient norm: every rank holds the same full
+        gradient, so each contributes 1 / world_size of it to the sum over ranks."""
+        grads = [p.grad.float().pow(2).sum() for p in self.parameters() if p.grad is not None]
+        return torch.stack(grads).sum() / get_world_size()
+
+    @torch.no_grad()
+    def step(self, lr: float, grad_scale: float = 1.0) -> None:
+        if self.optimizer is None:
+            raise RuntimeError("call head.configure_optimizer(...) before head.step()")
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(grad_scale)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+
+    def checkpoint_state(self) -> None:
+        """None: the replicated baseline is a speed reference and writes no checkpoints."""
+        return None
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        raise RuntimeError("head=data_parallel writes no checkpoints and cannot resume")
 
     def extra_repr(self) -> str:
         return (

@@ -3,11 +3,11 @@
 Forward streams the shard's (sampled) centers in chunks and keeps, per row, an online
 maximum, the sum of exponentials and, when training, the softmax-weighted sum of the
 centers, so the gradient to the embeddings is complete when forward ends (one more matmul
-per chunk, as in flash attention). Backward hands a :class:`MicroBatch` to the head; the
-centers' gradient is made from it chunk by chunk when the head steps. Given a cache (a
-[batch x classes] buffer the head grants while it fits its memory budget), forward keeps
-the softmax probabilities there and the update needs one matmul per chunk; without one the
-update recomputes the logits (a fourth matmul pass).
+per chunk, as in flash attention). Backward appends a :class:`MicroBatch` to the head's
+``pending`` list; the centers' gradient is made from it chunk by chunk when the head steps.
+Given a cache (a [batch x classes] buffer the head grants while it fits its memory
+budget), forward keeps the softmax probabilities there and the update needs one matmul per
+chunk; without one the update recomputes the logits (a fourth matmul pass).
 
 Chunks use raw center rows and scale the logits by the rows' inverse norms (no normalised
 copy of the centers), and their buffers are reused across chunks and steps.
@@ -15,7 +15,7 @@ copy of the centers), and their buffers are reused across chunks and steps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -198,11 +198,11 @@ def shard_rows(index: Tensor | None, lo: int, hi: int) -> Rows:
 
 class _LeanLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, embeddings, weight, sel, softmax, record, embedding_grad, scratch, cache):
+    def forward(ctx, embeddings, weight, sel, softmax, pending, embedding_grad, scratch, cache):
         loss, lse, target_coef, grad = softmax.forward(
             weight, embeddings, sel, embedding_grad, scratch, cache
         )
-        ctx.grad, ctx.record = grad, record
+        ctx.grad, ctx.pending = grad, pending
         scaled = softmax.scale(embeddings)
         ctx.micro_batch = (embeddings.detach(), scaled, lse, sel, target_coef, cache)
         return loss
@@ -210,7 +210,9 @@ class _LeanLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, upstream):
         embeddings = ctx.micro_batch[0]
-        ctx.record(MicroBatch(*ctx.micro_batch, scale=upstream.item() / embeddings.shape[0]))
+        ctx.pending.append(
+            MicroBatch(*ctx.micro_batch, scale=upstream.item() / embeddings.shape[0])
+        )
         grad = None if ctx.grad is None else ctx.grad * upstream
         return grad, None, None, None, None, None, None, None
 
@@ -220,11 +222,11 @@ def lean_loss(
     weight: Tensor,
     sel: ShardSelection,
     softmax: ChunkedSoftmax,
-    record: Callable[[MicroBatch], None],
+    pending: list[MicroBatch],
     scratch: Scratch,
     cache: Tensor | None = None,
 ) -> Tensor:
-    """Mean loss over the global batch; its backward passes a :class:`MicroBatch` to ``record``.
+    """Mean loss over the global batch; its backward appends a :class:`MicroBatch` to ``pending``.
 
     ``embeddings`` are the gathered, normalised global batch. Without grad mode nothing is
     recorded; embeddings that do not require grad still let the centers learn. ``cache``
@@ -235,4 +237,6 @@ def lean_loss(
     embedding_grad = embeddings.requires_grad
     if not embedding_grad:
         embeddings = embeddings.detach().requires_grad_()
-    return _LeanLoss.apply(embeddings, weight, sel, softmax, record, embedding_grad, scratch, cache)
+    return _LeanLoss.apply(
+        embeddings, weight, sel, softmax, pending, embedding_grad, scratch, cache
+    )

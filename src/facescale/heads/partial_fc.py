@@ -1,12 +1,14 @@
 """Partial FC: class centers sharded over ranks (model parallel), optionally sampled per step.
 
-Two modes share the input checks, the all-gather, the sampling and the softmax statistics:
+Two heads share the input checks, the all-gather, the sampling and the softmax statistics
+(:class:`ShardedHead`):
 
-* drop-in (``lean=False``): ``weight`` is an ``nn.Parameter``; the loss is plain autograd
-  over the shard's (sampled) logits, so any torch optimizer steps the head.
-* lean (``lean=True``): ``weight`` is a buffer the head updates itself (:meth:`step`),
+* :class:`PartialFC`, the drop-in head: ``weight`` is an ``nn.Parameter``; the loss is plain
+  autograd over the shard's (sampled) logits, so any torch optimizer steps the head.
+* :class:`LeanPartialFC`: ``weight`` is a buffer the head updates itself (:meth:`step`),
   chunk by chunk; no dense gradient of the centers exists, and the [batch x classes]
   softmax is kept only while it fits ``cache_bytes`` (else recomputed in the update).
+  Backward leaves each micro-batch in :attr:`LeanPartialFC.pending` (the head's ``.grad``).
 """
 
 from __future__ import annotations
@@ -34,14 +36,86 @@ DEFAULT_CHUNK_SIZE = 4096
 DEFAULT_CACHE_BYTES = 512 * 2**20
 
 
-class PartialFC(nn.Module):
+class ShardedHead(nn.Module):
+    """What both Partial FC heads share: this rank's contiguous shard of the class centers,
+    the per-step class sampling, and the chunked margin softmax's settings."""
+
+    lean = False
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: CombinedMargin,
+        sample_rate: float = 1.0,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        interclass_filtering_threshold: float = 0.0,
+        logits_dtype: torch.dtype | str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_head_args(num_classes, embedding_size, margin, interclass_filtering_threshold)
+        if not 0 < sample_rate <= 1 or chunk_size <= 0:
+            raise ValueError(
+                f"sample_rate={sample_rate} must be in (0, 1] and chunk_size={chunk_size} > 0"
+            )
+        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.sample_rate = sample_rate
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self.class_start, self.num_local = shard_range(num_classes, self.rank, self.world_size)
+        self.margin = margin
+        self.softmax = ChunkedSoftmax(
+            margin, interclass_filtering_threshold, resolve_logits_dtype(logits_dtype), chunk_size
+        )
+        self.sampler = (
+            ClassSampler(self.num_local, sample_rate, seed, self.rank) if sample_rate < 1 else None
+        )
+        self._last_index: Tensor | None = None
+
+    def _initial_centers(self, seed: int) -> Tensor:
+        return init_centers(self.class_start, self.num_local, self.embedding_size, seed)
+
+    def _gather_and_select(
+        self, embeddings: Tensor, labels: Tensor
+    ) -> tuple[Tensor, ShardSelection]:
+        """The global batch's normalised embeddings and this shard's selected classes."""
+        batch = gather_batch(embeddings, labels, self.embedding_size, self.num_classes)
+        sel = select_classes(batch.labels, self.class_start, self.num_local, self.sampler)
+        self._last_index = sel.index
+        return batch.embeddings, sel
+
+    @property
+    def sampled_classes(self) -> Tensor | None:
+        """Global ids of this shard's classes computed by the last forward (None: all of them)."""
+        return None if self._last_index is None else self._last_index + self.class_start
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict() if self.sampler is not None else {}}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if self.sampler is not None and state["sampler"]:
+            self.sampler.load_state_dict(state["sampler"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, shard=[{self.class_start}, "
+            f"{self.class_start + self.num_local}), embedding_size={self.embedding_size}, "
+            f"sample_rate={self.sample_rate}, chunk_size={self.softmax.chunk_size}, "
+            f"logits_dtype={self.softmax.dtype}, "
+            f"interclass_filtering_threshold={self.softmax.threshold}"
+        )
+
+
+class PartialFC(ShardedHead):
     """Margin-softmax classification layer whose class centers are split over the ranks.
 
     ``loss = head(local_embeddings, local_labels)`` takes global class ids and returns the
     mean loss over the global batch, the same value on every rank; the gradient reaches
     each rank's own embeddings. With ``sample_rate < 1`` a step computes, per shard, the
     positive classes of the global batch plus uniform negatives, ``ceil(sample_rate *
-    num_local)`` classes in all. Runs with or without an initialised process group.
+    num_local)`` classes in all. Runs with or without an initialised process group; any
+    torch optimizer over ``head.parameters()`` updates the centers.
     """
 
     def __init__(
@@ -51,80 +125,102 @@ class PartialFC(nn.Module):
         margin: CombinedMargin,
         sample_rate: float = 1.0,
         *,
-        lean: bool = False,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        interclass_filtering_threshold: float = 0.0,
+        logits_dtype: torch.dtype | str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            num_classes,
+            embedding_size,
+            margin,
+            sample_rate,
+            chunk_size=chunk_size,
+            interclass_filtering_threshold=interclass_filtering_threshold,
+            logits_dtype=logits_dtype,
+            seed=seed,
+        )
+        self.weight = nn.Parameter(self._initial_centers(seed))
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Mean margin-softmax loss over the global batch (same value on every rank)."""
+        with torch.autocast(embeddings.device.type, enabled=False):
+            embeddings, sel = self._gather_and_select(embeddings, labels)
+            weight = self.weight if sel.index is None else self.weight[sel.index]
+            top, sumexp, local_target = dense_shard_terms(
+                embeddings,
+                weight,
+                sel.target_rows,
+                sel.target_cols,
+                self.margin,
+                self.softmax.threshold,
+                self.softmax.dtype,
+            )
+            target = embeddings.new_zeros(embeddings.shape[0]).index_add(
+                0, sel.target_rows, local_target
+            )
+            target = sum_across_ranks(target)
+            lse = log_sum_exp(top, sumexp, target, across_ranks=True)
+            return (lse - target).sum() / embeddings.shape[0]
+
+
+class LeanPartialFC(ShardedHead):
+    """:class:`PartialFC` that updates its own centers in chunks, with no dense gradient.
+
+    After ``loss.backward()``, :meth:`step` applies the optimizer chosen by
+    :meth:`configure_optimizer` to the rows the recorded micro-batches computed (several
+    backwards accumulate, as ``.grad`` does); :meth:`zero_grad` forgets them. The softmax of a
+    training forward is kept for the update while the step's caches fit ``cache_bytes``.
+    """
+
+    lean = True
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: CombinedMargin,
+        sample_rate: float = 1.0,
+        *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         interclass_filtering_threshold: float = 0.0,
         logits_dtype: torch.dtype | str | None = None,
         seed: int = 0,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
-        super().__init__()
-        check_head_args(num_classes, embedding_size, margin, interclass_filtering_threshold)
-        if not 0 < sample_rate <= 1 or chunk_size <= 0 or cache_bytes < 0:
-            raise ValueError(
-                f"sample_rate={sample_rate} must be in (0, 1], chunk_size={chunk_size} > 0 "
-                f"and cache_bytes={cache_bytes} >= 0"
-            )
-        self.num_classes, self.embedding_size = num_classes, embedding_size
-        self.sample_rate, self.lean = sample_rate, lean
-        self.rank, self.world_size = get_rank(), get_world_size()
-        self.class_start, self.num_local = shard_range(num_classes, self.rank, self.world_size)
-        self.margin = margin
-        self.softmax = ChunkedSoftmax(
-            margin, interclass_filtering_threshold, resolve_logits_dtype(logits_dtype), chunk_size
+        super().__init__(
+            num_classes,
+            embedding_size,
+            margin,
+            sample_rate,
+            chunk_size=chunk_size,
+            interclass_filtering_threshold=interclass_filtering_threshold,
+            logits_dtype=logits_dtype,
+            seed=seed,
         )
-        centers = init_centers(self.class_start, self.num_local, embedding_size, seed)
-        if lean:
-            self.register_buffer("weight", centers)
-        else:
-            self.weight = nn.Parameter(centers)
-        self.sampler = (
-            ClassSampler(self.num_local, sample_rate, seed, self.rank) if sample_rate < 1 else None
-        )
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes={cache_bytes} must be >= 0")
+        self.register_buffer("weight", self._initial_centers(seed))
         self.optimizer: RowOptimizer | None = None
         self.optimizer_steps = 0
-        self._pending: list[MicroBatch] = []
-        self._last_index: Tensor | None = None
-        self._scratch = Scratch()  # lean mode's chunk buffers, kept from step to step
+        self.pending: list[MicroBatch] = []  # what each backward since the last step left
+        self._scratch = Scratch()  # chunk buffers, kept from step to step
         self.cache_bytes = cache_bytes
         self._cached: list[int] = []  # bytes of each probability cache handed out this step
 
-    # ---- forward -----------------------------------------------------------------------
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean margin-softmax loss over the global batch (same value on every rank)."""
         with torch.autocast(embeddings.device.type, enabled=False):
-            batch = gather_batch(embeddings, labels, self.embedding_size, self.num_classes)
-            sel = select_classes(batch.labels, self.class_start, self.num_local, self.sampler)
-            self._last_index = sel.index
-            if self.lean:
-                return lean_loss(
-                    batch.embeddings,
-                    self.weight,
-                    sel,
-                    self.softmax,
-                    self._pending.append,
-                    self._scratch,
-                    self._probability_cache(batch.embeddings.shape[0], sel.count),
-                )
-            return self._dense_loss(batch.embeddings, sel)
-
-    def _dense_loss(self, embeddings: Tensor, sel: ShardSelection) -> Tensor:
-        weight = self.weight if sel.index is None else self.weight[sel.index]
-        top, sumexp, local_target = dense_shard_terms(
-            embeddings,
-            weight,
-            sel.target_rows,
-            sel.target_cols,
-            self.margin,
-            self.softmax.threshold,
-            self.softmax.dtype,
-        )
-        target = embeddings.new_zeros(embeddings.shape[0]).index_add(
-            0, sel.target_rows, local_target
-        )
-        target = sum_across_ranks(target)
-        lse = log_sum_exp(top, sumexp, target, across_ranks=True)
-        return (lse - target).sum() / embeddings.shape[0]
+            embeddings, sel = self._gather_and_select(embeddings, labels)
+            return lean_loss(
+                embeddings,
+                self.weight,
+                sel,
+                self.softmax,
+                self.pending,
+                self._scratch,
+                self._probability_cache(embeddings.shape[0], sel.count),
+            )
 
     def _probability_cache(self, rows: int, columns: int) -> Tensor | None:
         """A reused fp32 [rows x columns] buffer for a training forward's softmax, while the
@@ -138,12 +234,6 @@ class PartialFC(nn.Module):
             name, (rows, columns), self.weight.new_empty(0, dtype=torch.float32)
         )
 
-    @property
-    def sampled_classes(self) -> Tensor | None:
-        """Global ids of this shard's classes computed by the last forward (None: all of them)."""
-        return None if self._last_index is None else self._last_index + self.class_start
-
-    # ---- lean mode: the head's own optimizer -------------------------------------------
     def configure_optimizer(
         self,
         kind: str = "sgd",
@@ -154,7 +244,6 @@ class PartialFC(nn.Module):
         eps: float = 1e-8,
     ) -> None:
         """Choose the centers' update ('sgd' or 'adamw') and create its per-row state."""
-        self._require_lean("configure_optimizer")
         if self.optimizer is not None:
             for name in self.optimizer.state_names:
                 delattr(self, name)
@@ -171,21 +260,20 @@ class PartialFC(nn.Module):
         the gradient of the recorded losses to those rows. Rows no micro-batch computed
         have no gradient and are not yielded.
         """
-        self._require_lean("center_grad_chunks")
         for rows, _, grad in self._center_grads():
             yield rows, grad.clone()
 
     def _center_grads(self) -> Iterator[tuple[Rows, Tensor, Tensor]]:
         """``(rows, center rows, gradient)`` per chunk; the last two live in scratch buffers."""
         scratch = self._scratch
-        index = _union([mb.index for mb in self._pending]) if self._pending else None
-        count = 0 if not self._pending else self.num_local if index is None else index.numel()
+        index = _union([mb.index for mb in self.pending]) if self.pending else None
+        count = 0 if not self.pending else self.num_local if index is None else index.numel()
         for lo, hi in self.softmax.chunks(count):
             rows = shard_rows(index, lo, hi)
             block, inv_norm = self.softmax.centers(self.weight, rows, scratch)
             grad = scratch.take("grad", tuple(block.shape), block)
             filled = False
-            for mb in self._pending:
+            for mb in self.pending:
                 first, last, hit = _columns_within(mb.index, rows, lo, hi)
                 if first == last:
                     continue
@@ -203,7 +291,6 @@ class PartialFC(nn.Module):
     @torch.no_grad()
     def grad_norm_sq(self) -> Tensor:
         """Squared L2 norm of this rank's accumulated center gradient (for global clipping)."""
-        self._require_lean("grad_norm_sq")
         total = self.weight.new_zeros((), dtype=torch.float64)
         for _, _, grad in self._center_grads():
             total += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
@@ -217,7 +304,7 @@ class PartialFC(nn.Module):
         ``lr`` defaults to the one given to :meth:`configure_optimizer`.
         """
         optimizer = self._require_optimizer()
-        if not self._pending:
+        if not self.pending:
             self._forget()
             return
         lr = optimizer.lr if lr is None else lr
@@ -236,46 +323,34 @@ class PartialFC(nn.Module):
         self._forget()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Forget recorded micro-batches (lean) and parameter gradients (drop-in)."""
-        super().zero_grad(set_to_none)
+        """Forget the micro-batches recorded since the last step."""
         self._forget()
 
     def _forget(self) -> None:
-        self._pending.clear()
+        self.pending.clear()
         self._cached.clear()
 
-    def _require_lean(self, what: str) -> None:
-        if not self.lean:
-            raise RuntimeError(
-                f"head.{what}() belongs to the lean head (lean=True); a drop-in head is "
-                "updated by a torch optimizer over head.parameters()"
-            )
-
     def _require_optimizer(self) -> RowOptimizer:
-        self._require_lean("step")
         if self.optimizer is None:
             raise RuntimeError("call head.configure_optimizer(...) before head.step()")
         return self.optimizer
 
-    # ---- checkpoints -------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Centers, optimizer state and counters of this shard (rows first: re-shardable)."""
+        return self.state_dict()
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state)
+
     def get_extra_state(self) -> dict[str, Any]:
-        sampler = self.sampler.state_dict() if self.sampler is not None else {}
-        return {"sampler": sampler, "optimizer_steps": self.optimizer_steps}
+        return super().get_extra_state() | {"optimizer_steps": self.optimizer_steps}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        if self.sampler is not None and state["sampler"]:
-            self.sampler.load_state_dict(state["sampler"])
+        super().set_extra_state(state)
         self.optimizer_steps = int(state["optimizer_steps"])
 
     def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, shard=[{self.class_start}, "
-            f"{self.class_start + self.num_local}), embedding_size={self.embedding_size}, "
-            f"sample_rate={self.sample_rate}, lean={self.lean}, "
-            f"chunk_size={self.softmax.chunk_size}, cache_bytes={self.cache_bytes}, "
-            f"logits_dtype={self.softmax.dtype}, "
-            f"interclass_filtering_threshold={self.softmax.threshold}"
-        )
+        return f"{super().extra_repr()}, cache_bytes={self.cache_bytes}"
 
 
 def _union(indices: list[Tensor | None]) -> Tensor | None:
