@@ -10,12 +10,13 @@ from dist_utils import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from facescale.backbones import Backbone, get_model, list_models, model_from_config
+from facescale.backbones import Backbone, get_model, list_models
 from facescale.backbones.iresnet import IBasicBlock, IResNet
 from facescale.backbones.mobilefacenet import DepthWise, MobileFaceNet
 from facescale.backbones.registry import MODELS
 from facescale.backbones.vit import Block, VisionTransformer
 from facescale.config import load_config
+from facescale.train.build import build_backbone
 
 ALL_NAMES = ["r18", "r34", "r50", "r100", "r200", "r2060"]
 ALL_NAMES += ["mbf", "mbf_large", "vit_t", "vit_s", "vit_b", "vit_l"]
@@ -88,8 +89,8 @@ def test_checkpointing_defaults_follow_arcface_torch():
 def test_config_keys_choose_the_backbone_options():
     overrides = ["network=vit_b", "embedding_size=128", "dropout=0.2", "channels_last=true"]
     with torch.device("meta"):
-        default = model_from_config(load_config(None, overrides))
-        forced = model_from_config(load_config(None, [*overrides, "gradient_checkpointing=false"]))
+        default = build_backbone(load_config(None, overrides))
+        forced = build_backbone(load_config(None, [*overrides, "gradient_checkpointing=false"]))
     assert default.embedding_size == 128 and default.dropout.p == 0.2
     assert default.channels_last and default.gradient_checkpointing
     assert not forced.gradient_checkpointing

@@ -14,10 +14,10 @@ from dist_utils import run_ranks
 from torch.profiler import ProfilerActivity, profile
 
 from facescale import plan
-from facescale.backbones import model_from_config
 from facescale.config import Config
 from facescale.heads import CombinedMargin, build_head
-from facescale.train.trainer import ReplicatedHeadUpdate, make_optimizer
+from facescale.optim import build_optimizer
+from facescale.train.build import build_backbone
 
 MIB = 2**20
 
@@ -81,8 +81,10 @@ class AllocationLog:
 def test_meta_trace_predicts_a_real_cpu_step_at_another_batch():
     cfg = Config(network="mbf", batch_size=3)
     log, parts = AllocationLog(), {}
-    log.run(lambda: parts.update(model=model_from_config(cfg).train()))
-    log.run(lambda: parts.update(opt=make_optimizer(cfg, parts["model"].parameters())))
+    log.run(lambda: parts.update(model=build_backbone(cfg).train()))
+    params = parts["model"].parameters()
+    optimizer = (cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay)
+    log.run(lambda: parts.update(opt=build_optimizer(*optimizer)))
     for _ in range(2):  # the second step runs with the optimizer state the first made
         state = log.level
         forward = log.run(lambda: parts.update(e=parts["model"](torch.randn(3, 3, 112, 112))))
@@ -120,14 +122,13 @@ def _head_step(rank: int, world: int, case: dict) -> dict[str, int]:
             cfg.head, cfg.num_classes, cfg.embedding_size, CombinedMargin(64, 1, 0.5, 0),
             sample_rate=cfg.sample_rate, lean=lean, cache_bytes=cfg.head_cache_mib * 2**20,
         )  # fmt: skip
-        if lean:
-            head.configure_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
-        parts.update(head=head, update=head if lean else ReplicatedHeadUpdate(head, cfg, world))
+        head.configure_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+        parts.update(head=head)
 
     def update() -> None:
-        parts["update"].grad_norm_sq()
-        parts["update"].step(0.1)
-        parts["update"].zero_grad()
+        parts["head"].grad_norm_sq()
+        parts["head"].step(0.1)
+        parts["head"].zero_grad()
         x.grad = None
 
     log.run(build)

@@ -63,9 +63,7 @@ def _run(rank, world, output, values, global_batch, resume=False):
     loader = ArrayLoader(images, labels, cfg.batch_size, rank, world, seed=cfg.seed)
     env = init_distributed()
     trainer = Trainer(cfg, env, loader, small_vit())
-    if resume:
-        trainer.resume()
-    summary = trainer.fit()
+    summary = trainer.run()  # resumes when cfg.resume
     backbone = {k: v.clone() for k, v in trainer.backbone.state_dict().items()}
     return {
         "summary": summary,

@@ -34,9 +34,7 @@ def _write_shards(folder, full, momentum, world):
             "steps": torch.tensor(7),
             "sampler_seed": 100 + rank,
         }
-        ckpt.atomic_save(
-            {"head": head, "head_start": start, "head_count": count}, folder / f"rank_{rank}.pt"
-        )
+        ckpt.atomic_save(ckpt.rank_state(world, start, count, head, {}), folder / f"rank_{rank}.pt")
 
 
 @pytest.mark.parametrize("old_world", [1, 2, 3])

@@ -163,9 +163,10 @@ class Config:
         default=0, metadata=_check(_non_negative, "an integer >= 0 (0: run the whole schedule)")
     )
 
-    def schedule(self, world_size: int) -> Schedule:
-        """Batch sizes and step counts of this config when run on ``world_size`` ranks."""
-        return Schedule.of(self, world_size)
+    def schedule(self, world_size: int, batches_per_rank: int | None = None) -> Schedule:
+        """Batch sizes and step counts of this config when run on ``world_size`` ranks, whose
+        data gives ``batches_per_rank`` batches an epoch (None: as ``num_image`` implies)."""
+        return Schedule.of(self, world_size, batches_per_rank)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,7 +195,7 @@ class Schedule:
     warmup_steps: int
 
     @classmethod
-    def of(cls, cfg: Config, world_size: int) -> Schedule:
+    def of(cls, cfg: Config, world_size: int, batches_per_rank: int | None = None) -> Schedule:
         global_batch = cfg.batch_size * world_size
         samples_per_step = global_batch * cfg.gradient_acc
         steps_per_epoch = cfg.num_image // samples_per_step
@@ -203,6 +204,21 @@ class Schedule:
                 f"num_image={cfg.num_image} is smaller than one optimizer step "
                 f"(batch_size {cfg.batch_size} x {world_size} ranks x gradient_acc "
                 f"{cfg.gradient_acc} = {samples_per_step}); lower batch_size or gradient_acc"
+            )
+        if batches_per_rank is not None and batches_per_rank // cfg.gradient_acc == 0:
+            raise ConfigError(
+                f"{cfg.rec}: {batches_per_rank} batches per rank cannot make one optimizer step "
+                f"of gradient_acc={cfg.gradient_acc} micro-batches; lower batch_size or "
+                "gradient_acc"
+            )
+        if batches_per_rank is not None and batches_per_rank // cfg.gradient_acc < steps_per_epoch:
+            steps_per_epoch = batches_per_rank // cfg.gradient_acc
+            log.warning(
+                "the data gives %d batches per rank per epoch, fewer than num_image=%d implies; "
+                "an epoch is %d optimizer steps",
+                batches_per_rank,
+                cfg.num_image,
+                steps_per_epoch,
             )
         return cls(
             world_size=world_size,

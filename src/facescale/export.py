@@ -36,10 +36,9 @@ def load_backbone(network: str, weights: str | Path, embedding_size: int = 512) 
     ``backbone.pth`` or of a facescale checkpoint's ``common.pt``."""
     from facescale.backbones import get_model, load_arcface_torch
     from facescale.backbones.arcface_torch import read_state_dict
+    from facescale.train.checkpoint import backbone_weights
 
-    state = read_state_dict(weights)
-    if isinstance(state.get("backbone"), Mapping):
-        state = state["backbone"]
+    state = backbone_weights(read_state_dict(weights))
     model = get_model(network, embedding_size)
     try:
         load_arcface_torch(model, state)

@@ -139,14 +139,16 @@ def step_timeline(cfg: Config, batch: int, device: str = "meta") -> StepTimeline
     """Trace two training steps of ``cfg``'s backbone at ``batch`` images on ``device`` and
     return the second (the first creates the optimizer state). On the meta device nothing
     is allocated, so any backbone can be traced on any machine."""
-    from facescale.backbones import model_from_config
     from facescale.backbones.base import INPUT_SIZE
-    from facescale.train.trainer import make_optimizer
+    from facescale.optim import build_optimizer
+    from facescale.train.build import build_backbone
 
     live = LiveTensorBytes()
     with live, torch.device(device):
-        model = model_from_config(cfg).train()
-        opt = make_optimizer(cfg, model.parameters())
+        model = build_backbone(cfg).train()
+        opt = build_optimizer(
+            cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay
+        )
         for _ in range(2):
             state, marks = live.live, [len(live.timeline)]
             embeddings = model(torch.randn(batch, 3, INPUT_SIZE, INPUT_SIZE))

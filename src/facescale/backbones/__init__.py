@@ -7,7 +7,7 @@ arcface_torch checkpoint into it; ``model_info`` reports parameters and FLOPs.
 from facescale.backbones.arcface_torch import load_arcface_torch
 from facescale.backbones.base import Backbone
 from facescale.backbones.info import ModelInfo, model_info
-from facescale.backbones.registry import get_model, list_models, model_from_config
+from facescale.backbones.registry import get_model, list_models
 
 __all__ = [
     "Backbone",
@@ -15,6 +15,5 @@ __all__ = [
     "get_model",
     "list_models",
     "load_arcface_torch",
-    "model_from_config",
     "model_info",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -18,9 +18,6 @@ from facescale.backbones.base import Backbone
 from facescale.backbones.iresnet import IResNet
 from facescale.backbones.mobilefacenet import MobileFaceNet
 from facescale.backbones.vit import VisionTransformer
-
-if TYPE_CHECKING:
-    from facescale.config import Config
 
 
 @dataclass(frozen=True)
@@ -105,18 +102,6 @@ def get_model(
         spec.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     )
     return model.to_channels_last() if channels_last else model
-
-
-def model_from_config(cfg: Config) -> Backbone:
-    """The backbone a run's config names, with its ``dropout``, ``gradient_checkpointing`` and
-    ``channels_last``; precision is left to the caller's autocast (the head stays fp32)."""
-    return get_model(
-        cfg.network,
-        cfg.embedding_size,
-        dropout=cfg.dropout,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        channels_last=cfg.channels_last,
-    )
 
 
 def _check_arguments(name: str, spec: ModelSpec, kwargs: Mapping[str, Any]) -> None:

@@ -12,6 +12,7 @@ exits at once with :data:`OOM_EXIT`, so torchrun stops the other ranks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from facescale.train.logger import RunLogger
+from facescale.train.trainer import Trainer
 
 OOM_EXIT = 3
 # profiler events of collectives: gloo's ranges; NCCL's ranges and its CUDA kernels
@@ -114,12 +118,7 @@ def communication_seconds(events: Any) -> float:
     return total / 1e6  # the profiler counts microseconds
 
 
-def _fit(trainer: Any, stop_step: int) -> None:
-    trainer.cfg.stop_step = stop_step
-    trainer.fit()
-
-
-def _profiled_fit(trainer: Any, stop_step: int) -> tuple[float, float]:
+def _profiled_fit(trainer: Trainer, logger: RunLogger, stop_step: int) -> tuple[float, float]:
     """Run up to ``stop_step`` under the profiler: wall seconds, and seconds during which a
     collective was in flight."""
     from torch.profiler import ProfilerActivity, profile
@@ -129,7 +128,7 @@ def _profiled_fit(trainer: Any, stop_step: int) -> tuple[float, float]:
         activities.append(ProfilerActivity.CUDA)
     started = time.perf_counter()
     with profile(activities=activities) as prof:
-        _fit(trainer, stop_step)
+        trainer.fit(logger, stop_step)
     return time.perf_counter() - started, communication_seconds(prof.events())
 
 
@@ -137,7 +136,6 @@ def measure(spec: RunSpec, env: Any) -> dict[str, Any]:
     """Build the trainer, run warm-up then timed steps (then profiled steps with ``comm``);
     this rank's figures."""
     from facescale.config import load_config
-    from facescale.train.trainer import Trainer
 
     cfg = load_config(None, spec.overrides)
     memory = PeakMemory(env.device)
@@ -145,24 +143,29 @@ def measure(spec: RunSpec, env: Any) -> dict[str, Any]:
     trainer = Trainer(cfg, env)
     timed_end = spec.warmup + spec.steps
     needed = timed_end + (spec.steps if spec.comm else 0)
-    if trainer.steps_per_epoch <= needed:
+    steps_per_epoch = trainer.schedule.steps_per_epoch
+    if steps_per_epoch <= needed:
         raise ValueError(
-            f"rec={cfg.rec}: an epoch is {trainer.steps_per_epoch} steps of {cfg.batch_size} "
+            f"rec={cfg.rec}: an epoch is {steps_per_epoch} steps of {cfg.batch_size} "
             f"images per rank, but the benchmark needs {needed + 1} without an epoch end; "
             "use a larger record file or fewer --steps/--warmup"
         )
-    _fit(trainer, spec.warmup)
-    trainer.timings = dict.fromkeys(trainer.timings, 0.0)
-    _fit(trainer, timed_end)
+    with contextlib.closing(trainer.open_logger()) as logger:
+        trainer.fit(logger, spec.warmup)
+        trainer.reset_timings()
+        trainer.fit(logger, timed_end)
+        timings = dict(trainer.timings)
+        if spec.comm:
+            profiled = _profiled_fit(trainer, logger, needed)
     result = {
         "rank": env.rank,
-        "timings": dict(trainer.timings),
+        "timings": timings,
         "threads": torch.get_num_threads(),
         "baseline_bytes": memory.base,
         **memory.peak(),
     }
     if spec.comm:
-        result["profiled_s"], result["comm_s"] = _profiled_fit(trainer, needed)
+        result["profiled_s"], result["comm_s"] = profiled
     return result
 
 

@@ -1,0 +1,162 @@
+"""Everything a run needs, built from the config in one visible order.
+
+:func:`build` makes the backbone, applies parallelism to it (:func:`parallelize`), builds the
+head with its own optimizer, the backbone's optimizer, the loss scaler, the loader and the
+schedule that the loader's length implies. The loop (:mod:`facescale.train.trainer`) only runs
+what this returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from facescale.backbones import Backbone, get_model
+from facescale.config import Config, Schedule
+from facescale.distributed import DistEnv
+from facescale.heads import CombinedMargin, TrainableHead, build_head
+from facescale.optim import build_optimizer
+
+log = logging.getLogger("facescale.train")
+
+
+class Loader(Protocol):
+    """A training loader: batches per epoch, epochs, and a position that resumes."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...  # with "epoch" and "batch" entries
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+@dataclass
+class Components:
+    """What :func:`build` makes for one rank."""
+
+    backbone: nn.Module  # the model that is saved and evaluated
+    model: nn.Module  # the backbone as the loop calls it (parallelised)
+    head: TrainableHead
+    optimizer: torch.optim.Optimizer  # the backbone's; the head owns its own
+    scaler: torch.amp.GradScaler | None  # fp16 loss scaling
+    loader: Loader
+    schedule: Schedule
+    dtype: torch.dtype | None  # the backbone's autocast dtype
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """Reduced precision to compute the backbone in, if any (fp16 needs CUDA)."""
+    if cfg.bf16:
+        return torch.bfloat16
+    if cfg.fp16:
+        if device.type == "cuda":
+            return torch.float16
+        log.warning("fp16 needs a GPU; running in float32 (set bf16=True for bfloat16 on CPU)")
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of one rank's own random streams (dropout, augmentation) from ``step`` on."""
+    return seed + 1000003 * rank + step
+
+
+def build_backbone(cfg: Config) -> Backbone:
+    """The backbone the config names, with its ``dropout``, ``gradient_checkpointing`` and
+    ``channels_last``; precision is left to the caller's autocast (the head stays fp32)."""
+    return get_model(
+        cfg.network,
+        cfg.embedding_size,
+        dropout=cfg.dropout,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        channels_last=cfg.channels_last,
+    )
+
+
+def parallelize(backbone: nn.Module, env: DistEnv, dtype: torch.dtype | None) -> nn.Module:
+    """The backbone as the loop calls it: data parallel over the ranks (fp16 gradients under
+    fp16 on GPUs), returning float32 embeddings there.
+
+    The head hands each rank the exact gradient of the one global loss to its embeddings;
+    DDP averages the backbone's gradients over ranks, so the embeddings' gradient is scaled
+    by the world size to keep the sum.
+    """
+    if env.world_size == 1:
+        return backbone
+    with warnings.catch_warnings():  # its replacement still syncs buffers at init
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")
+        model = DistributedDataParallel(
+            backbone,
+            device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+            broadcast_buffers=False,  # BatchNorm statistics stay per rank
+        )
+    if env.device.type == "cuda" and dtype == torch.float16:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    world = env.world_size
+
+    def embeddings_with_scaled_grad(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        embeddings = output.float()
+        embeddings.register_hook(lambda grad: grad * world)
+        return embeddings
+
+    model.register_forward_hook(embeddings_with_scaled_grad)
+    return model
+
+
+def build_training_head(cfg: Config, device: torch.device) -> TrainableHead:
+    """The config's head on ``device``, with its optimizer; Partial FC runs lean."""
+    head: TrainableHead = build_head(
+        cfg.head,
+        cfg.num_classes,
+        cfg.embedding_size,
+        CombinedMargin(cfg.scale, *cfg.margin_list),
+        sample_rate=cfg.sample_rate,
+        lean=cfg.head == "partial_fc",
+        interclass_filtering_threshold=cfg.interclass_filtering_threshold,
+        seed=cfg.seed,
+        cache_bytes=cfg.head_cache_mib * 2**20,
+    ).to(device)
+    head.configure_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+    return head
+
+
+def build(
+    cfg: Config, env: DistEnv, loader: Loader | None = None, backbone: nn.Module | None = None
+) -> Components:
+    """Build one rank's run; ``loader`` and ``backbone`` replace the ones the config names."""
+    dtype = autocast_dtype(cfg, env.device)
+    seed_everything(cfg.seed)  # identical backbone initialisation on every rank
+    backbone = (backbone if backbone is not None else build_backbone(cfg)).to(env.device)
+    model = parallelize(backbone, env, dtype)
+    head = build_training_head(cfg, env.device)
+    optimizer = build_optimizer(
+        cfg.optimizer, backbone.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay
+    )
+    scaler = torch.amp.GradScaler("cuda", growth_interval=100) if dtype == torch.float16 else None
+    seed_everything(rank_seed(cfg.seed, env.rank))  # per-rank streams (dropout, augmentation)
+    if loader is None:
+        from facescale.data import build_train_loader
+
+        loader = build_train_loader(cfg, env.rank, env.world_size, env.device)
+    schedule = cfg.schedule(env.world_size, len(loader))
+    return Components(backbone, model, head, optimizer, scaler, loader, schedule, dtype)

@@ -1,0 +1,70 @@
+"""Verification during training: the config's ``val_targets`` found beside the records,
+embedded by every rank's share and scored on rank 0."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from facescale.config import Config
+from facescale.distributed import DistEnv
+from facescale.eval.verification import VerificationResult
+
+log = logging.getLogger("facescale.train")
+
+
+class Evaluator:
+    """10-fold verification accuracy of each val target found; logs a warning for the others."""
+
+    def __init__(self, cfg: Config, env: DistEnv) -> None:
+        self.env = env
+        self.sets: list[Path] = []
+        if not cfg.val_targets or cfg.rec == "synthetic":
+            return
+        for name in cfg.val_targets:
+            path = Path(cfg.rec) / f"{name}.bin"
+            if path.is_file():
+                self.sets.append(path)
+            elif env.is_main:
+                log.warning("val_targets: %s not found; %s is not evaluated", path, name)
+
+    def __call__(self, backbone: nn.Module, best: dict[str, float]) -> dict[str, float]:
+        """Accuracy per target (on rank 0; empty elsewhere), raising ``best`` where beaten."""
+        results: dict[str, float] = {}
+        for path in self.sets:
+            result = verification_on_ranks(backbone, path, self.env)
+            if result is not None:
+                results[result.name] = result.accuracy
+                best[result.name] = max(result.accuracy, best.get(result.name, 0.0))
+        return results
+
+
+def verification_on_ranks(
+    backbone: nn.Module, path: Path, env: DistEnv
+) -> VerificationResult | None:
+    """10-fold verification of ``backbone`` on the ``.bin`` set at ``path``, the embedding work
+    split over ranks; the result on rank 0, None elsewhere."""
+    from facescale.eval import embed_batches, l2_normalize, load_verification_set
+    from facescale.eval.verification import verification_metrics
+
+    vset = load_verification_set(path)
+    lo, hi = (len(vset.images) * r // env.world_size for r in (env.rank, env.rank + 1))
+    images = torch.from_numpy(vset.images[lo:hi])
+    batches = (images[i : i + 64] for i in range(0, len(images), 64))
+    features, norm = embed_batches(backbone, batches, env.device, flip=True)
+    parts = [(features, norm)]
+    if dist.is_initialized():
+        parts = [None] * env.world_size
+        dist.all_gather_object(parts, (features, norm))
+    if not env.is_main:
+        return None
+    features = l2_normalize(np.concatenate([f for f, _ in parts]))
+    norm = sum(n * len(f) for f, n in parts) / len(features)
+    metrics = verification_metrics(features[0::2], features[1::2], vset.issame)
+    return VerificationResult(**dataclasses.asdict(metrics), name=vset.name, norm=norm)
