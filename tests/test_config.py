@@ -5,7 +5,7 @@ import textwrap
 import pytest
 
 from facescale.cli import main
-from facescale.config import SHIPPED_CONFIGS, Config, ConfigError, load_config
+from facescale.config import Config, ConfigError, load_config, shipped_configs_folder
 
 ARCFACE_BASE = """
 from easydict import EasyDict as edict
@@ -171,7 +171,9 @@ def test_schedule_derivation():
         load_config(None, ["num_image=10"]).schedule(world_size=1)
 
 
-@pytest.mark.parametrize("path", sorted(SHIPPED_CONFIGS.glob("*.py")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted(shipped_configs_folder().glob("*.py")), ids=lambda p: p.stem
+)
 def test_every_shipped_config_loads_without_warnings(path, caplog):
     with caplog.at_level(logging.WARNING):
         cfg = load_config(path.stem)  # shipped configs resolve by bare name
