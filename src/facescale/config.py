@@ -389,25 +389,41 @@ def resolve_path(name: str | Path) -> Path:
     )
 
 
+def _forget_imports_from(folders: list[Path], before: set[str]) -> None:
+    """Drop the modules imported since ``before`` whose top-level package lies directly in
+    one of ``folders``, so that the next config file imports its own neighbours, not these."""
+
+    def lies_in_folders(name: str) -> bool:
+        top = sys.modules.get(name.partition(".")[0])
+        places = [getattr(top, "__file__", None), *(getattr(top, "__path__", None) or [])]
+        return any(place is not None and Path(place).parent in folders for place in places)
+
+    for name in [name for name in set(sys.modules) - before if lies_in_folders(name)]:
+        del sys.modules[name]
+
+
 def _read_module(path: Path) -> Mapping[str, Any]:
     """Execute a config file and return its ``config`` mapping.
 
     The file's folder and that folder's parent are importable while it runs, so both
-    ``from base import config`` and arcface_torch's ``from configs.base import config`` work.
+    ``from base import config`` and arcface_torch's ``from configs.base import config`` work;
+    what it imports from them is forgotten afterwards.
     """
     module_name = f"_facescale_config_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    extra = [str(path.parent.resolve()), str(path.parent.parent.resolve())]
-    sys.path[:0] = extra
+    folders = [path.parent.resolve(), path.parent.parent.resolve()]
+    before = set(sys.modules)
+    sys.path[:0] = [str(folder) for folder in folders]
     try:
         spec.loader.exec_module(module)
     except Exception as err:
         raise ConfigError(f"{path}: failed to execute config file: {err!r}") from err
     finally:
-        for entry in extra:
-            sys.path.remove(entry)
+        for folder in folders:
+            sys.path.remove(str(folder))
+        _forget_imports_from(folders, before)
     values = getattr(module, "config", None)
     if not isinstance(values, Mapping):
         raise ConfigError(f"{path}: defines no `config` dict (an EasyDict or dict is expected)")
