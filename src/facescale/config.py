@@ -368,7 +368,8 @@ def shipped_configs_folder() -> Path:
 
 def shipped_config_names() -> list[str]:
     """Names of the shipped configs to run; files starting with '_' are shared parts of them."""
-    return sorted(p.stem for p in shipped_configs_folder().glob("*.py") if p.stem[0] != "_")
+    names = (path.stem for path in shipped_configs_folder().glob("*.py"))
+    return sorted(name for name in names if not name.startswith("_"))
 
 
 def resolve_path(name: str | Path) -> Path:
