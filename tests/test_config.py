@@ -1,11 +1,21 @@
 import json
 import logging
+import re
+import shutil
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from facescale.cli import main
-from facescale.config import SHIPPED_CONFIGS, Config, ConfigError, load_config
+import facescale
+from facescale.cli import build_parser, main
+from facescale.config import (
+    Config,
+    ConfigError,
+    load_config,
+    shipped_config_names,
+    shipped_configs_folder,
+)
 
 ARCFACE_BASE = """
 from easydict import EasyDict as edict
@@ -171,7 +181,9 @@ def test_schedule_derivation():
         load_config(None, ["num_image=10"]).schedule(world_size=1)
 
 
-@pytest.mark.parametrize("path", sorted(SHIPPED_CONFIGS.glob("*.py")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted(shipped_configs_folder().glob("*.py")), ids=lambda p: p.stem
+)
 def test_every_shipped_config_loads_without_warnings(path, caplog):
     with caplog.at_level(logging.WARNING):
         cfg = load_config(path.stem)  # shipped configs resolve by bare name
@@ -206,3 +218,178 @@ def test_module_entry_point():
     )
     assert "config" in out.stdout
     assert textwrap.dedent("usage: facescale") in out.stdout
+
+
+# Values the shipped files set, as they stood before the r50 configs shared one recipe.
+SHIPPED_VALUES = {
+    "ms1mv3_r50": {
+        "network": "r50",
+        "margin_list": (1.0, 0.5, 0.0),
+        "embedding_size": 512,
+        "sample_rate": 1.0,
+        "fp16": True,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "batch_size": 128,
+        "lr": 0.1,
+        "verbose": 2000,
+        "rec": "/train_tmp/ms1m-retinaface-t1",
+        "num_classes": 93431,
+        "num_image": 5179510,
+        "num_epoch": 20,
+        "warmup_epoch": 0.0,
+        "val_targets": ["lfw", "cfp_fp", "agedb_30"],
+        "resume": False,
+        "output": "work_dirs/ms1mv3_r50",
+    },
+    "glint360k_r100": {
+        "network": "r100",
+        "margin_list": (1.0, 0.0, 0.4),
+        "weight_decay": 1e-4,
+        "sample_rate": 1.0,
+        "rec": "/train_tmp/glint360k",
+        "num_classes": 360232,
+        "num_image": 17091657,
+        "output": "work_dirs/glint360k_r100",
+    },
+    "ms1mv2_mbf": {
+        "network": "mbf",
+        "weight_decay": 1e-4,
+        "num_epoch": 40,
+        "rec": "/train_tmp/faces_emore",
+        "num_classes": 85742,
+        "num_image": 5822653,
+    },
+    "wf42m_pfc02_r50": {
+        "sample_rate": 0.2,
+        "margin_list": (1.0, 0.5, 0.0),
+        "rec": "/train_tmp/WebFace42M",
+        "num_classes": 2059906,
+        "num_image": 42474557,
+    },
+    "wf12m_pfc03_r100": {"network": "r100", "sample_rate": 0.3, "num_classes": 617970},
+    "cpu_tiny": {"network": "mbf", "embedding_size": 128, "num_classes": 200, "val_targets": []},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_VALUES))
+def test_shipped_configs_keep_their_values(name):
+    cfg = load_config(name)
+    assert {key: getattr(cfg, key) for key in SHIPPED_VALUES[name]} == SHIPPED_VALUES[name]
+
+
+def test_shipped_configs_are_package_files_listed_by_name():
+    folder = shipped_configs_folder()
+    assert folder.parent == Path(facescale.__file__).parent
+    names = shipped_config_names()
+    assert {"ms1mv3_r50", "cpu_tiny", "demo", "3millions"} <= set(names)
+    assert not [n for n in names if n.startswith("_")]  # shared parts are not listed
+    assert not (folder / "base.py").exists()  # it would be applied to every shipped config
+    with pytest.raises(ConfigError, match="shipped config's name: 3millions, cpu_tiny"):
+        load_config("no_such_config")
+
+
+def test_a_file_at_the_given_path_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    (tmp_path / "ms1mv3_r50.py").write_text("config = {'num_classes': 7}\n")
+    assert load_config(tmp_path / "ms1mv3_r50").num_classes == 7
+    monkeypatch.chdir(tmp_path)
+    assert load_config("ms1mv3_r50").num_classes == 7
+    monkeypatch.chdir(tmp_path.parent)
+    assert load_config("ms1mv3_r50").num_classes == 93431
+
+
+def test_a_copied_shipped_config_takes_the_base_beside_it(tmp_path):
+    """A user's folder with arcface_torch's base.py and copies of shipped files: base first."""
+    for name in ("_r50_recipe.py", "ms1mv3_r50.py", "ms1mv3_mbf.py"):
+        shutil.copy(shipped_configs_folder() / name, tmp_path)
+    (tmp_path / "base.py").write_text("config = {'seed': 7, 'num_epoch': 3}\n")
+    cfg = load_config(tmp_path / "ms1mv3_mbf")
+    assert cfg.seed == 7  # from base.py only
+    assert (cfg.network, cfg.num_epoch, cfg.num_classes) == ("mbf", 40, 93431)  # the file wins
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "lfw,cfp_fp",
+        " lfw , cfp_fp ",
+        "[lfw,cfp_fp]",
+        "[lfw, cfp_fp]",
+        "['lfw','cfp_fp']",
+        '["lfw", "cfp_fp"]',
+        "(lfw,cfp_fp)",
+        "[lfw,cfp_fp,]",
+    ],
+)
+def test_every_list_form_reads_the_same(text):
+    assert load_config(None, [f"val_targets={text}"]).val_targets == ["lfw", "cfp_fp"]
+
+
+@pytest.mark.parametrize("text", ["[]", "()", "", " [ ] "])
+def test_an_empty_list(text):
+    assert load_config(None, [f"val_targets={text}"]).val_targets == []
+
+
+@pytest.mark.parametrize(
+    "text", ["1,0,0.4", "[1,0,0.4]", "[1.0, 0.0, 0.4]", "(1, 0, 0.4)", "['1','0','0.4']"]
+)
+def test_list_items_are_typed_from_the_default(text):
+    cfg = load_config(None, [f"margin_list={text}", "val_targets=[1,2]"])
+    assert cfg.margin_list == (1.0, 0.0, 0.4) and all(type(m) is float for m in cfg.margin_list)
+    assert cfg.val_targets == ["1", "2"]  # names of verification sets are strings
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("margin_list=[1,0.5]", "expected a list of 3 numbers"),
+        ("margin_list=[1,0.5,0,0]", "expected a list of 3 numbers"),
+        ("margin_list=[a,b,c]", "expected a list of 3 numbers"),
+        ("margin_list=[]", "expected a list of 3 numbers"),
+    ],
+)
+def test_bad_list_values_are_errors(override, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_config(None, [override])
+
+
+def test_one_set_takes_several_pairs(capsys):
+    argv = ["config", "ms1mv3_r50", "--set", "lr=0.05", "fp16=false"]
+    argv += ["--set", "val_targets=[lfw, cfp_fp]", "--json"]
+    assert build_parser().parse_args(argv).overrides == [
+        "lr=0.05",
+        "fp16=false",
+        "val_targets=[lfw, cfp_fp]",
+    ]
+    with pytest.raises(SystemExit) as code:
+        main(argv)
+    assert code.value.code == 0
+    config = json.loads(capsys.readouterr().out)["config"]
+    assert (config["lr"], config["fp16"]) == (0.05, False)
+    assert config["val_targets"] == ["lfw", "cfp_fp"] and config["num_classes"] == 93431
+
+
+def test_a_config_path_after_set_is_explained(capsys):
+    with pytest.raises(SystemExit) as code:
+        main(["config", "--set", "lr=0.05", "ms1mv3_r50"])
+    assert code.value.code == 2
+    assert "a config path goes before --set" in capsys.readouterr().err
+
+
+def test_unknown_key_is_an_error_through_set_but_a_warning_in_a_file(tmp_path, caplog):
+    path = tmp_path / "job.py"
+    path.write_text("config = {'lr': 0.2, 'learning_rate': 0.3}\n")
+    with caplog.at_level(logging.WARNING):
+        assert load_config(path).lr == 0.2
+    assert "unknown config key 'learning_rate'" in caplog.text
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
+        load_config(path, ["lr=0.1", "learning_rate=0.3"])
+
+
+def test_a_config_imports_its_own_neighbours_not_ones_loaded_before(tmp_path):
+    assert load_config("ms1mv3_mbf").num_classes == 93431  # imports the shipped ms1mv3_r50
+    shutil.copy(shipped_configs_folder() / "ms1mv3_mbf.py", tmp_path)
+    (tmp_path / "ms1mv3_r50.py").write_text("config = {'num_classes': 11, 'lr': 0.3}\n")
+    cfg = load_config(tmp_path / "ms1mv3_mbf")
+    assert (cfg.num_classes, cfg.lr, cfg.network) == (11, 0.3, "mbf")
+    assert load_config("ms1mv3_mbf").num_classes == 93431

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.resources
 import importlib.util
 import json
 import logging
@@ -25,8 +26,6 @@ from typing import Any
 from facescale.errors import UserError
 
 log = logging.getLogger(__name__)
-
-SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # Keys that arcface_torch configs carry but facescale does not need, with the reason.
 IGNORED_KEYS: dict[str, str] = {
@@ -299,12 +298,35 @@ def _coerce(tp: Any, value: Any) -> Any:
     raise TypeError
 
 
+def _list_items(text: str) -> list[str]:
+    """The items of a list written 'a,b', '[a, b]', "['a','b']", '(1,0.5,0)' or '[]'.
+
+    Quotes around an item are dropped; an item cannot itself contain a comma.
+    """
+    body = text.strip()
+    if body[:1] + body[-1:] in ("[]", "()"):
+        body = body[1:-1]
+    items = [part.strip() for part in body.split(",") if part.strip()]
+    return [i[1:-1] if len(i) > 1 and i[0] == i[-1] and i[0] in "'\"" else i for i in items]
+
+
+def _item_type(tp: Any, index: int) -> Any:
+    """The declared type of item ``index`` of a list or tuple type."""
+    args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+    return args[min(index, len(args) - 1)] if args else Any
+
+
 def _parse_text(tp: Any, text: str) -> Any:
-    """Read a ``--set`` value typed from the field: 'true', '0.1', '(1,0.5,0)', 'a,b', 'none'."""
+    """Read a ``--set`` value typed from the field: 'true', '0.1', 'none', or a list in any
+    form :func:`_list_items` reads, each item typed from the field."""
     is_union = typing.get_origin(tp) in (typing.Union, types.UnionType)
     if is_union and text.strip().lower() in ("none", "null"):
         return None
     base = next(a for a in typing.get_args(tp) if a is not type(None)) if is_union else tp
+    origin = typing.get_origin(base)
+    if origin in (list, tuple):
+        items = [_parse_text(_item_type(base, i), t) for i, t in enumerate(_list_items(text))]
+        return tuple(items) if origin is tuple else items
     if base is str:
         return text
     if base is bool:
@@ -313,12 +335,9 @@ def _parse_text(tp: Any, text: str) -> Any:
             low, {"false": False, "no": False, "off": False, "0": False}.get(low, text)
         )
     try:
-        value = ast.literal_eval(text)
+        return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        value = [part.strip() for part in text.split(",") if part.strip()] if "," in text else text
-    if typing.get_origin(tp) in (list, tuple) and not isinstance(value, (list, tuple)):
-        value = [value]
-    return value
+        return text
 
 
 def _allowed(key: str) -> str:
@@ -352,38 +371,76 @@ def apply_mapping(cfg: Config, values: Mapping[str, Any], source: str) -> None:
             log.warning("%s: unknown config key %r is ignored (check its spelling)", source, key)
 
 
+def shipped_configs_folder() -> Path:
+    """The folder of configs installed inside the facescale package, found as package data."""
+    folder = importlib.resources.files("facescale") / "configs"
+    if not isinstance(folder, Path):
+        raise ConfigError(
+            f"facescale's shipped configs are at {folder}, not in a folder on disk; "
+            "install facescale with pip (which unpacks it) or give a config file's path"
+        )
+    return folder
+
+
+def shipped_config_names() -> list[str]:
+    """Names of the shipped configs to run; files starting with '_' are shared parts of them."""
+    names = (path.stem for path in shipped_configs_folder().glob("*.py"))
+    return sorted(name for name in names if not name.startswith("_"))
+
+
 def resolve_path(name: str | Path) -> Path:
-    """Find a config by path, path without '.py', or the name of a shipped config."""
+    """Find a config by path, path without '.py', or the name of a shipped config.
+
+    A file at the given path wins over a shipped config of the same name.
+    """
     path = Path(name)
-    candidates = [path, path.with_name(path.name + ".py"), SHIPPED_CONFIGS / f"{path.stem}.py"]
+    candidates = [path, path.with_name(path.name + ".py")]
+    candidates.append(shipped_configs_folder() / f"{path.stem}.py")
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise ConfigError(
         f"config {str(name)!r} not found (tried {', '.join(str(c) for c in candidates)}); "
-        f"give a path to a .py file that defines `config`"
+        f"give a path to a .py file that defines `config`, or a shipped config's name: "
+        f"{', '.join(shipped_config_names())}"
     )
+
+
+def _forget_imports_from(folders: list[Path], before: set[str]) -> None:
+    """Drop the modules imported since ``before`` whose top-level package lies directly in
+    one of ``folders``, so that the next config file imports its own neighbours, not these."""
+
+    def lies_in_folders(name: str) -> bool:
+        top = sys.modules.get(name.partition(".")[0])
+        places = [getattr(top, "__file__", None), *(getattr(top, "__path__", None) or [])]
+        return any(place is not None and Path(place).parent in folders for place in places)
+
+    for name in [name for name in set(sys.modules) - before if lies_in_folders(name)]:
+        del sys.modules[name]
 
 
 def _read_module(path: Path) -> Mapping[str, Any]:
     """Execute a config file and return its ``config`` mapping.
 
     The file's folder and that folder's parent are importable while it runs, so both
-    ``from base import config`` and arcface_torch's ``from configs.base import config`` work.
+    ``from base import config`` and arcface_torch's ``from configs.base import config`` work;
+    what it imports from them is forgotten afterwards.
     """
     module_name = f"_facescale_config_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    extra = [str(path.parent.resolve()), str(path.parent.parent.resolve())]
-    sys.path[:0] = extra
+    folders = [path.parent.resolve(), path.parent.parent.resolve()]
+    before = set(sys.modules)
+    sys.path[:0] = [str(folder) for folder in folders]
     try:
         spec.loader.exec_module(module)
     except Exception as err:
         raise ConfigError(f"{path}: failed to execute config file: {err!r}") from err
     finally:
-        for entry in extra:
-            sys.path.remove(entry)
+        for folder in folders:
+            sys.path.remove(str(folder))
+        _forget_imports_from(folders, before)
     values = getattr(module, "config", None)
     if not isinstance(values, Mapping):
         raise ConfigError(f"{path}: defines no `config` dict (an EasyDict or dict is expected)")
@@ -405,7 +462,10 @@ def load_config(name: str | Path | None = None, overrides: Iterable[str] = ()) -
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected key=value")
+            raise ConfigError(
+                f"--set {item!r}: expected key=value (a config path goes before --set, "
+                "which reads every word after it as a key=value pair)"
+            )
         if key not in FIELDS:
             close = [k for k in FIELDS if k.startswith(key[:3])]
             hint = f"; similar keys: {', '.join(close)}" if close else ""

@@ -20,7 +20,13 @@ def add_module_commands(
 
 
 def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
-    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``."""
+    """``--set KEY=VALUE [KEY=VALUE ...]`` (repeatable) into one list, ``args.overrides``."""
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"{help}; one --set may take several pairs",
     )

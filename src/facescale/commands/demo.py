@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, default=2, help="training processes (torchrun)")
     parser.add_argument("--identities", type=int, default=300, help="training identities")
     parser.add_argument("--images-per-identity", type=int, default=12)
-    add_overrides_argument(parser, "override a key of the demo's training config (configs/demo.py)")
+    add_overrides_argument(
+        parser, "override a key of the demo's training config (`facescale config demo` shows it)"
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 

@@ -1,6 +1,7 @@
 from easydict import EasyDict as edict
 
-# ms1mv2_r50: r50 on faces_emore (85,742 identities, 5,822,653 images)
+# The training recipe that every per-dataset r50 config starts from; each adds its dataset
+# (rec, num_classes, num_image) and the keys where its recipe differs.
 config = edict()
 config.margin_list = (1.0, 0.5, 0.0)
 config.network = "r50"
@@ -10,13 +11,10 @@ config.embedding_size = 512
 config.sample_rate = 1.0
 config.fp16 = True
 config.momentum = 0.9
-config.weight_decay = 0.0005
+config.weight_decay = 5e-4
 config.batch_size = 128
 config.lr = 0.1
 config.verbose = 2000
-config.rec = "/train_tmp/faces_emore"
-config.num_classes = 85742
-config.num_image = 5822653
 config.num_epoch = 20
 config.warmup_epoch = 0
 config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
