@@ -42,7 +42,7 @@ def staged_file(src: str | Path, dst: str | Path, overwrite: bool = False) -> It
         yield path
 
 
-def _check_separate(src: Path, dst: Path, dst_inside_src_ok: bool = True) -> None:
+def _check_separate(src: Path, dst: Path, dst_inside_src_ok: bool) -> None:
     """Refuse a destination that is the source (through links too) or would swallow it."""
     source, target = src.resolve(), dst.resolve()
     if source == target or (
