@@ -92,3 +92,47 @@ def test_wrong_contents_are_explained(tmp_path, content, message):
     (tmp_path / "bad.bin").write_bytes(pickle.dumps(content, protocol=4))
     with pytest.raises(ValueError, match=message):
         load_verification_bin(tmp_path / "bad.bin")
+
+
+class NumpyArray:
+    """Pickles as numpy pickles an array, with the shape and dtype it is given."""
+
+    def __init__(self, shape, dtype_code):
+        self.shape, self.dtype_code = shape, dtype_code
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, self.shape, self.dtype_code))
+
+
+def test_column_arrays_of_encoded_bytes_load(tmp_path):
+    images = [np.frombuffer(face_jpeg(i), np.uint8).reshape(-1, 1) for i in range(4)]
+    (tmp_path / "columns.bin").write_bytes(pickle.dumps((images, [True, False]), protocol=2))
+    loaded, issame = load_verification_bin(tmp_path / "columns.bin")
+    assert [bytes(i) for i in loaded] == [face_jpeg(i) for i in range(4)]
+    assert decode_image(loaded[3]).shape == (112, 112, 3) and issame.tolist() == [True, False]
+
+
+def test_fortran_ordered_image_is_refused(tmp_path):
+    grid = np.asfortranarray(np.frombuffer(face_jpeg(0)[:12], np.uint8).reshape(3, 4))
+    (tmp_path / "grid.bin").write_bytes(pickle.dumps(([grid, b"x"], [True]), protocol=2))
+    with pytest.raises(ValueError, match=r"image 0 is a ndarray uint8; expected .* contiguous"):
+        load_verification_bin(tmp_path / "grid.bin")
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_array_larger_than_the_file_is_refused(tmp_path, protocol):
+    huge = NumpyArray((9 * 2**40,), b"b")
+    (tmp_path / "huge.bin").write_bytes(pickle.dumps(([huge, b"x"], [True]), protocol=protocol))
+    size = (tmp_path / "huge.bin").stat().st_size
+    with pytest.raises(ValueError, match=rf"huge\.bin.* {9 * 2**40} bytes .*only {size} bytes"):
+        load_verification_bin(tmp_path / "huge.bin")
+
+
+def test_byte_string_longer_than_the_file_is_refused(tmp_path):
+    declared = 9 * 2**40
+    data = pickle.PROTO + bytes([4]) + pickle.BINBYTES8 + declared.to_bytes(8, "little") + b"abc"
+    (tmp_path / "long.bin").write_bytes(data)
+    with pytest.raises(ValueError, match=rf"long\.bin.*{len(data)}-byte file.*{declared} bytes"):
+        load_verification_bin(tmp_path / "long.bin")

@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shuffle.add_argument("dst", help="output folder")
     shuffle.add_argument("--seed", type=int, default=0)
     shuffle.add_argument("--memory-mb", type=float, default=2048.0, help="memory to shuffle in")
-    shuffle.add_argument("--tmp-dir", default=None, help="folder for spill files (default: dst)")
+    shuffle.add_argument(
+        "--tmp-dir", default=None, help="folder for spill files (default: beside dst)"
+    )
 
     unpack = sub.add_parser("rec2folder", help="rec -> image folder (DST/<label>/<key>.jpg)")
     unpack.add_argument("src", help="dataset folder holding train.rec, or a .rec file")
@@ -36,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pairs.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
 
     for p in (pack, shuffle, unpack, pairs):
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace an existing destination (once the new one is complete)",
+        )
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -43,27 +50,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         report = _convert(args)
-    except ValueError as err:  # bad input (RecordError is one): the message says where
+    except (ValueError, OSError) as err:  # bad input, refused paths, a full disk: one line
         print(f"facescale convert: error: {err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"conversion": args.conversion, **dataclasses.asdict(report)}))
     else:
-        skipped = f", skipped {report.skipped}" if report.skipped else ""
-        print(f"wrote {report.output}: {report.images} images, {report.classes} classes{skipped}")
+        print(report.summary())
     return 0
 
 
 def _convert(args: argparse.Namespace):
     from facescale.data import convert
 
-    progress = not args.no_progress
+    progress, overwrite = not args.no_progress, args.overwrite
     if args.conversion == "folder2rec":
-        return convert.folder_to_rec(args.src, args.dst, args.quality, args.skip_bad, progress)
+        return convert.folder_to_rec(
+            args.src, args.dst, args.quality, args.skip_bad, progress, overwrite
+        )
     if args.conversion == "shuffle":
         return convert.shuffle_rec(
-            args.src, args.dst, args.seed, args.memory_mb, args.tmp_dir, progress
+            args.src, args.dst, args.seed, args.memory_mb, args.tmp_dir, progress, overwrite
         )
     if args.conversion == "rec2folder":
-        return convert.rec_to_folder(args.src, args.dst, progress)
-    return convert.pairs_to_bin(args.pairs, args.dst, args.root, args.quality, progress)
+        return convert.rec_to_folder(args.src, args.dst, progress, overwrite)
+    return convert.pairs_to_bin(args.pairs, args.dst, args.root, args.quality, progress, overwrite)

@@ -2,7 +2,8 @@
 folder, and a verification ``.bin`` from a list of pairs.
 
 Record datasets are written as InsightFace lays them out: ``train.rec``, ``train.idx`` and
-``property`` in one folder, a header record at key 0 and images at keys ``1..N``.
+``property`` in one folder, a header record at key 0 and images at keys ``1..N``. Every output
+is written beside its destination and moved into place only when complete (see ``staging``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from facescale.data.records import (
     write_property,
 )
 from facescale.data.sources import list_images
+from facescale.data.staging import staged_file, staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +44,28 @@ BUCKET_HEADROOM = 1.5
 
 @dataclass
 class Report:
-    """What a conversion wrote (and skipped)."""
+    """What a conversion to a dataset or an image folder wrote (and skipped)."""
 
     output: str
     images: int
     classes: int
     skipped: int = 0
+
+    def summary(self) -> str:
+        skipped = f", skipped {self.skipped}" if self.skipped else ""
+        return f"wrote {self.output}: {self.images} images, {self.classes} classes{skipped}"
+
+
+@dataclass
+class PairsReport:
+    """What ``pairs_to_bin`` wrote: a verification set of ``pairs`` pairs, two images each."""
+
+    output: str
+    pairs: int
+    images: int
+
+    def summary(self) -> str:
+        return f"wrote {self.output}: {self.pairs} pairs, {self.images} images"
 
 
 def rec_path(path: str | Path) -> Path:
@@ -66,13 +84,24 @@ def folder_to_rec(
     quality: int = JPEG_QUALITY,
     skip_bad: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Report:
     """Pack an image folder (one sub-folder per identity) into an InsightFace-layout rec.
 
     Labels follow the sorted sub-folder names. 112x112 JPEG/PNG files are stored unchanged;
     others are scaled to cover 112x112, centre-cropped and encoded as JPEG.
     """
-    src, dst = Path(src), Path(dst)
+    with staged_folder(src, dst, overwrite, dst_inside_src_ok=False) as out:
+        images, classes, skipped = _pack_folder(Path(src), out, quality, skip_bad, progress)
+    if skipped:
+        log.warning("%s: skipped %d undecodable images", src, skipped)
+    return Report(str(dst), images, classes, skipped)
+
+
+def _pack_folder(
+    src: Path, dst: Path, quality: int, skip_bad: bool, progress: bool
+) -> tuple[int, int, int]:
+    """Write ``dst/train.rec``, ``.idx`` and ``property``; return images, classes, skipped."""
     classes = sorted(d for d in src.iterdir() if d.is_dir())
     files = [(label, f) for label, d in enumerate(classes) for f in list_images(d)]
     if not files:
@@ -99,9 +128,7 @@ def folder_to_rec(
             key += 1
         write_header_record(writer, key - 1, [tuple(r) for r in ranges])
     write_property(dst, len(classes))
-    if skipped:
-        log.warning("%s: skipped %d undecodable images", src, skipped)
-    return Report(str(dst), key - 1, len(classes), skipped)
+    return key - 1, len(classes), skipped
 
 
 def _image_payloads(
@@ -170,33 +197,33 @@ def shuffle_rec(
     memory_mb: float = 2048.0,
     tmp_dir: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Report:
     """Write the images of ``src`` in a random order to ``dst``, for sequential reading.
 
     Memory stays near ``memory_mb`` whatever the file size: larger inputs are spread over
-    bucket files in ``tmp_dir`` (default: beside ``dst``) and shuffled one bucket at a time.
-    The output has the header record (key 0, no identity ranges), images at keys 1..N with
-    their payloads unchanged, and the source's ``property``.
+    bucket files in ``tmp_dir`` (default: the folder being written beside ``dst``) and
+    shuffled one bucket at a time. The output has the header record (key 0, no identity
+    ranges), images at keys 1..N with their payloads unchanged, and the source's ``property``.
     """
-    src_rec, dst = rec_path(src), Path(dst)
-    rec = IndexedRecordFile(src_rec)
-    keys = read_layout(rec).image_keys
-    starts, ends = rec.spans(keys)
-    total_bytes = int((ends - starts).sum())
-    buckets = max(1, math.ceil(total_bytes * BUCKET_HEADROOM / (memory_mb * 2**20)))
-    dst.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    classes = _num_classes(rec, keys)
-    tmp = Path(tempfile.mkdtemp(prefix="facescale-shuffle-", dir=tmp_dir or dst))
-    try:
-        with IndexedRecordWriter(dst / "train.rec") as writer:
-            write_header_record(writer, len(keys))
-            payloads = _shuffled_payloads(rec, keys, rng, buckets, tmp, progress)
-            for key, payload in enumerate(payloads, start=1):
-                writer.write(key, payload)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    write_property(dst, classes)
+    with staged_folder(src, dst, overwrite) as out:
+        rec = IndexedRecordFile(rec_path(src))
+        keys = read_layout(rec).image_keys
+        starts, ends = rec.spans(keys)
+        total_bytes = int((ends - starts).sum())
+        buckets = max(1, math.ceil(total_bytes * BUCKET_HEADROOM / (memory_mb * 2**20)))
+        rng = np.random.default_rng(seed)
+        classes = _num_classes(rec, keys)
+        tmp = Path(tempfile.mkdtemp(prefix="facescale-shuffle-", dir=tmp_dir or out))
+        try:
+            with IndexedRecordWriter(out / "train.rec") as writer:
+                write_header_record(writer, len(keys))
+                payloads = _shuffled_payloads(rec, keys, rng, buckets, tmp, progress)
+                for key, payload in enumerate(payloads, start=1):
+                    writer.write(key, payload)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        write_property(out, classes)
     return Report(str(dst), len(keys), classes)
 
 
@@ -209,25 +236,27 @@ def _num_classes(rec: IndexedRecordFile, keys: np.ndarray) -> int:
     return int(max(labels)) + 1
 
 
-def rec_to_folder(src: str | Path, dst: str | Path, progress: bool = True) -> Report:
+def rec_to_folder(
+    src: str | Path, dst: str | Path, progress: bool = True, overwrite: bool = False
+) -> Report:
     """Unpack a rec into ``dst/<label>/<key>.<ext>``, the image bytes unchanged.
 
     Every class gets a folder (empty ones too) named by its zero-padded label, so packing the
     folder again gives back the same labels.
     """
-    rec = IndexedRecordFile(rec_path(src))
-    keys = read_layout(rec).image_keys
-    classes = _num_classes(rec, keys)
-    width = len(str(classes - 1))
-    for label in range(classes):
-        (Path(dst) / f"{label:0{width}d}").mkdir(parents=True, exist_ok=True)
-    for key, payload in _image_payloads(rec, keys, "unpack", progress):
-        where = f"{rec.path} key {key}"
-        record = unpack_record(payload, where)
-        label = class_label(record, classes, where)
-        (Path(dst) / f"{label:0{width}d}" / f"{key}{image_suffix(record.image)}").write_bytes(
-            record.image
-        )
+    with staged_folder(src, dst, overwrite) as out:
+        rec = IndexedRecordFile(rec_path(src))
+        keys = read_layout(rec).image_keys
+        classes = _num_classes(rec, keys)
+        width = len(str(classes - 1))
+        for label in range(classes):
+            (out / f"{label:0{width}d}").mkdir()
+        for key, payload in _image_payloads(rec, keys, "unpack", progress):
+            where = f"{rec.path} key {key}"
+            record = unpack_record(payload, where)
+            label = class_label(record, classes, where)
+            name = f"{key}{image_suffix(record.image)}"
+            (out / f"{label:0{width}d}" / name).write_bytes(record.image)
     return Report(str(dst), len(keys), classes)
 
 
@@ -237,13 +266,23 @@ def pairs_to_bin(
     root: str | Path | None = None,
     quality: int = JPEG_QUALITY,
     progress: bool = True,
-) -> Report:
+    overwrite: bool = False,
+) -> PairsReport:
     """A verification ``.bin`` from lines ``image_a image_b same`` (same: 1/0, true/false).
 
     Paths are relative to ``root`` (default: the pairs file's folder). 112x112 JPEG/PNG images
     are stored unchanged; others are fitted to 112x112 and encoded as JPEG.
     """
-    pairs = Path(pairs)
+    with staged_file(pairs, dst, overwrite) as out:
+        images, issame = _read_pairs(Path(pairs), root, quality, progress)
+        write_verification_bin(out, images, issame)
+    return PairsReport(str(dst), len(issame), len(images))
+
+
+def _read_pairs(
+    pairs: Path, root: str | Path | None, quality: int, progress: bool
+) -> tuple[list[bytes], list[bool]]:
+    """The encoded images (two per pair, in order) and the ``same`` flag of each pair."""
     base = Path(root) if root else pairs.parent
     images, issame = [], []
     lines = [(n, line.split()) for n, line in enumerate(pairs.read_text().splitlines(), 1)]
@@ -261,5 +300,4 @@ def pairs_to_bin(
             except (OSError, ImageDecodeError) as err:
                 raise RecordError(f"{pairs} line {n}: {base / name}: {err}") from None
         issame.append(flag in ("1", "true"))
-    write_verification_bin(dst, images, issame)
-    return Report(str(dst), len(images), 0)
+    return images, issame
