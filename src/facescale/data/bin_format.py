@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from facescale.errors import InputError
+
 BIN_PROTOCOL = 4
 
 
@@ -76,7 +78,7 @@ def _as_image(item: Any, path: Path, i: int) -> bytes | np.ndarray:
         return bytes(item)
     if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
         return item
-    raise ValueError(
+    raise InputError(
         f"{path}: image {i} is a {type(item).__name__} "
         f"{getattr(item, 'dtype', '')}; expected encoded image bytes or a 1-D uint8 array"
     )
@@ -89,16 +91,16 @@ def load_verification_bin(path: str | Path) -> tuple[list[bytes | np.ndarray], n
         with open(path, "rb") as f:
             data = SafeUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
-        raise ValueError(f"{path}: not a verification .bin: {err}") from None
+        raise InputError(f"{path}: not a verification .bin: {err}") from None
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise ValueError(f"{path}: expected a pickled (images, issame) pair")
+        raise InputError(f"{path}: expected a pickled (images, issame) pair")
     images, issame = data
     images = [_as_image(item, path, i) for i, item in enumerate(images)]
     flags = np.asarray(issame)
     if flags.ndim != 1 or flags.dtype.kind not in "bi" or not np.isin(flags, (0, 1)).all():
-        raise ValueError(f"{path}: issame must be a list of bools")
+        raise InputError(f"{path}: issame must be a list of bools")
     if len(images) != 2 * len(flags):
-        raise ValueError(
+        raise InputError(
             f"{path}: {len(images)} images for {len(flags)} pairs; expected two images per pair"
         )
     return images, flags.astype(bool)
