@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 from facescale.distributed import barrier
+from facescale.errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d{9})$")
 # Fields that must agree between a checkpoint and the config that resumes from it.
 MATCHING_FIELDS = ("network", "num_classes", "embedding_size")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file or field."""
 
 
