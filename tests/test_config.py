@@ -169,6 +169,15 @@ def test_missing_file_and_missing_config_object(tmp_path):
         load_config(empty)
 
 
+def test_fp16_with_bf16_is_refused_naming_both_keys(tmp_path):
+    path = tmp_path / "mixed.py"
+    path.write_text("config = {'fp16': True}\n")
+    assert load_config(path).fp16 is True
+    with pytest.raises(ConfigError, match="fp16 and bf16 are exclusive"):
+        load_config(path, ["bf16=true"])
+    assert load_config(path, ["fp16=false", "bf16=true"]).bf16 is True
+
+
 def test_schedule_derivation():
     cfg = load_config(
         None,

@@ -12,11 +12,11 @@ from PIL import Image
 from facescale.cli import main
 from facescale.config import Config
 from facescale.data import build_train_loader, decode_image, load_verification_bin
-from facescale.data.batches import normalize
 from facescale.data.convert import folder_to_rec, pairs_to_bin, rec_to_folder, shuffle_rec
 from facescale.data.image import fit_face
 from facescale.data.recordio import IndexedRecordFile, RecordError
 from facescale.data.records import read_layout, read_property, unpack_record
+from facescale.face import to_model_input
 
 
 def contents(folder_or_rec) -> Counter:
@@ -214,7 +214,7 @@ def test_real_faces_folder_to_rec_to_loader(tmp_path, dataset):
     names = sorted(originals)
     flat = torch.stack(
         [
-            normalize(torch.tensor(img.transpose(2, 0, 1))[None])[0]
+            to_model_input(torch.tensor(img.transpose(2, 0, 1))[None])[0]
             for n in names
             for img in originals[n]
         ]

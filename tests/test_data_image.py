@@ -4,13 +4,11 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from data_helpers import face_jpeg
 from PIL import Image
 
 from facescale.data import decode_image
 from facescale.data.augment import draw_flips, grey, place_chw, strong_augment
-from facescale.data.batches import normalize
 from facescale.data.image import ImageDecodeError, encode_jpeg, face_bytes, fit_face
 
 
@@ -111,17 +109,6 @@ def test_grey_and_strong_steps_keep_the_format():
     )
     out = strong_augment(image, np.random.default_rng(0))
     assert out.shape == image.shape and out.dtype == np.uint8
-
-
-@pytest.mark.parametrize("shape", [(5, 3, 112, 112), (1, 3, 16, 16)])  # vector and scalar loops
-def test_normalize_matches_float64_reference(shape):
-    images = torch.randint(0, 256, shape, dtype=torch.uint8)
-    images.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)  # every pixel value
-    got = normalize(images)
-    reference = (images.double() / 255 - 0.5) / 0.5  # arcface_torch: ToTensor, Normalize
-    assert got.dtype == torch.float32 and got.is_contiguous() and got.shape == shape
-    torch.testing.assert_close(got.double(), reference, rtol=0, atol=2e-7)
-    assert got.min() == -1 and 1 - 2e-7 < got.max() <= 1
 
 
 def test_encode_jpeg_round_trip_is_close():

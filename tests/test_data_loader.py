@@ -13,10 +13,11 @@ from dist_utils import run_ranks
 
 from facescale.config import Config
 from facescale.data import build_train_loader, decode_image
-from facescale.data.batches import BatchTask, normalize
+from facescale.data.batches import BatchTask
 from facescale.data.recordio import IndexedRecordWriter, RecordError
 from facescale.data.records import pack_record, write_header_record, write_property
 from facescale.data.ring import BatchRing, Progress
+from facescale.face import to_model_input
 
 N = 120
 
@@ -48,7 +49,7 @@ def rec(tmp_path_factory):
 def expected_image(label: int, labels: np.ndarray) -> torch.Tensor:
     position = int(np.flatnonzero(labels == label)[0])
     image = decode_image(face_jpeg(position % PATTERNS)).transpose(2, 0, 1)
-    return normalize(torch.tensor(image)[None])[0]
+    return to_model_input(torch.tensor(image)[None])[0]
 
 
 def epoch_batches(loader, epoch):
@@ -89,7 +90,7 @@ def test_worker_processes_deliver_the_in_process_batches(rec):
     for j, (images, labels) in enumerate(got):
         ref_images, ref_labels, skipped = maker[BatchTask.of(plan, 0, j)]
         assert not skipped
-        torch.testing.assert_close(images, normalize(ref_images), rtol=0, atol=0)
+        torch.testing.assert_close(images, to_model_input(ref_images), rtol=0, atol=0)
         assert labels.tolist() == ref_labels.tolist()
 
 
@@ -133,7 +134,7 @@ def test_host_batches_are_the_batches_before_the_device_step(rec):
     loader.set_epoch(1)
     for k, (images, labels) in enumerate(loader.host_batches(), start=1):
         assert images.dtype == torch.uint8 and images.shape == (8, 3, 112, 112)
-        assert torch.equal(normalize(images), expected[k - 1][0])
+        assert torch.equal(to_model_input(images), expected[k - 1][0])
         assert torch.equal(labels, expected[k - 1][1])
         assert loader.state_dict()["batch"] == k
     assert k == len(expected)

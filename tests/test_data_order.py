@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from facescale.data.order import SEED_TAG_BLOCKS, ReadOrder, batch_schedule, rng_for
+from facescale.data.order import SEED_TAG_BLOCKS, ReadOrder, batch_schedule
+from facescale.seeding import rng_for
 
 
 def make_order(n, world, rank=0, batch=4, block=5, window_batches=3, streams=2, seed=7):

@@ -12,7 +12,16 @@ import sys
 
 from facescale import __version__
 from facescale.commands import add_module_commands
-from facescale.config import ConfigError
+from facescale.errors import UserError
+
+# OSErrors that mean a path the user gave is wrong, not that facescale is.
+PATH_ERRORS = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
 
 COMMANDS = (
     "config",
@@ -46,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.command_run(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (UserError, *PATH_ERRORS) as err:
         print(f"facescale {args.command}: error: {err}", file=sys.stderr)
         code = 2
     sys.exit(code or 0)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from facescale.errors import UserError
+from facescale.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ IGNORED_KEYS: dict[str, str] = {
 }
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(InputError):
     """A config file or value that cannot be used; the message says which and how to fix it."""
 
 
@@ -473,4 +473,12 @@ def load_config(name: str | Path | None = None, overrides: Iterable[str] = ()) -
         set_value(cfg, key, _parse_text(_field_type(key), text), f"--set {key}")
     if cfg.output is None:
         cfg.output = str(Path("work_dirs") / "default")
+    check_combinations(cfg)
     return cfg
+
+
+def check_combinations(cfg: Config) -> None:
+    """Refuse keys that are valid one by one but not together (fp16 with bf16)."""
+    from facescale.precision import check_exclusive  # imported on first use: it loads torch
+
+    check_exclusive(cfg.fp16, cfg.bf16)

@@ -9,3 +9,8 @@ class UserError(Exception):
     ``facescale`` prints it as one line (and to ``training.log`` in a run) with exit code 2;
     anything else is a bug and keeps its traceback.
     """
+
+
+class InputError(UserError, ValueError):
+    """A file, value or argument the user gave that cannot be used; also a ``ValueError``, the
+    type Python code calling the library expects for a bad argument."""

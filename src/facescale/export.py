@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from facescale.errors import InputError
 from facescale.eval.align import FaceCrops
 from facescale.eval.embedding import embed_batches, eval_mode, l2_normalize
+from facescale.face import FACE_SIZE
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -42,8 +44,8 @@ def load_backbone(network: str, weights: str | Path, embedding_size: int = 512) 
     model = get_model(network, embedding_size)
     try:
         load_arcface_torch(model, state)
-    except ValueError as err:
-        raise ValueError(f"{weights}: {err}") from None
+    except InputError as err:
+        raise InputError(f"{weights}: {err}") from None
     return model.eval()
 
 
@@ -58,7 +60,7 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
-    example = torch.rand(2, 3, 112, 112, device=device) * 2 - 1
+    example = torch.rand(2, 3, FACE_SIZE, FACE_SIZE, device=device) * 2 - 1
     external = _parameter_bytes(model) >= SINGLE_FILE_LIMIT
     with eval_mode(model), _quiet_exporter():
         program = torch.onnx.export(
@@ -124,7 +126,8 @@ def max_relative_error(reference: np.ndarray, other: np.ndarray) -> float:
 
 def compare_onnx(model: nn.Module, path: str | Path, batch: int = 3, seed: int = 0) -> float:
     """Max relative difference between onnxruntime and PyTorch embeddings on random images."""
-    images = torch.rand(batch, 3, 112, 112, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    shape = (batch, 3, FACE_SIZE, FACE_SIZE)
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     with eval_mode(model):
         expected = model(images.to(next(model.parameters()).device)).float().cpu().numpy()
     return max_relative_error(expected, onnx_embeddings(onnx_session(path), images.numpy()))
@@ -139,13 +142,13 @@ def read_landmarks(path: str | Path) -> dict[str, np.ndarray]:
         if not fields:
             continue
         if len(fields) not in (11, 12):
-            raise ValueError(
+            raise InputError(
                 f"{path}:{number}: {len(fields)} fields; expected `name x1 y1 ... x5 y5 [score]`"
             )
         try:
             landmarks[fields[0]] = np.array(fields[1:11], dtype=np.float64).reshape(5, 2)
         except ValueError:
-            raise ValueError(f"{path}:{number}: a landmark coordinate is not a number") from None
+            raise InputError(f"{path}:{number}: a landmark coordinate is not a number") from None
     return landmarks
 
 
@@ -157,7 +160,7 @@ def landmarks_for(
     for path in paths:
         found = table.get(path.name, table.get(str(path)))
         if found is None:
-            raise ValueError(f"{source}: no landmarks for {path} (rows are keyed by file name)")
+            raise InputError(f"{source}: no landmarks for {path} (rows are keyed by file name)")
         rows.append(found)
     return np.stack(rows)
 

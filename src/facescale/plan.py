@@ -34,6 +34,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from facescale.config import Config
+from facescale.errors import InputError
+from facescale.face import FACE_SIZE
+from facescale.precision import device_dtype
 
 FLOAT_BYTES = 4  # centers, their optimizer state and backbone parameters are float32
 # CPU: resident memory above the live tensors. The runtime (threads, oneDNN scratch, gloo
@@ -55,7 +58,7 @@ def parse_size(text: str) -> int:
     """Bytes from '80GiB', '80GB', '512MiB', '1.5T' or '1000000' (B/iB units, case-free)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", text.lower())
     if not match or (match.group(3) and not match.group(2)):
-        raise ValueError(f"memory size {text!r}: expected a number with a unit, e.g. 80GiB")
+        raise InputError(f"memory size {text!r}: expected a number with a unit, e.g. 80GiB")
     number, prefix, binary = match.groups()
     scale = 1024 ** "kmgt".index(prefix) * 1024 if binary else _UNITS[prefix]
     return int(float(number) * scale)
@@ -139,7 +142,6 @@ def step_timeline(cfg: Config, batch: int, device: str = "meta") -> StepTimeline
     """Trace two training steps of ``cfg``'s backbone at ``batch`` images on ``device`` and
     return the second (the first creates the optimizer state). On the meta device nothing
     is allocated, so any backbone can be traced on any machine."""
-    from facescale.backbones.base import INPUT_SIZE
     from facescale.optim import build_optimizer
     from facescale.train.build import build_backbone
 
@@ -151,7 +153,7 @@ def step_timeline(cfg: Config, batch: int, device: str = "meta") -> StepTimeline
         )
         for _ in range(2):
             state, marks = live.live, [len(live.timeline)]
-            embeddings = model(torch.randn(batch, 3, INPUT_SIZE, INPUT_SIZE))
+            embeddings = model(torch.randn(batch, 3, FACE_SIZE, FACE_SIZE))
             marks.append(len(live.timeline))
             embeddings.sum().backward()
             marks.append(len(live.timeline))
@@ -322,7 +324,7 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
     if device not in PROCESS_BYTES:
         raise ValueError(f"device {device!r}: choose 'cpu' or 'cuda'")
     trace = trace_backbone(cfg)
-    if cfg.bf16 or (cfg.fp16 and device == "cuda"):  # the trainer runs fp16 on CPU in fp32
+    if device_dtype(cfg.fp16, cfg.bf16, device) is not None:
         trace = _reduced_precision(trace)
     head = head_memory(cfg, world_size)
     buckets = trace.parameters * FLOAT_BYTES if world_size > 1 else 0

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from facescale.errors import InputError
+
 DDP_PREFIX = "module."
 LISTED = 8  # keys named per kind of problem in an error message
 
@@ -33,12 +35,12 @@ def read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(
+        raise InputError(
             f"{path}: not a state dict that can be read safely ({err}); re-save it from "
             "arcface_torch with torch.save(backbone.state_dict(), path)"
         ) from err
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
+        raise InputError(f"{path}: holds a {type(state).__name__}, not a state dict")
     return dict(state)
 
 
@@ -65,10 +67,10 @@ def load_arcface_torch(
     state = to_facescale_keys(read_state_dict(source), model)
     not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
-        raise ValueError(f"{where}: entries that are not tensors: {_names(not_tensors)}")
+        raise InputError(f"{where}: entries that are not tensors: {_names(not_tensors)}")
     problems = _mismatches(model.state_dict(), state)
     if problems:
-        raise ValueError(
+        raise InputError(
             f"{where} does not fit {type(model).__name__}"
             f"(embedding_size={getattr(model, 'embedding_size', '?')}): {'; '.join(problems)}. "
             "Build the model with the network name and embedding_size the checkpoint was "

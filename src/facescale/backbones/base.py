@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-INPUT_SIZE = 112
+from facescale.errors import InputError
+from facescale.face import FACE_SIZE
 
 
 def autocast_to(device_type: str, dtype: torch.dtype | None) -> AbstractContextManager:
@@ -67,7 +68,7 @@ class Backbone(nn.Module, abc.ABC):
     def __init__(self, embedding_size: int) -> None:
         super().__init__()
         if embedding_size <= 0:
-            raise ValueError(f"embedding_size must be a positive integer, got {embedding_size}")
+            raise InputError(f"embedding_size must be a positive integer, got {embedding_size}")
         self.embedding_size = embedding_size
         self.amp_dtype: torch.dtype | None = None
         self.gradient_checkpointing = False
@@ -117,14 +118,14 @@ class Backbone(nn.Module, abc.ABC):
 
 
 def _check_images(images: torch.Tensor) -> None:
-    expected = (3, INPUT_SIZE, INPUT_SIZE)
+    expected = (3, FACE_SIZE, FACE_SIZE)
     if images.dim() != 4 or tuple(images.shape[1:]) != expected:
         raise ValueError(
-            f"backbone input must be face crops of shape [B, 3, {INPUT_SIZE}, {INPUT_SIZE}] "
-            f"(aligned 112x112 RGB), got {list(images.shape)}; resize or align the images first"
+            f"backbone input must be face crops of shape [B, 3, {FACE_SIZE}, {FACE_SIZE}] "
+            f"(aligned RGB), got {list(images.shape)}; resize or align the images first"
         )
     if not images.is_floating_point():
         raise ValueError(
             f"backbone input must be a floating-point tensor in [-1, 1], got {images.dtype}; "
-            "convert uint8 images with (x / 255 - 0.5) / 0.5"
+            "convert uint8 images with facescale.face.to_model_input"
         )

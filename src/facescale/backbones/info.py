@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from facescale.backbones.base import INPUT_SIZE
 from facescale.backbones.registry import get_model
+from facescale.face import FACE_SIZE
 
 MIB = 2**20
 
@@ -85,7 +85,7 @@ def model_info(name: str, embedding_size: int = 512, **kwargs: Any) -> ModelInfo
     """Build ``name`` on the meta device and measure it; ``kwargs`` go to ``get_model``."""
     with torch.device("meta"):
         model = get_model(name, embedding_size, **kwargs).eval()
-        images = torch.empty(1, 3, INPUT_SIZE, INPUT_SIZE)
+        images = torch.empty(1, 3, FACE_SIZE, FACE_SIZE)
     return ModelInfo(
         name=name,
         embedding_size=embedding_size,

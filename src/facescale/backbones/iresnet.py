@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from facescale.backbones.base import Backbone
+from facescale.face import FACE_SIZE
 
 STAGE_WIDTHS = (64, 128, 256, 512)
-FINAL_GRID = 7  # 112 halved by each of the four stages
+FINAL_GRID = FACE_SIZE // 16  # the face halved by each of the four stages
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from facescale.backbones.base import Backbone
+from facescale.face import FACE_SIZE
 
 HEAD_CHANNELS = 512
-FINAL_GRID = 7  # 112 halved four times
+FINAL_GRID = FACE_SIZE // 16  # the face halved four times
 
 
 class ConvBN(nn.Module):

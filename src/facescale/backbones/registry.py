@@ -12,12 +12,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from facescale.backbones.base import Backbone
 from facescale.backbones.iresnet import IResNet
 from facescale.backbones.mobilefacenet import MobileFaceNet
 from facescale.backbones.vit import VisionTransformer
+from facescale.errors import InputError
+from facescale.precision import requested_dtype
 
 
 @dataclass(frozen=True)
@@ -60,16 +60,9 @@ def model_spec(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except (KeyError, TypeError):
-        raise ValueError(
+        raise InputError(
             f"unknown backbone {name!r}; valid names: {', '.join(list_models())}"
         ) from None
-
-
-def amp_dtype(fp16: bool, bf16: bool) -> torch.dtype | None:
-    """The autocast dtype of the backbone body: float16, bfloat16 or None (full precision)."""
-    if fp16 and bf16:
-        raise ValueError("fp16 and bf16 are exclusive; enable at most one")
-    return torch.float16 if fp16 else torch.bfloat16 if bf16 else None
 
 
 def get_model(
@@ -91,9 +84,9 @@ def get_model(
     """
     spec = model_spec(name)
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        raise InputError(f"dropout must be in [0, 1), got {dropout}")
     _check_arguments(name, spec, kwargs)
-    body_dtype = amp_dtype(fp16, bf16)
+    body_dtype = requested_dtype(fp16, bf16)
     model = spec.build(
         embedding_size=embedding_size, dropout=dropout, **{**spec.arguments, **kwargs}
     )
@@ -108,7 +101,7 @@ def _check_arguments(name: str, spec: ModelSpec, kwargs: Mapping[str, Any]) -> N
     accepted = set(inspect.signature(spec.build).parameters) - {"embedding_size", "dropout"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"backbone {name!r} takes no argument {', '.join(unknown)}; "
             f"its architecture arguments are: {', '.join(sorted(accepted))}"
         )

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facescale.backbones.base import INPUT_SIZE, Backbone, at_least_fp32, full_precision
+from facescale.backbones.base import Backbone, at_least_fp32, full_precision
+from facescale.face import FACE_SIZE
 
 
 class DropPath(nn.Module):
@@ -111,7 +112,7 @@ class VisionTransformer(Backbone):
         super().__init__(embedding_size)
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        self.num_patches = (INPUT_SIZE // patch_size) ** 2
+        self.num_patches = (FACE_SIZE // patch_size) ** 2
         self.mask_ratio = mask_ratio
         self.patch_embed = PatchEmbed(patch_size, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, dim))

@@ -16,7 +16,6 @@ import argparse
 import ctypes
 import json
 import multiprocessing
-import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -45,24 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _memory_mib(field: str) -> float:
-    """``VmRSS`` (resident now) or ``VmHWM`` (resident peak) of this process, from Linux /proc."""
-    with open("/proc/self/status") as status:
-        kib = re.search(rf"{field}:\s+(\d+) kB", status.read()).group(1)
-    return int(kib) / 1024
-
-
 def _return_freed_memory() -> None:
     """Serve every allocation over 64 KiB by mmap, so freeing a tensor shrinks the resident
     size at once (glibc would otherwise keep freed blocks and hide what is really live)."""
     ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-
-
-def _reset_peak_memory() -> float:
-    """Restart the resident peak at the current size (Linux clear_refs) and return that size."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    return _memory_mib("VmRSS")
 
 
 def measure(model_name: str, batch: int, steps: int, options: dict[str, bool]) -> dict[str, float]:
@@ -73,22 +58,26 @@ def measure(model_name: str, batch: int, steps: int, options: dict[str, bool]) -
 
     from facescale.backbones import get_model
     from facescale.backbones.info import flop_counter
+    from facescale.face import FACE_SIZE
+    from facescale.memory import process_memory, reset_peak_memory
+    from facescale.seeding import seed_everything
 
     def train_step() -> None:
         model.zero_grad(set_to_none=False)
         model(images).square().mean().backward()
 
-    torch.manual_seed(0)
+    seed_everything(0)
     settings = {"gradient_checkpointing": False, **options}
     model = get_model(model_name, **settings).train()
-    images = torch.rand(batch, 3, 112, 112) * 2 - 1
-    before = _reset_peak_memory()
+    images = torch.rand(batch, 3, FACE_SIZE, FACE_SIZE) * 2 - 1
+    reset_peak_memory()
+    before = process_memory("VmRSS")
     train_step()  # warm-up
     start = time.perf_counter()
     for _ in range(steps):
         train_step()
     elapsed = time.perf_counter() - start
-    peak = _memory_mib("VmHWM") - before
+    peak = (process_memory("VmHWM") - before) / 2**20
     with flop_counter() as counter:
         train_step()
     return {
@@ -104,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
     from facescale.backbones.registry import model_spec
 
-    model_spec(args.model)  # unknown name: ValueError listing the valid ones
+    model_spec(args.model)  # unknown name: an InputError listing the valid ones
     chosen = ["fp32", *(v for v in args.variants.split(",") if v and v != "fp32")]
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown or args.batch < 2 or args.steps < 1:

@@ -40,8 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def face_like(rng: np.random.Generator) -> np.ndarray:
-    """A smooth 112x112 image with noise: JPEG sizes close to real aligned faces."""
-    y, x = np.mgrid[0:112, 0:112] / 112.0
+    """A smooth face-sized image with noise: JPEG sizes close to real aligned faces."""
+    from facescale.face import FACE_SIZE
+
+    y, x = np.mgrid[0:FACE_SIZE, 0:FACE_SIZE] / FACE_SIZE
     base = np.stack(
         [np.sin(x * rng.uniform(2, 9) + c) * np.cos(y * rng.uniform(2, 9)) for c in range(3)], -1
     )

@@ -155,34 +155,6 @@ def _rank_main(rank: int, options: Options, port: int, queue: Any) -> None:
 
 
 # ---- one rank --------------------------------------------------------------------------
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field} line")
-
-
-def _reset_peak(device: Any) -> float:
-    """Start a fresh peak; returns the current usage in MB (resident memory on CPU)."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**20
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # resets VmHWM (peak resident set) to the current VmRSS
-    return _proc_status_kib("VmRSS") / 1024
-
-
-def _peak(device: Any) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return _proc_status_kib("VmHWM") / 1024
-
-
 def _sync(device: Any) -> None:
     import torch
 
@@ -238,10 +210,13 @@ def measure_rank(options: Options, device: Any) -> dict[str, Any]:
     from facescale.distributed import barrier, get_rank, get_world_size
     from facescale.heads import ArcFace, build_head
     from facescale.heads.options import resolve_logits_dtype
+    from facescale.memory import PeakMemory
+    from facescale.seeding import rank_seed
 
     dtype = resolve_logits_dtype(options.dtype)
     gc.collect()
-    base_mb = _reset_peak(device)
+    memory = PeakMemory(device)
+    memory.start()
     head = build_head(
         options.kind,
         options.classes,
@@ -261,7 +236,7 @@ def measure_rank(options: Options, device: Any) -> dict[str, Any]:
         optimizer = torch.optim.SGD(
             head.parameters(), lr=options.lr, momentum=0.9, weight_decay=5e-4
         )
-    generator = torch.Generator(device=device).manual_seed(get_rank())
+    generator = torch.Generator(device=device).manual_seed(rank_seed(0, get_rank()))
     global_batch = options.batch * get_world_size()
     rows = options.batch if options.kind == "data_parallel" else global_batch
     shapes = [(1024, 1024, 1024), (rows, options.dim, options.chunk_size)]
@@ -287,7 +262,7 @@ def measure_rank(options: Options, device: Any) -> dict[str, Any]:
             rates.append(rate)
             sampled = getattr(head, "sampled_classes", None)
             computed.append(head.weight.shape[0] if sampled is None else len(sampled))
-    peak_mb = _peak(device)
+    growth = memory.peak()["peak_bytes"]
     state = [t for t in head.state_dict().values() if torch.is_tensor(t)]
     if optimizer is not None:
         state += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
@@ -297,7 +272,7 @@ def measure_rank(options: Options, device: Any) -> dict[str, Any]:
         "rows": rows,
         "classes_computed": max(computed),
         "threads": torch.get_num_threads(),
-        "memory_growth_mb": peak_mb - base_mb,
+        "memory_growth_mb": growth / 2**20,
         "state_mb": sum(t.numel() * t.element_size() for t in state) / 2**20,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }

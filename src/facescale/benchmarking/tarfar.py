@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 from typing import Any
@@ -64,20 +63,17 @@ def synthetic_features(n: int, dim: int, per_id: int, seed: int = 0) -> tuple[An
     return features, labels.numpy()
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from facescale.eval import tar_at_far_all_pairs
+    from facescale.memory import process_memory
 
     if args.n < 2 or args.dim < 1 or args.per_id < 2 or args.block < 1 or args.repeats < 1:
         raise ValueError("--n >= 2, --dim >= 1, --per-id >= 2, --block >= 1, --repeats >= 1")
     features, labels = synthetic_features(args.n, args.dim, args.per_id)
     sgemm_rates = sgemm_gflops(args.block, args.dim, args.repeats)
-    peak_before = _peak_rss_mib()
+    peak_before = process_memory("VmHWM") / 2**20
     start = time.perf_counter()
     results = tar_at_far_all_pairs(features, labels, args.far, args.block)
     elapsed = time.perf_counter() - start
@@ -100,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         "features_mib": features.numel() * 4 / 2**20,
         "score_matrix_mib": args.n * args.n * 4 / 2**20,
         "peak_rss_mib_before_scan": peak_before,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": process_memory("VmHWM") / 2**20,
         "results": [r.as_dict() for r in results],
     }
     if args.json:

@@ -142,15 +142,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---- one configuration -----------------------------------------------------------------
-def available_memory() -> int:
-    """MemAvailable of this machine in bytes (Linux)."""
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/meminfo has no MemAvailable line; give --memory-limit")
-
-
 def config_overrides(args: argparse.Namespace, mode: Mode, classes: int, output: Path) -> list[str]:
     """The config of one configuration: an epoch long enough that none ends while measured."""
     steps = args.warmup + args.steps * (2 if args.comm else 1) + 1
@@ -238,6 +229,7 @@ def run_config(
     """Launch one configuration and return its row of the report."""
     from facescale.benchmarking.train_worker import RunSpec
     from facescale.config import load_config
+    from facescale.memory import available_memory
     from facescale.plan import estimate
 
     folder = root / f"{mode.name.replace(':', '_')}_{classes}"

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from facescale.memory import PeakMemory, process_memory
 from facescale.train.logger import RunLogger
 from facescale.train.trainer import Trainer
 
@@ -51,48 +52,12 @@ class RunSpec:
         return cls(**json.loads(path.read_text()))
 
 
-def _proc_status_bytes(key: str) -> int:
-    """A ``kB`` line of this process's /proc status (VmRSS, VmHWM, VmData) in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key} line (Linux is needed on CPU)")
-
-
 def cap_memory(limit: int) -> None:
     """Let this process's data segment grow by at most ``limit`` bytes: a larger allocation
     then fails with an error instead of waking the kernel's out-of-memory killer."""
     _, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    soft = _proc_status_bytes("VmData") + limit
+    soft = process_memory("VmData") + limit
     resource.setrlimit(resource.RLIMIT_DATA, (soft if hard < 0 else min(soft, hard), hard))
-
-
-class PeakMemory:
-    """Peak memory growth from :meth:`start` on: the resident set on CPU, allocated (and
-    reserved) bytes of the caching allocator on CUDA."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.base = 0
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # the resident high-water mark restarts from here
-        self.base = _proc_status_bytes("VmRSS")
-
-    def peak(self) -> dict[str, int]:
-        if self.device.type == "cuda":
-            reserved = torch.cuda.max_memory_reserved(self.device)
-            return {
-                "peak_bytes": torch.cuda.max_memory_allocated(self.device) - self.base,
-                "reserved_bytes": reserved,
-            }
-        return {"peak_bytes": _proc_status_bytes("VmHWM") - self.base}
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
 HELP = "convert datasets: folder -> rec, rec -> shuffled rec, rec -> folder, pairs -> .bin"
 
@@ -48,11 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        report = _convert(args)
-    except (ValueError, OSError) as err:  # bad input, refused paths, a full disk: one line
-        print(f"facescale convert: error: {err}", file=sys.stderr)
-        return 2
+    report = _convert(args)
     if args.json:
         print(json.dumps({"conversion": args.conversion, **dataclasses.asdict(report)}))
     else:

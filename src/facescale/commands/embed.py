@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from facescale.commands.export import add_model_arguments, input_error, load_model
+from facescale.commands.export import add_model_arguments, load_model
+from facescale.errors import InputError
 
 HELP = "embed images or folders of images into a .npy (aligned when landmarks are given)"
 
@@ -35,7 +36,7 @@ def image_paths(inputs: list[str]) -> list[Path]:
         if item.is_dir():
             found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise ValueError(f"{item}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise InputError(f"{item}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             paths.extend(found)
         elif item.is_file():
             paths.append(item)
@@ -49,18 +50,15 @@ def run(args: argparse.Namespace) -> int:
 
     from facescale.export import embed_files, landmarks_for, read_landmarks
 
-    try:
-        paths = image_paths(args.inputs)
-        landmarks = None
-        if args.landmarks:
-            table = read_landmarks(args.landmarks)
-            landmarks = landmarks_for(paths, table, Path(args.landmarks))
-        model, device = load_model(args)
-        embeddings = embed_files(
-            model, paths, landmarks, args.batch_size, device, not args.no_flip, args.workers
-        )
-    except ValueError as err:
-        return input_error("embed", err)
+    paths = image_paths(args.inputs)
+    landmarks = None
+    if args.landmarks:
+        table = read_landmarks(args.landmarks)
+        landmarks = landmarks_for(paths, table, Path(args.landmarks))
+    model, device = load_model(args)
+    embeddings = embed_files(
+        model, paths, landmarks, args.batch_size, device, not args.no_flip, args.workers
+    )
     output = Path(args.output).with_suffix(".npy")
     output.parent.mkdir(parents=True, exist_ok=True)
     np.save(output, embeddings)

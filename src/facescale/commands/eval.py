@@ -6,7 +6,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from facescale.commands.export import add_model_arguments, input_error, load_model
+from facescale.commands.export import add_model_arguments, load_model
+from facescale.errors import InputError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -103,7 +104,7 @@ def _load_npy(path: str, what: str) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as err:
-        raise ValueError(f"{path}: cannot read {what} as a plain .npy array ({err})") from None
+        raise InputError(f"{path}: cannot read {what} as a plain .npy array ({err})") from None
 
 
 def _tarfar(args: argparse.Namespace) -> dict | None:
@@ -140,10 +141,7 @@ def _tarfar(args: argparse.Namespace) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        report = args.evaluate(args)
-    except ValueError as err:
-        return input_error("eval", err)
+    report = args.evaluate(args)
     if args.json and report is not None:
         print(json.dumps(report))
     return 0

@@ -35,12 +35,6 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, torch.device]:
     return load_backbone(args.network, args.model, args.embedding_size).to(device), device
 
 
-def input_error(command: str, err: Exception) -> int:
-    """Report unusable input as the CLI reports config errors (exit status 2)."""
-    print(f"facescale {command}: error: {err}", file=sys.stderr)
-    return 2
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
     onnx = sub.add_parser("onnx", help="ONNX graph: input [batch, 3, 112, 112] -> embedding")
@@ -56,10 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     from facescale.export import compare_onnx, export_onnx
 
-    try:
-        model, _ = load_model(args)
-    except ValueError as err:
-        return input_error("export", err)
+    model, _ = load_model(args)
     path = export_onnx(model, args.output, fp16=args.fp16, opset=args.opset)
     error = compare_onnx(model, path, batch=3)
     report = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 HELP = "print parameters, fp32 MiB and GMACs (multiply-adds, 112x112 input) of a backbone"
 
@@ -19,11 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from facescale.backbones import list_models, model_info
 
     names = [args.model] if args.model else list_models()
-    try:
-        infos = [model_info(name, args.embedding_size) for name in names]
-    except ValueError as err:
-        print(f"facescale info: error: {err}", file=sys.stderr)
-        return 2
+    infos = [model_info(name, args.embedding_size) for name in names]
     if args.json:
         rows = [info.to_dict() for info in infos]
         print(json.dumps(rows[0] if args.model else {"models": rows}))

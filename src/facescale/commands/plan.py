@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from facescale.commands.config import add_config_arguments
+from facescale.errors import InputError
 
 HELP = "predict peak memory per rank of a config; the most identities, batch, sample rate that fit"
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _device_memory(args: argparse.Namespace) -> int:
     import torch
 
-    from facescale.benchmarking.train import available_memory
+    from facescale.memory import available_memory
     from facescale.plan import parse_size
 
     if args.device_memory:
@@ -38,7 +38,7 @@ def _device_memory(args: argparse.Namespace) -> int:
         return available_memory() // args.devices
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory
-    raise ValueError("no GPU here to read its memory from; give --device-memory, e.g. 80GiB")
+    raise InputError("no GPU here to read its memory from; give --device-memory, e.g. 80GiB")
 
 
 def answers(cfg: Any, devices: int, device: str, memory: int) -> dict[str, Any]:
@@ -105,14 +105,9 @@ def run(args: argparse.Namespace) -> int:
     from facescale.config import load_config
 
     if args.devices < 1:
-        print("facescale plan: error: --devices must be >= 1", file=sys.stderr)
-        return 2
+        raise InputError("--devices must be >= 1")
     cfg = load_config(args.config, args.overrides)
-    try:
-        memory = _device_memory(args)
-    except ValueError as err:
-        print(f"facescale plan: error: {err}", file=sys.stderr)
-        return 2
+    memory = _device_memory(args)
     report = answers(cfg, args.devices, args.device, memory)
     print(json.dumps(report) if args.json else _describe(report))
     return 0

@@ -15,11 +15,12 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from facescale.data.augment import draw_flips, place_chw, strong_augment
-from facescale.data.image import FACE_SIZE
-from facescale.data.order import SEED_TAG_AUGMENT, EpochPlan, ReadOrder, rng_for
+from facescale.data.order import SEED_TAG_AUGMENT, EpochPlan, ReadOrder
 from facescale.data.recordio import RecordError
 from facescale.data.ring import BatchRing, Progress
 from facescale.data.sources import Source
+from facescale.face import FACE_SIZE
+from facescale.seeding import rng_for
 
 
 @dataclass(frozen=True)
@@ -105,17 +106,3 @@ def replace_bad(images: np.ndarray, labels: np.ndarray, bad: dict[int, str]) -> 
         raise RecordError(f"every record of a batch is bad; the first: {bad[slots[0]]}")
     donors = good[np.arange(len(slots)) % good.size]
     images[slots], labels[slots] = images[donors], labels[donors]
-
-
-# One float32 step below 1/127.5, so that 255 maps to 1 - 1.2e-7 and never past 1.
-PIXEL_SCALE = float(np.nextafter(np.float32(1 / 127.5), np.float32(0)))
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> float32 in [-1, 1], as arcface_torch's Normalize(mean=0.5, std=0.5).
-
-    ``x * scale - 1`` in one pass over the converted pixels; within 1.2e-7 of the exact value.
-    """
-    pixels = images.to(torch.float32)
-    minus_one = torch.tensor(-1.0, device=images.device)
-    return torch.add(minus_one, pixels, alpha=PIXEL_SCALE, out=pixels)

@@ -20,6 +20,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from facescale.errors import InputError
+
 BIN_PROTOCOL = 4
 
 
@@ -101,7 +103,7 @@ def _as_image(item: Any, path: Path, i: int) -> bytes | np.ndarray:
         return bytes(item)
     if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.flags.c_contiguous:
         return item.reshape(-1)
-    raise ValueError(
+    raise InputError(
         f"{path}: image {i} is a {type(item).__name__} "
         f"{getattr(item, 'dtype', '')}; expected encoded image bytes or a contiguous uint8 array"
     )
@@ -125,21 +127,21 @@ def load_verification_bin(path: str | Path) -> tuple[list[bytes | np.ndarray], n
         try:
             data = SafeUnpickler(f, max_bytes=size).load()
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
-            raise ValueError(f"{path}: not a verification .bin: {err}") from None
+            raise InputError(f"{path}: not a verification .bin: {err}") from None
         except MemoryError:
-            raise ValueError(
+            raise InputError(
                 f"{path}: not a verification .bin: a length inside this {size}-byte file runs "
                 f"past its end ({_overlong_length(path.read_bytes())})"
             ) from None
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise ValueError(f"{path}: expected a pickled (images, issame) pair")
+        raise InputError(f"{path}: expected a pickled (images, issame) pair")
     images, issame = data
     images = [_as_image(item, path, i) for i, item in enumerate(images)]
     flags = np.asarray(issame)
     if flags.ndim != 1 or flags.dtype.kind not in "bi" or not np.isin(flags, (0, 1)).all():
-        raise ValueError(f"{path}: issame must be a list of bools")
+        raise InputError(f"{path}: issame must be a list of bools")
     if len(images) != 2 * len(flags):
-        raise ValueError(
+        raise InputError(
             f"{path}: {len(images)} images for {len(flags)} pairs; expected two images per pair"
         )
     return images, flags.astype(bool)

@@ -35,6 +35,7 @@ from facescale.data.records import (
 )
 from facescale.data.sources import list_images
 from facescale.data.staging import staged_file, staged_folder
+from facescale.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def _read_pairs(
     for n, fields in tqdm(lines, desc="pairs", unit="pair", disable=not progress):
         flag = fields[2].lower() if len(fields) == 3 else ""
         if flag not in ("1", "0", "true", "false"):
-            raise ValueError(
+            raise InputError(
                 f"{pairs} line {n}: expected 'image_a image_b same' with same 1/0 or true/false, "
                 f"got {' '.join(fields)!r}"
             )

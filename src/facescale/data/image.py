@@ -13,11 +13,13 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-FACE_SIZE = 112
+from facescale.errors import InputError
+from facescale.face import FACE_SIZE
+
 JPEG_QUALITY = 95
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InputError):
     """Bytes that are not a decodable image."""
 
 

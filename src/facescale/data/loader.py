@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from facescale.data.batches import BatchMaker, BatchTask, normalize
+from facescale.data.batches import BatchMaker, BatchTask
 from facescale.data.order import EpochPlan, ReadOrder
 from facescale.data.recordio import RecordError
 from facescale.data.sources import FolderSource, RecordSource, Source, SyntheticSource
+from facescale.face import to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class TrainLoader:
         if self.device.type == "cuda":
             batches = _cuda_prefetch(batches, self.device)
         else:
-            batches = ((normalize(images), labels) for images, labels in batches)
+            batches = ((to_model_input(images), labels) for images, labels in batches)
         for batch in batches:
             self._position += 1
             yield batch
@@ -167,7 +168,7 @@ def _cuda_prefetch(batches: Iterable, device: torch.device) -> Iterator:
     pending = None
     for images, labels in batches:
         with torch.cuda.stream(stream):
-            images = normalize(images.to(device, non_blocking=True))
+            images = to_model_input(images.to(device, non_blocking=True))
             labels = labels.to(device, non_blocking=True)
         if pending is not None:
             yield _hand_over(pending, stream)

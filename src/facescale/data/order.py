@@ -18,12 +18,9 @@ from functools import cached_property
 
 import numpy as np
 
+from facescale.seeding import rng_for
+
 SEED_TAG_BLOCKS, SEED_TAG_WINDOW, SEED_TAG_AUGMENT = 0, 1, 2
-
-
-def rng_for(*keys: int) -> np.random.Generator:
-    """A generator determined by integer keys (seed, tag, epoch, rank, ...)."""
-    return np.random.default_rng([int(k) for k in keys])
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facescale.errors import InputError
+
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 LENGTH_BITS = 29
@@ -22,7 +24,7 @@ MAX_PART_LENGTH = (1 << LENGTH_BITS) - 1
 _PART_HEADER = struct.Struct("<II")
 
 
-class RecordError(ValueError):
+class RecordError(InputError):
     """A record that cannot be read or written; the message names the file, offset or key."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from facescale.data.recordio import IndexedRecordFile, IndexedRecordWriter, RecordError
+from facescale.face import FACE_SIZE
 
 IR_HEADER = struct.Struct("<IfQQ")
 
@@ -146,5 +147,5 @@ def read_property(folder: Path) -> tuple[int, int, int] | None:
     return num_classes, height, width
 
 
-def write_property(folder: Path, num_classes: int, size: int = 112) -> None:
+def write_property(folder: Path, num_classes: int, size: int = FACE_SIZE) -> None:
     (folder / "property").write_text(f"{num_classes},{size},{size}")

@@ -14,9 +14,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from facescale.data.image import FACE_SIZE, ImageDecodeError, decode_image, fit_face
+from facescale.data.image import ImageDecodeError, decode_image, fit_face
 from facescale.data.recordio import IndexedRecordFile, RecordError, decode_record
 from facescale.data.records import class_label, read_layout, read_property, unpack_record
+from facescale.face import FACE_SIZE
 
 log = logging.getLogger(__name__)
 

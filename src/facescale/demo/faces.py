@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SIZE = 112
+from facescale.face import FACE_SIZE
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def _paint(img: np.ndarray, mask: np.ndarray, color: np.ndarray) -> None:
 
 def render(person: Identity, rng: np.random.Generator) -> np.ndarray:
     """One 112x112x3 uint8 image of ``person`` under a random pose, expression and light."""
-    grid = (np.arange(SIZE) + 0.5) / SIZE * 2 - 1
+    grid = (np.arange(FACE_SIZE) + 0.5) / FACE_SIZE * 2 - 1
     v, u = np.meshgrid(grid, grid, indexing="ij")
     angle = rng.normal(0, 0.12)
     scale = rng.uniform(0.9, 1.1)

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-FACE_SIZE = 112
+from facescale.errors import InputError
+from facescale.face import FACE_SIZE
+
 # Where arcface_torch's training crops have the five landmarks, in 112x112 pixels.
 ARCFACE_TEMPLATE = np.array(
     [
@@ -72,7 +74,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
     except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"{path}: cannot be read as an image ({err})") from None
+        raise InputError(f"{path}: cannot be read as an image ({err})") from None
 
 
 class FaceCrops(torch.utils.data.Dataset):
@@ -83,7 +85,7 @@ class FaceCrops(torch.utils.data.Dataset):
 
     def __init__(self, paths: Sequence[str | Path], landmarks: np.ndarray | None = None) -> None:
         if landmarks is not None and len(landmarks) != len(paths):
-            raise ValueError(f"{len(landmarks)} landmark rows for {len(paths)} images")
+            raise InputError(f"{len(landmarks)} landmark rows for {len(paths)} images")
         self.paths = [Path(p) for p in paths]
         self.landmarks = landmarks
 
@@ -95,7 +97,7 @@ class FaceCrops(torch.utils.data.Dataset):
         if self.landmarks is not None:
             image = align_face(image, self.landmarks[index])
         elif image.shape[:2] != (FACE_SIZE, FACE_SIZE):
-            raise ValueError(
+            raise InputError(
                 f"{self.paths[index]}: {image.shape[1]}x{image.shape[0]} image; without "
                 f"landmarks images must be aligned {FACE_SIZE}x{FACE_SIZE} crops (give landmarks)"
             )

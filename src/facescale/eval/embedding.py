@@ -9,10 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-
-def to_model_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB ``[B, 3, H, W]`` to float32 in [-1, 1], the scaling arcface_torch trains with."""
-    return images.float().div_(127.5).sub_(1.0)
+from facescale.errors import InputError
+from facescale.face import to_model_input
 
 
 @contextmanager
@@ -52,7 +50,7 @@ def embed_batches(
                 norm_count += norms.numel()
             features.append(torch.stack(views).sum(0).cpu())
     if not features:
-        raise ValueError("no images to embed")
+        raise InputError("no images to embed")
     return torch.cat(features).numpy(), norm_sum / norm_count
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from facescale.errors import InputError
 from facescale.eval.align import FaceCrops
 from facescale.eval.embedding import embed_batches, l2_normalize
 from facescale.eval.tar_far import TarAtFar, tar_at_far
@@ -51,9 +52,9 @@ def _table(path: Path, dtype: type, columns: int) -> np.ndarray:
     try:
         table = np.loadtxt(path, dtype=dtype, ndmin=2, comments=None)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise InputError(f"{path}: {err}") from None
     if table.size == 0 or table.shape[1] != columns:
-        raise ValueError(f"{path}: expected rows of {columns} fields, found {list(table.shape)}")
+        raise InputError(f"{path}: expected rows of {columns} fields, found {list(table.shape)}")
     return table
 
 
@@ -68,22 +69,22 @@ def read_ijb_meta(root: str | Path, target: str = "IJBC") -> IJBMeta:
     medias = _table(media_path, str, 3)
     pairs = _table(pairs_path, np.int64, 3)
     if len(points) != len(medias) or (points[:, 0] != medias[:, 0]).any():
-        raise ValueError(
+        raise InputError(
             f"{points_path} and {media_path} must list the same images in the same order"
         )
     try:
         numbers = points[:, 1:].astype(np.float32)
         ids = medias[:, 1:].astype(np.int64)
     except ValueError as err:
-        raise ValueError(
+        raise InputError(
             f"{points_path} or {media_path}: a field is not a number ({err})"
         ) from None
     if not np.isin(pairs[:, 2], (0, 1)).all():
-        raise ValueError(f"{pairs_path}: the third field (label) must be 0 or 1")
+        raise InputError(f"{pairs_path}: the third field (label) must be 0 or 1")
     templates = ids[:, 0]
     unknown = np.setdiff1d(pairs[:, :2], templates)
     if len(unknown):
-        raise ValueError(
+        raise InputError(
             f"{pairs_path} names {len(unknown)} templates that have no image in {media_path} "
             f"(e.g. {unknown[:5].tolist()})"
         )

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from facescale.distributed import get_rank, get_world_size
+from facescale.errors import InputError
 
 FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 PRUNE_AT_LEAST = 1 << 16
@@ -70,7 +71,7 @@ class TarAtFar:
 def impostor_rank(far: float, impostors: int) -> int:
     """``k = floor(far * impostors)``, exact for the decimal value of ``far``."""
     if not 0 < far < 1:
-        raise ValueError(f"FAR {far!r} must lie strictly between 0 and 1")
+        raise InputError(f"FAR {far!r} must lie strictly between 0 and 1")
     return math.floor(Fraction(repr(float(far))) * impostors)
 
 
@@ -83,7 +84,7 @@ def tar_from_top_impostors(
     threshold asked for (at least ``k + 1`` values); ``impostors`` is the total count ``M``.
     """
     if impostors == 0 or len(genuine_scores) == 0:
-        raise ValueError(
+        raise InputError(
             f"TAR@FAR needs genuine and impostor pairs; got {len(genuine_scores)} genuine and "
             f"{impostors} impostor pairs (check the labels)"
         )
@@ -198,19 +199,19 @@ def _full_fp32_matmul() -> Iterator[None]:
 def _as_features(name: str, features: np.ndarray | torch.Tensor) -> torch.Tensor:
     tensor = torch.as_tensor(features)
     if tensor.ndim != 2 or len(tensor) == 0 or not tensor.is_floating_point():
-        raise ValueError(
+        raise InputError(
             f"{name}: expected float features [N, D] with N >= 1, got "
             f"{tensor.dtype} {list(tensor.shape)}"
         )
     if not torch.isfinite(tensor).all():
-        raise ValueError(f"{name}: features contain NaN or infinity")
+        raise InputError(f"{name}: features contain NaN or infinity")
     return tensor
 
 
 def _as_labels(name: str, labels: np.ndarray | torch.Tensor, count: int) -> np.ndarray:
     array = np.asarray(labels)
     if array.ndim != 1 or len(array) != count or array.dtype.kind not in "iu":
-        raise ValueError(
+        raise InputError(
             f"{name}: expected {count} integer labels (one per feature row), got "
             f"{array.dtype} {list(array.shape)}"
         )
@@ -353,7 +354,7 @@ def _blockwise(
     pairs = len(queries) * (len(queries) - 1) // 2 if upper else len(queries) * len(refs)
     impostors = pairs - len(genuine)
     if impostors == 0 or len(genuine) == 0:
-        raise ValueError(
+        raise InputError(
             f"TAR@FAR needs genuine and impostor pairs; these labels give {len(genuine)} "
             f"genuine and {impostors} impostor pairs"
         )
@@ -401,7 +402,7 @@ def tar_at_far_probe_gallery(
     probe = _as_features("probe", probe)
     gallery = _as_features("gallery", gallery)
     if probe.shape[1] != gallery.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"probe features have {probe.shape[1]} dimensions, gallery features {gallery.shape[1]}"
         )
     probe_labels = _as_labels("probe labels", probe_labels, len(probe))

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from facescale.errors import InputError
 from facescale.eval.embedding import embed_batches, l2_normalize
+from facescale.face import FACE_SIZE
 
 ACCURACY_GRID = np.arange(0, 4, 0.01)
 VAL_GRID = np.arange(0, 4, 0.001)
 VAL_FAR = 1e-3
-IMAGE_SIZE = 112
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,18 @@ class VerificationSet:
 
     def __post_init__(self) -> None:
         shape = self.images.shape
-        if self.images.dtype != np.uint8 or len(shape) != 4 or shape[1:] != (3, 112, 112):
-            raise ValueError(
-                f"verification set {self.name!r}: images must be uint8 [N, 3, 112, 112], "
+        if (
+            self.images.dtype != np.uint8
+            or len(shape) != 4
+            or shape[1:] != (3, FACE_SIZE, FACE_SIZE)
+        ):
+            raise InputError(
+                f"verification set {self.name!r}: images must be uint8 "
+                f"[N, 3, {FACE_SIZE}, {FACE_SIZE}], "
                 f"got {self.images.dtype} {list(shape)}"
             )
         if shape[0] != 2 * len(self.issame):
-            raise ValueError(
+            raise InputError(
                 f"verification set {self.name!r}: {shape[0]} images for {len(self.issame)} "
                 f"pairs; a set holds exactly two images per pair"
             )
@@ -98,13 +104,13 @@ def load_verification_set(path: str | Path) -> VerificationSet:
 
     path = Path(path)
     encoded, issame = load_verification_bin(path)
-    images = np.empty((len(encoded), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    images = np.empty((len(encoded), 3, FACE_SIZE, FACE_SIZE), dtype=np.uint8)
     for index, buffer in enumerate(encoded):
         image = decode_image(buffer)
-        if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
-            raise ValueError(
+        if image.shape != (FACE_SIZE, FACE_SIZE, 3):
+            raise InputError(
                 f"{path}: image {index} decodes to {list(image.shape)}; verification sets hold "
-                f"aligned {IMAGE_SIZE}x{IMAGE_SIZE} RGB crops"
+                f"aligned {FACE_SIZE}x{FACE_SIZE} RGB crops"
             )
         images[index] = image.transpose(2, 0, 1)
     return VerificationSet(path.stem, images, np.asarray(issame, dtype=bool))
@@ -113,7 +119,7 @@ def load_verification_set(path: str | Path) -> VerificationSet:
 def fold_slices(pairs: int, folds: int) -> list[slice]:
     """Contiguous test folds; the first ``pairs % folds`` are one pair longer (sklearn KFold)."""
     if not 2 <= folds <= pairs:
-        raise ValueError(f"{folds} folds need 2 <= folds <= number of pairs ({pairs})")
+        raise InputError(f"{folds} folds need 2 <= folds <= number of pairs ({pairs})")
     sizes = [pairs // folds + (f < pairs % folds) for f in range(folds)]
     starts = np.cumsum([0, *sizes])
     return [slice(int(starts[f]), int(starts[f + 1])) for f in range(folds)]

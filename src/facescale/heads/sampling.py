@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .shards import stream_seed
+from facescale.seeding import stream_seed
 
 
 @dataclass

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from facescale.seeding import stream_seed
+
 INIT_STD = 0.01  # arcface_torch's normal(0, 0.01) initialisation of the class centers
 INIT_BLOCK = 8192  # classes drawn from one random stream; fixed so shards can be re-cut
-_GOLDEN = 0x9E3779B97F4A7C15  # odd constant that spreads (seed, block) over 63-bit seeds
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -19,14 +20,6 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
         )
     base, extra = divmod(num_classes, world_size)
     return base * rank + min(rank, extra), base + (rank < extra)
-
-
-def stream_seed(*parts: int) -> int:
-    """A 63-bit generator seed mixed from integers (seed, rank, counter, ...)."""
-    value = 0
-    for part in parts:
-        value = (value * _GOLDEN + part + 1) % (1 << 63)
-    return value
 
 
 def init_centers(

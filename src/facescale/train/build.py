@@ -8,14 +8,11 @@ what this returns.
 
 from __future__ import annotations
 
-import logging
-import random
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -25,8 +22,9 @@ from facescale.config import Config, Schedule
 from facescale.distributed import DistEnv
 from facescale.heads import CombinedMargin, TrainableHead, build_head
 from facescale.optim import build_optimizer
+from facescale.precision import autocast_dtype
+from facescale.seeding import rank_seed, seed_everything
 
-log = logging.getLogger("facescale.train")
 
 
 class Loader(Protocol):
@@ -55,28 +53,6 @@ class Components:
     loader: Loader
     schedule: Schedule
     dtype: torch.dtype | None  # the backbone's autocast dtype
-
-
-def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """Reduced precision to compute the backbone in, if any (fp16 needs CUDA)."""
-    if cfg.bf16:
-        return torch.bfloat16
-    if cfg.fp16:
-        if device.type == "cuda":
-            return torch.float16
-        log.warning("fp16 needs a GPU; running in float32 (set bf16=True for bfloat16 on CPU)")
-    return None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rank_seed(seed: int, rank: int, step: int = 0) -> int:
-    """The seed of one rank's own random streams (dropout, augmentation) from ``step`` on."""
-    return seed + 1000003 * rank + step
 
 
 def build_backbone(cfg: Config) -> Backbone:
@@ -144,7 +120,7 @@ def build(
     cfg: Config, env: DistEnv, loader: Loader | None = None, backbone: nn.Module | None = None
 ) -> Components:
     """Build one rank's run; ``loader`` and ``backbone`` replace the ones the config names."""
-    dtype = autocast_dtype(cfg, env.device)
+    dtype = autocast_dtype(cfg.fp16, cfg.bf16, env.device)
     seed_everything(cfg.seed)  # identical backbone initialisation on every rank
     backbone = (backbone if backbone is not None else build_backbone(cfg)).to(env.device)
     model = parallelize(backbone, env, dtype)

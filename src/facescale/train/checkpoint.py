@@ -26,7 +26,8 @@ import torch
 
 from facescale.config import Config
 from facescale.distributed import DistEnv, barrier
-from facescale.train.build import rank_seed, seed_everything
+from facescale.errors import UserError
+from facescale.seeding import rank_seed, seed_everything
 
 if TYPE_CHECKING:
     from facescale.train.build import Components
@@ -38,7 +39,7 @@ STEP_DIR = re.compile(r"^step_(\d{9})$")
 MATCHING_FIELDS = ("network", "num_classes", "embedding_size")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file or field."""
 
 
