@@ -6,14 +6,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from dist_utils import free_port
+
+from facescale.launch import free_port, torchrun_command
 
 TINY = [
+    "train",
     "cpu_tiny",
     "--set",
     "num_image=256",
@@ -22,10 +23,6 @@ TINY = [
     "--set",
     "frequent=1",
 ]
-
-
-def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "facescale", "train"]
 
 
 def _children(pid: int) -> list[int]:
@@ -49,10 +46,11 @@ def _steps_logged(output: Path) -> list[int]:
 @pytest.mark.slow
 def test_killed_rank_restarts_and_the_run_completes(tmp_path):
     out = tmp_path / "run"
-    cmd = _torchrun(
-        "--standalone", "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=1"
+    cmd = torchrun_command(
+        2,
+        [*TINY, "--set", f"output={out}", "--set", "checkpoint_every=4"],
+        torchrun_options=("--standalone", "--max-restarts=1", "--monitor-interval=1"),
     )
-    cmd += [*TINY, "--set", f"output={out}", "--set", "checkpoint_every=4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step_000000004").is_dir():
@@ -82,16 +80,16 @@ def test_two_nodes_on_loopback_train(tmp_path):
                 "taskset",  # each "node" gets its own core(s), as separate machines would
                 "-c",
                 ",".join(map(str, cores[node::2] or cores)),
-                *_torchrun(
-                    "--nnodes=2",
-                    f"--node_rank={node}",
-                    "--nproc_per_node=1",
-                    "--master_addr=127.0.0.1",
-                    f"--master_port={port}",
+                *torchrun_command(
+                    1,
+                    [*TINY, "--set", f"output={out}"],
+                    torchrun_options=(
+                        "--nnodes=2",
+                        f"--node_rank={node}",
+                        "--master_addr=127.0.0.1",
+                        f"--master_port={port}",
+                    ),
                 ),
-                *TINY,
-                "--set",
-                f"output={out}",
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -11,7 +11,7 @@ import logging
 import sys
 
 from facescale import __version__
-from facescale.commands import add_module_commands
+from facescale.cli_args import add_module_commands
 from facescale.errors import UserError
 
 # OSErrors that mean a path the user gave is wrong, not that facescale is.

@@ -14,7 +14,6 @@ import argparse
 import datetime
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from facescale.benchmarking import print_report
+from facescale.launch import spawn_ranks
 
 HELP = "time the classification head alone (model parallel, Partial FC, data parallel)"
 
@@ -82,8 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch.multiprocessing as mp
-
     lean = (args.mode or ("lean" if args.kind == "partial_fc" else "dropin")) == "lean"
     problem = None
     if args.world < 1 or args.steps < 1 or args.warmup < 0 or args.cache_mib < 0:
@@ -109,49 +107,23 @@ def run(args: argparse.Namespace) -> int:
         args.threads,
         args.lr,
     )
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_rank_main, args=(options, _free_port(), queue), nprocs=args.world, join=True)
-    print_report(summarize(options, queue.get()), args.json)
+    # Each rank leaves without the interpreter's teardown, where torch's static destructors
+    # intermittently abort ("terminate called without an active exception") after the
+    # drop-in head's autograd ran through gloo collectives.
+    ranks = spawn_ranks(_measure_on_rank, args.world, options, skip_teardown=True)
+    print_report(summarize(options, ranks), args.json)
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank_main(rank: int, options: Options, port: int, queue: Any) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(options.world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(options.world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+def _measure_on_rank(rank: int, world: int, options: Options) -> dict[str, Any]:
     import torch
-    import torch.distributed as dist
 
-    from facescale.distributed import init_distributed, shutdown
+    from facescale.distributed import init_distributed
 
-    env = init_distributed()
-    try:
-        if options.threads:
-            torch.set_num_threads(options.threads)
-        measured = measure_rank(options, env.device)
-        gathered: list[Any] = [None] * options.world
-        dist.all_gather_object(gathered, measured)
-        if rank == 0:
-            queue.put(gathered)
-    finally:
-        shutdown()
-    # The report is sent. Leave without the interpreter's teardown, where torch's static
-    # destructors intermittently abort ("terminate called without an active exception")
-    # after the drop-in head's autograd ran through gloo collectives.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    env = init_distributed()  # the group spawn_ranks set up: this rank's device
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    return measure_rank(options, env.device)
 
 
 # ---- one rank --------------------------------------------------------------------------

@@ -16,8 +16,6 @@ import datetime
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -25,7 +23,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from facescale.commands import add_overrides_argument
+from facescale.cli_args import add_overrides_argument
+from facescale.launch import run_with_time_limit, torchrun_command
 
 HELP = "training samples/s and peak memory per rank: data vs model parallel vs Partial FC"
 
@@ -168,21 +167,10 @@ def config_overrides(args: argparse.Namespace, mode: Mode, classes: int, output:
 
 def launch(spec_path: Path, ranks: int, log_path: Path, timeout: float) -> str | None:
     """Run one torchrun job; None when it exits, 'timeout' when it had to be stopped."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc_per_node={ranks}", "-m", "facescale.benchmarking.train_worker"]
-    with open(log_path, "w") as log:
-        job = subprocess.Popen(
-            [*command, str(spec_path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            job.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return "timeout"
-        finally:
-            if job.poll() is None:  # timed out, or this process is being interrupted
-                os.killpg(job.pid, signal.SIGKILL)
-                job.wait()
-    return None
+    command = torchrun_command(
+        ranks, [str(spec_path)], module="facescale.benchmarking.train_worker"
+    )
+    return None if run_with_time_limit(command, log_path, timeout) else "timeout"
 
 
 def summarize_ranks(ranks: list[dict[str, Any]], global_batch: int, steps: int) -> dict[str, Any]:

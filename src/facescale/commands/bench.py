@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from facescale.commands import add_module_commands
+from facescale.cli_args import add_module_commands
 
 BENCHMARKS: tuple[str, ...] = ("backbone", "data", "tarfar", "head", "train")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from facescale.commands import add_overrides_argument
+from facescale.cli_args import add_overrides_argument
 
 HELP = "resolve a config (file + --set overrides), print it and the derived schedule"
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from facescale.commands import add_overrides_argument
+from facescale.cli_args import add_overrides_argument
 
 HELP = "generate synthetic faces, train on 2 ranks, verify on unseen identities, export ONNX"
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from facescale.config import load_config, resolve_path
 from facescale.demo.dataset import HELDOUT_NAME, make_demo_data
+from facescale.launch import torchrun_command
 
 DEMO_CONFIG = "demo"
 
@@ -45,18 +45,7 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> Path:
 def train_command(ranks: int, overrides: list[str]) -> list[str]:
     """``torchrun --standalone --nproc_per_node=RANKS -m facescale train demo --set ...``."""
     sets = [arg for item in overrides for arg in ("--set", item)]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={ranks}",
-        "-m",
-        "facescale",
-        "train",
-        str(resolve_path(DEMO_CONFIG)),
-        *sets,
-    ]
+    return torchrun_command(ranks, ["train", str(resolve_path(DEMO_CONFIG)), *sets])
 
 
 def run_demo(

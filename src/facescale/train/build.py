@@ -26,7 +26,6 @@ from facescale.precision import autocast_dtype
 from facescale.seeding import rank_seed, seed_everything
 
 
-
 class Loader(Protocol):
     """A training loader: batches per epoch, epochs, and a position that resumes."""
 
