@@ -72,9 +72,11 @@ class ShardedHead(nn.Module):
             ClassSampler(self.num_local, sample_rate, seed, self.rank) if sample_rate < 1 else None
         )
         self._last_index: Tensor | None = None
+        self._hold(init_centers(self.class_start, self.num_local, embedding_size, seed))
 
-    def _initial_centers(self, seed: int) -> Tensor:
-        return init_centers(self.class_start, self.num_local, self.embedding_size, seed)
+    def _hold(self, centers: Tensor) -> None:
+        """Keep the shard's initial centers as ``self.weight`` (a parameter or a buffer)."""
+        raise NotImplementedError
 
     def _gather_and_select(
         self, embeddings: Tensor, labels: Tensor
@@ -118,29 +120,8 @@ class PartialFC(ShardedHead):
     torch optimizer over ``head.parameters()`` updates the centers.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        margin: CombinedMargin,
-        sample_rate: float = 1.0,
-        *,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        interclass_filtering_threshold: float = 0.0,
-        logits_dtype: torch.dtype | str | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            num_classes,
-            embedding_size,
-            margin,
-            sample_rate,
-            chunk_size=chunk_size,
-            interclass_filtering_threshold=interclass_filtering_threshold,
-            logits_dtype=logits_dtype,
-            seed=seed,
-        )
-        self.weight = nn.Parameter(self._initial_centers(seed))
+    def _hold(self, centers: Tensor) -> None:
+        self.weight = nn.Parameter(centers)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean margin-softmax loss over the global batch (same value on every rank)."""
@@ -182,31 +163,22 @@ class LeanPartialFC(ShardedHead):
         margin: CombinedMargin,
         sample_rate: float = 1.0,
         *,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        interclass_filtering_threshold: float = 0.0,
-        logits_dtype: torch.dtype | str | None = None,
-        seed: int = 0,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            embedding_size,
-            margin,
-            sample_rate,
-            chunk_size=chunk_size,
-            interclass_filtering_threshold=interclass_filtering_threshold,
-            logits_dtype=logits_dtype,
-            seed=seed,
-        )
+        """:class:`PartialFC`'s arguments (``options``: its keywords) and ``cache_bytes``."""
         if cache_bytes < 0:
             raise ValueError(f"cache_bytes={cache_bytes} must be >= 0")
-        self.register_buffer("weight", self._initial_centers(seed))
+        super().__init__(num_classes, embedding_size, margin, sample_rate, **options)
         self.optimizer: RowOptimizer | None = None
         self.optimizer_steps = 0
         self.pending: list[MicroBatch] = []  # what each backward since the last step left
         self._scratch = Scratch()  # chunk buffers, kept from step to step
         self.cache_bytes = cache_bytes
         self._cached: list[int] = []  # bytes of each probability cache handed out this step
+
+    def _hold(self, centers: Tensor) -> None:
+        self.register_buffer("weight", centers)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean margin-softmax loss over the global batch (same value on every rank)."""
