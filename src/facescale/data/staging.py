@@ -7,6 +7,7 @@ the destination exactly as it was, with nothing beside it.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -18,8 +19,12 @@ from facescale.errors import UserError
 
 
 class ConvertError(UserError, ValueError):
-    """A conversion refused before it reads anything: the paths overlap, the destination exists
-    (and replacing it was not asked for) or cannot be written."""
+    """A conversion refused (the paths overlap, the destination exists and replacing it was
+    not asked for, or cannot be written) or stopped by a full disk; the destination is kept."""
+
+
+# write errors that the environment, not the input, causes
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @contextmanager
@@ -85,9 +90,14 @@ def _staged(
     try:
         yield staged
         _move_into_place(staged, target)
-    except BaseException:
+    except BaseException as err:
         _remove(staged)
         _remove_created(created)
+        if isinstance(err, OSError) and err.errno in FULL_DISK:
+            raise ConvertError(
+                f"{dst}: writing stopped: {err.strerror}; free space (or raise the limit) and "
+                f"run again; {dst} is as it was"
+            ) from err
         raise
 
 
