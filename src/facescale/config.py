@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from facescale.errors import InputError
+from facescale.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ IGNORED_KEYS: dict[str, str] = {
     "notes": "facescale logs to TensorBoard and a log file",
     "save_artifacts": "facescale logs to TensorBoard and a log file",
 }
-
-
-class ConfigError(InputError):
-    """A config file or value that cannot be used; the message says which and how to fix it."""
 
 
 def _check(predicate: Callable[[Any], bool], allowed: str | Callable[[], str]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The one exception type for a mistake the user can fix, and how the CLI reports it."""
+"""The exception types for a mistake the user can fix; ``cli.main`` reports them."""
 
 from __future__ import annotations
 
@@ -14,3 +14,7 @@ class UserError(Exception):
 class InputError(UserError, ValueError):
     """A file, value or argument the user gave that cannot be used; also a ``ValueError``, the
     type Python code calling the library expects for a bad argument."""
+
+
+class ConfigError(InputError):
+    """A config file or value that cannot be used; the message says which and how to fix it."""

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from facescale.config import ConfigError
+from facescale.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
