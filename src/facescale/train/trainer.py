@@ -77,8 +77,8 @@ class Trainer:
         )
 
     def run(self) -> dict[str, Any]:
-        """Resume if asked or restarted, then (nothing in OUTPUT changes before the checkpoint
-        is accepted) write ``config.json``, train to the end, evaluate, write ``model.pt``."""
+        """Resume if asked or restarted; once the checkpoint is accepted (OUTPUT is untouched
+        until then) write ``config.json``, train to the end, evaluate, write ``model.pt``."""
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         if self.cfg.resume or restarted:
             self.resume()
