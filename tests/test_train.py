@@ -8,84 +8,25 @@ import math
 import pytest
 import torch
 from dist_utils import run_ranks
-from train_utils import ArrayLoader, make_faces
+from train_utils import (
+    NUM_CLASSES,
+    ArrayLoader,
+    assert_same_model,
+    full_head,
+    make_faces,
+    small_vit,
+    train_config,
+    train_rank,
+)
 
 from facescale.backbones import get_model
-from facescale.config import Config, load_config, set_value
 from facescale.distributed import init_distributed
 from facescale.train.schedule import lr_at
 from facescale.train.trainer import Trainer, train
 
-NUM_CLASSES = 12
-
-
-def small_vit():
-    """A two-block ViT without randomness or batch statistics (no drop-path, no patch masking,
-    its BatchNorm layers removed), so every sample's embedding depends on that sample alone and
-    runs on 1 and N ranks can agree; SyncBatchNorm, the alternative, needs a GPU."""
-    torch.manual_seed(0)
-    model = get_model("vit_t", 32, depth=2, dim=64, drop_path_rate=0.0, mask_ratio=0.0)
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, torch.nn.BatchNorm1d):
-                setattr(parent, name, torch.nn.Identity())
-    return model
-
-
-def _config(output, **values) -> Config:
-    cfg = load_config(None)
-    base = dict(
-        network="vit_t",
-        embedding_size=32,
-        num_classes=NUM_CLASSES,
-        num_image=NUM_CLASSES * 8,
-        batch_size=8,
-        lr=0.02,
-        num_epoch=2,
-        warmup_epoch=0.5,
-        sample_rate=1.0,
-        num_workers=0,
-        frequent=1,
-        verbose=10_000,
-        val_targets=[],
-        checkpoint_every=0,
-        output=str(output),
-    )
-    for key, value in {**base, **values}.items():
-        set_value(cfg, key, value, "test")
-    return cfg
-
-
-def _run(rank, world, output, values, global_batch, resume=False):
-    """Train on this rank; return the backbone (rank 0) and this rank's head shard."""
-    cfg = _config(output, resume=resume, batch_size=global_batch // world, **values)
-    images, labels = make_faces(NUM_CLASSES, cfg.num_image // NUM_CLASSES)
-    loader = ArrayLoader(images, labels, cfg.batch_size, rank, world, seed=cfg.seed)
-    env = init_distributed()
-    trainer = Trainer(cfg, env, loader, small_vit())
-    summary = trainer.run()  # resumes when cfg.resume
-    backbone = {k: v.clone() for k, v in trainer.backbone.state_dict().items()}
-    return {
-        "summary": summary,
-        "backbone": backbone if rank == 0 else None,
-        "head": trainer.head.weight.detach().clone(),
-    }
-
-
-def _full_head(results) -> torch.Tensor:
-    return torch.cat([r["head"] for r in results])
-
-
-def _assert_same_model(a, b, rtol, atol):
-    for key, value in a[0]["backbone"].items():
-        torch.testing.assert_close(
-            value.float(), b[0]["backbone"][key].float(), rtol=rtol, atol=atol, msg=key
-        )
-    torch.testing.assert_close(_full_head(a), _full_head(b), rtol=rtol, atol=atol)
-
 
 def test_two_ranks_learn(tmp_path):
-    results = run_ranks(_run, 2, tmp_path, {"num_epoch": 6, "lr": 0.05}, 16)
+    results = run_ranks(train_rank, 2, tmp_path, {"num_epoch": 6, "lr": 0.05}, 16)
     losses = [
         float(line.split('"loss": ')[1].split(",")[0])
         for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -101,35 +42,35 @@ def test_two_ranks_learn(tmp_path):
 def test_one_and_two_ranks_give_the_same_weights(tmp_path):
     # float32 sums in another order: agreement to 1e-4 after 4 steps
     values = {"num_epoch": 1, "gradient_acc": 2, "max_grad_norm": 1.0}
-    one = run_ranks(_run, 1, tmp_path / "one", values, 16)
-    two = run_ranks(_run, 2, tmp_path / "two", values, 16)
+    one = run_ranks(train_rank, 1, tmp_path / "one", values, 16)
+    two = run_ranks(train_rank, 2, tmp_path / "two", values, 16)
     assert one[0]["summary"]["final_step"] == two[0]["summary"]["final_step"] == 3
-    _assert_same_model(one, two, rtol=1e-4, atol=1e-5)
+    assert_same_model(one, two, rtol=1e-4, atol=1e-5)
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight = run_ranks(_run, 2, tmp_path / "straight", {}, 16)
-    run_ranks(_run, 2, tmp_path / "split", {"stop_step": 5}, 16)
-    resumed = run_ranks(_run, 2, tmp_path / "split", {}, 16, True)
+    straight = run_ranks(train_rank, 2, tmp_path / "straight", {}, 16)
+    run_ranks(train_rank, 2, tmp_path / "split", {"stop_step": 5}, 16)
+    resumed = run_ranks(train_rank, 2, tmp_path / "split", {}, 16, True)
     assert resumed[0]["summary"]["steps"] == straight[0]["summary"]["final_step"] - 5
-    _assert_same_model(straight, resumed, rtol=0, atol=0)
+    assert_same_model(straight, resumed, rtol=0, atol=0)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 3)])
 def test_resume_on_another_number_of_ranks(tmp_path, before, after):
-    straight = run_ranks(_run, after, tmp_path / "straight", {}, 24)
-    stopped = run_ranks(_run, before, tmp_path / "split", {"stop_step": 3}, 24)
+    straight = run_ranks(train_rank, after, tmp_path / "straight", {}, 24)
+    stopped = run_ranks(train_rank, before, tmp_path / "split", {"stop_step": 3}, 24)
     # the re-partitioned centers equal the saved ones before any further step
-    reloaded = run_ranks(_run, after, tmp_path / "split", {"stop_step": 3}, 24, True)
-    assert torch.equal(_full_head(reloaded), _full_head(stopped))
-    resumed = run_ranks(_run, after, tmp_path / "split", {}, 24, True)
-    _assert_same_model(straight, resumed, rtol=1e-4, atol=1e-5)
+    reloaded = run_ranks(train_rank, after, tmp_path / "split", {"stop_step": 3}, 24, True)
+    assert torch.equal(full_head(reloaded), full_head(stopped))
+    resumed = run_ranks(train_rank, after, tmp_path / "split", {}, 24, True)
+    assert_same_model(straight, resumed, rtol=1e-4, atol=1e-5)
 
 
 def test_mismatched_checkpoint_is_refused(tmp_path):
-    run_ranks(_run, 1, tmp_path, {"stop_step": 2}, 8)
-    cfg = _config(tmp_path, embedding_size=16, resume=True)
+    run_ranks(train_rank, 1, tmp_path, {"stop_step": 2}, 8)
+    cfg = train_config(tmp_path, embedding_size=16, resume=True)
     images, labels = make_faces(NUM_CLASSES, 8)
     loader = ArrayLoader(images, labels, 8, 0, 1)
     trainer = Trainer(cfg, init_distributed(), loader, get_model("vit_t", 16, depth=2, dim=64))
@@ -140,7 +81,7 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
 
 
 def test_non_finite_losses_skip_then_stop(tmp_path, caplog):
-    cfg = _config(tmp_path, max_nonfinite_steps=3)
+    cfg = train_config(tmp_path, max_nonfinite_steps=3)
     images, labels = make_faces(NUM_CLASSES, 8)
     images[:] = float("nan")
     with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
@@ -167,7 +108,7 @@ def test_verification_during_training_matches_single_process(tmp_path):
 
     _write_pairs(tmp_path / "pairs.bin", 40)
     values = {"rec": str(tmp_path), "val_targets": ["pairs", "missing"], "verbose": 3}
-    results = run_ranks(_run, 2, tmp_path / "out", values, 16)
+    results = run_ranks(train_rank, 2, tmp_path / "out", values, 16)
     logged = [
         r for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").open()) if "val/pairs" in r
     ]
@@ -181,9 +122,9 @@ def test_verification_during_training_matches_single_process(tmp_path):
 
 def test_data_parallel_baseline_trains_like_partial_fc(tmp_path):
     values = {"num_epoch": 1, "max_grad_norm": 1.0}
-    sharded = run_ranks(_run, 2, tmp_path / "pfc", values, 16)
-    replicated = run_ranks(_run, 2, tmp_path / "dp", {**values, "head": "data_parallel"}, 16)
-    torch.testing.assert_close(replicated[0]["head"], _full_head(sharded), rtol=1e-4, atol=1e-5)
+    sharded = run_ranks(train_rank, 2, tmp_path / "pfc", values, 16)
+    replicated = run_ranks(train_rank, 2, tmp_path / "dp", {**values, "head": "data_parallel"}, 16)
+    torch.testing.assert_close(replicated[0]["head"], full_head(sharded), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(replicated[1]["head"], replicated[0]["head"], rtol=0, atol=0)
     for key, value in sharded[0]["backbone"].items():
         torch.testing.assert_close(replicated[0]["backbone"][key], value, rtol=1e-4, atol=1e-5)
@@ -192,22 +133,22 @@ def test_data_parallel_baseline_trains_like_partial_fc(tmp_path):
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     # 2 micro-batches of 8 average to the step one batch of 16 takes; the LR moves per step
     values = {"num_epoch": 1, "max_grad_norm": 1.0, "warmup_epoch": 0.5}
-    big = run_ranks(_run, 1, tmp_path / "big", values, 16)
-    accumulated = run_ranks(_run, 1, tmp_path / "acc", {**values, "gradient_acc": 2}, 8)
+    big = run_ranks(train_rank, 1, tmp_path / "big", values, 16)
+    accumulated = run_ranks(train_rank, 1, tmp_path / "acc", {**values, "gradient_acc": 2}, 8)
     assert big[0]["summary"]["final_step"] == accumulated[0]["summary"]["final_step"] == 6
-    _assert_same_model(big, accumulated, rtol=1e-4, atol=1e-5)
+    assert_same_model(big, accumulated, rtol=1e-4, atol=1e-5)
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "acc" / "metrics.jsonl").open())]
     assert lrs == [lr_at(step, 0.02, total_steps=6, warmup_steps=3) for step in range(6)]
 
 
 def test_keep_checkpoints_zero_writes_none(tmp_path):
-    run_ranks(_run, 1, tmp_path, {"num_epoch": 1, "keep_checkpoints": 0}, 16)
+    run_ranks(train_rank, 1, tmp_path, {"num_epoch": 1, "keep_checkpoints": 0}, 16)
     assert (tmp_path / "model.pt").is_file()
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path):
-    results = run_ranks(_run, 1, tmp_path, {"num_epoch": 1, "bf16": True}, 16)
+    results = run_ranks(train_rank, 1, tmp_path, {"num_epoch": 1, "bf16": True}, 16)
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open())]
     assert len(losses) == results[0]["summary"]["final_step"] == 6
     assert all(map(math.isfinite, losses))

@@ -35,17 +35,21 @@ SINGLE_FILE_LIMIT = 2**31 - 2**26
 
 def load_backbone(network: str, weights: str | Path, embedding_size: int = 512) -> nn.Module:
     """Backbone ``network`` in eval mode with the weights of an arcface_torch ``model.pt`` /
-    ``backbone.pth`` or of a facescale checkpoint's ``common.pt``."""
+    ``backbone.pth`` or of a facescale checkpoint's ``common.pt`` (checked against its
+    folder's manifest)."""
     from facescale.backbones import get_model, load_arcface_torch
     from facescale.backbones.arcface_torch import read_state_dict
-    from facescale.train.checkpoint import backbone_weights
+    from facescale.train.checkpoint import backbone_weights, verify_file
 
-    state = backbone_weights(read_state_dict(weights))
+    verify_file(weights)
+    state = backbone_weights(read_state_dict(weights), weights, network, embedding_size)
     model = get_model(network, embedding_size)
     try:
         load_arcface_torch(model, state)
     except InputError as err:
-        raise InputError(f"{weights}: {err}") from None
+        raise InputError(
+            f"{weights}: {err} (given: --network {network} --embedding-size {embedding_size})"
+        ) from None
     return model.eval()
 
 

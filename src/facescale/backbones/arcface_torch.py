@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from facescale.errors import InputError
+from facescale.torch_files import load_refusal
 
 DDP_PREFIX = "module."
 LISTED = 8  # keys named per kind of problem in an error message
@@ -36,8 +37,7 @@ def read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise InputError(
-            f"{path}: not a state dict that can be read safely ({err}); re-save it from "
-            "arcface_torch with torch.save(backbone.state_dict(), path)"
+            f"{path}: not a state dict that can be read safely: {load_refusal(err)}"
         ) from err
     if not isinstance(state, Mapping):
         raise InputError(f"{path}: holds a {type(state).__name__}, not a state dict")

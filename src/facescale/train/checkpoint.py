@@ -2,15 +2,20 @@
 
 A checkpoint is a folder ``checkpoints/step_XXXXXXXXX`` holding ``common.pt`` (written by
 rank 0, :func:`common_state`: backbone, its optimizer, scaler, counters, the config fields
-that must match) and one ``rank_R.pt`` per rank (:func:`rank_state`: its shard of class
-centers with their optimizer state, its RNG states, its data position). Files are written
+that must match), one ``rank_R.pt`` per rank (:func:`rank_state`: its shard of class
+centers with their optimizer state, its RNG states, its data position) and ``manifest.json``,
+written last, with the size and SHA-256 of every file's bytes as written. Files are written
 into ``step_XXXXXXXXX.partial`` and the folder is renamed into place only when every rank
-has finished, so a crash at any moment leaves the previous checkpoints intact. Loading uses
-``torch.load(weights_only=True)``: a checkpoint file cannot run code.
+has finished, so a crash at any moment leaves the previous checkpoints intact. A resume
+checks every file against the manifest and falls back to the newest intact checkpoint.
+Loading uses ``torch.load(weights_only=True)``: a checkpoint file cannot run code.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import logging
 import os
 import random
@@ -19,15 +24,17 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from facescale.config import Config
-from facescale.distributed import DistEnv, barrier
-from facescale.errors import UserError
+from facescale.config import Config, Schedule
+from facescale.distributed import DistEnv, barrier, is_initialized
+from facescale.errors import InputError, UserError
 from facescale.seeding import rank_seed, seed_everything
+from facescale.torch_files import load_refusal
 
 if TYPE_CHECKING:
     from facescale.train.build import Components
@@ -35,12 +42,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("facescale.train")
 
 STEP_DIR = re.compile(r"^step_(\d{9})$")
+UNFINISHED_DIR = re.compile(r"^step_(\d{9})\.partial$")
+MANIFEST = "manifest.json"
 # Fields that must agree between a checkpoint and the config that resumes from it.
 MATCHING_FIELDS = ("network", "num_classes", "embedding_size")
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file or field."""
+
+
+class FileWriteError(UserError, OSError):
+    """A checkpoint or model file that could not be written (a full disk, a size limit); the
+    message names the file and the cause."""
+
+
+class FileDigest(NamedTuple):
+    """A file's size and the SHA-256 of its bytes as written, to recognise it intact later."""
+
+    size: int
+    sha256: str
 
 
 @dataclass
@@ -56,16 +77,18 @@ class Progress:
 
 def common_state(
     identity: Mapping[str, Any],
-    world_size: int,
+    schedule: Schedule,
     progress: Progress,
     backbone: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
 ) -> dict[str, Any]:
-    """What ``common.pt`` holds: ``identity`` is the config's :data:`MATCHING_FIELDS`."""
+    """What ``common.pt`` holds: ``identity`` is the config's :data:`MATCHING_FIELDS`; the
+    schedule's world size and samples per optimizer step let a resume keep the schedule."""
     return {
         **identity,
-        "world_size": world_size,
+        "world_size": schedule.world_size,
+        "samples_per_step": schedule.samples_per_step,
         "progress": vars(progress),
         "backbone": backbone.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -101,10 +124,28 @@ def read_rank(folder: Path, rank: int) -> dict[str, Any]:
     return safe_load(folder / f"rank_{rank}.pt")
 
 
-def backbone_weights(state: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The backbone's state dict from a loaded ``common.pt``, or ``state`` itself."""
+def backbone_weights(
+    state: Mapping[str, Any], where: str | Path, network: str, embedding_size: int
+) -> Mapping[str, Any]:
+    """The backbone's state dict from a loaded ``common.pt``, or ``state`` itself (a
+    ``model.pt``); refuses a ``rank_R.pt`` and a checkpoint of another network or embedding
+    size, naming the file to give instead or the network and size it holds."""
+    if "head_start" in state and "head" in state:
+        raise InputError(
+            f"{where}: one rank's share of the class centers of a facescale checkpoint, with "
+            "no backbone in it; give common.pt from the same folder, or OUTPUT/model.pt"
+        )
     backbone = state.get("backbone")
-    return backbone if isinstance(backbone, Mapping) else state
+    if not isinstance(backbone, Mapping):
+        return state
+    saved = (state.get("network"), state.get("embedding_size"))
+    if saved != (network, embedding_size):
+        raise InputError(
+            f"{where}: a checkpoint of network={saved[0]} with embedding_size={saved[1]}, "
+            f"not network={network} with embedding_size={embedding_size}; load it with "
+            f"--network {saved[0]} --embedding-size {saved[1]}"
+        )
+    return backbone
 
 
 def _fsync_dir(path: Path) -> None:
@@ -115,16 +156,62 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` with torch.save via a temporary file, fsync and rename: all or nothing."""
+class _HashingWriter:
+    """A binary file that hashes the bytes passing through it, so a digest costs no re-read;
+    it keeps the OSError of a failed write, which torch.save would replace by its own."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file, self.hash, self.size = file, hashlib.sha256(), 0
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            written = self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+        self.hash.update(data)
+        self.size += memoryview(data).nbytes
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_error(path: Path, err: OSError) -> FileWriteError:
+    """The error for a file that could not be written: the file, the cause, what to do."""
+    full = err.errno == errno.ENOSPC or "no space left" in str(err).lower()
+    cause = "no space left on the device" if full else (err.strerror or str(err))
+    return FileWriteError(
+        f"{path}: cannot be written ({cause}); make room or set output to a disk with space, "
+        "then rerun with resume=True (the checkpoints written before are intact)"
+    )
+
+
+def atomic_save(obj: Any, path: str | Path) -> FileDigest:
+    """Write ``obj`` with torch.save via a temporary file, fsync and rename: all or nothing.
+
+    Returns the file's size and SHA-256, computed while writing. A failed write removes the
+    temporary file and raises :class:`FileWriteError` naming ``path`` and the cause.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    writer = None
+    try:
+        with open(tmp, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        cause = writer.error if writer and writer.error else err
+        if isinstance(cause, OSError):
+            raise _write_error(path, cause) from err
+        raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+    return FileDigest(writer.size, writer.hash.hexdigest())
 
 
 def safe_load(path: str | Path, mmap: bool = False) -> Any:
@@ -134,9 +221,7 @@ def safe_load(path: str | Path, mmap: bool = False) -> Any:
     except FileNotFoundError:
         raise
     except Exception as err:
-        raise CheckpointError(
-            f"{path}: cannot be loaded safely ({err}); it is damaged or not a facescale checkpoint"
-        ) from err
+        raise CheckpointError(f"{path}: cannot be loaded safely: {load_refusal(err)}") from err
 
 
 def rng_state() -> dict[str, Any]:
@@ -163,12 +248,94 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
+    """Checkpoint folders under ``root`` (each renamed into place once written), oldest first;
+    :func:`find_damage` tells whether their files are still intact."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "common.pt").is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), key=lambda p: p.name)
+
+
+def remove_unfinished(root: str | Path) -> list[Path]:
+    """Delete the ``step_*.partial`` folders that an interrupted save left under ``root`` (they
+    may hold most of a full disk); returns them."""
+    root = Path(root)
+    found = [p for p in root.iterdir() if UNFINISHED_DIR.match(p.name)] if root.is_dir() else []
+    for folder in found:
+        shutil.rmtree(folder)
+    return found
+
+
+def _all_gather(value: Any) -> list[Any]:
+    """``value`` from every rank, in rank order (collective when a process group exists)."""
+    if not is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _write_manifest(folder: Path, files: Mapping[str, FileDigest]) -> None:
+    path = folder / MANIFEST
+    listing = {name: files[name]._asdict() for name in sorted(files)}
+    try:
+        with open(path, "w") as f:
+            json.dump({"files": listing}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise _write_error(path, err) from err
+
+
+def read_manifest(folder: Path) -> dict[str, FileDigest]:
+    """The files of checkpoint ``folder`` with their size and SHA-256 as written."""
+    path = folder / MANIFEST
+    try:
+        listing = json.loads(path.read_text())["files"]
+        return {name: FileDigest(**entry) for name, entry in listing.items()}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing, so the files cannot be checked") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is damaged ({err!r})") from None
+
+
+def file_damage(path: Path, written: FileDigest) -> str | None:
+    """Why ``path`` is not the file that was written, or None when its bytes are intact."""
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if size != written.size:
+        return f"{path} has {size} bytes where {written.size} were written"
+    with open(path, "rb") as f:
+        if hashlib.file_digest(f, "sha256").hexdigest() != written.sha256:
+            return f"{path} has changed since it was written (its SHA-256 differs)"
+    return None
+
+
+def find_damage(folder: Path, rank: int = 0, world_size: int = 1) -> list[str]:
+    """What is wrong with checkpoint ``folder``'s files (empty: intact). Collective over the
+    ranks: each hashes its share of the files and every rank gets the same answer."""
+    try:
+        files = read_manifest(folder)
+    except CheckpointError as err:
+        return [str(err)]  # every rank read the same manifest
+    names = sorted(files)[rank::world_size]
+    mine = [problem for name in names if (problem := file_damage(folder / name, files[name]))]
+    return sorted(problem for found in _all_gather(mine) for problem in found)
+
+
+def verify_file(path: str | Path) -> None:
+    """Refuse a checkpoint file whose bytes differ from those its folder's manifest records;
+    a file without a manifest beside it (``model.pt``, another tool's file) is not checked."""
+    path = Path(path)
+    if not (path.parent / MANIFEST).is_file():
+        return
+    written = read_manifest(path.parent).get(path.name)
+    problem = written and file_damage(path, written)
+    if problem:
+        raise CheckpointError(
+            f"{problem}: the file is damaged; use an older checkpoint folder, or OUTPUT/model.pt"
+        )
 
 
 def save_checkpoint(
@@ -191,12 +358,13 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
     barrier()
-    atomic_save(rank_state, partial / f"rank_{rank}.pt")
+    written = {f"rank_{rank}.pt": atomic_save(rank_state, partial / f"rank_{rank}.pt")}
     if rank == 0:
         assert common is not None
-        atomic_save(common, partial / "common.pt")
-    barrier()
+        written["common.pt"] = atomic_save(common, partial / "common.pt")
+    everyone = _all_gather(written)  # also waits until every rank has written its file
     if rank == 0:
+        _write_manifest(partial, {name: d for files in everyone for name, d in files.items()})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         _fsync_dir(root)
@@ -217,6 +385,34 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: Path
             )
 
 
+def check_schedule(saved: Mapping[str, Any], schedule: Schedule, cfg: Config, where: Path) -> None:
+    """Refuse a resume that would change the schedule (steps of another number of samples)
+    or that starts past its end, saying how to keep it."""
+    samples, world = saved["samples_per_step"], saved["world_size"]
+    if samples != schedule.samples_per_step:
+        per_rank = samples / (schedule.world_size * cfg.gradient_acc)
+        keep = (
+            f"set batch_size={int(per_rank)} to keep it"
+            if per_rank.is_integer()
+            else f"choose batch_size x gradient_acc x {schedule.world_size} ranks = {samples} "
+            f"to keep it, or resume on {world} ranks"
+        )
+        raise CheckpointError(
+            f"{where}: the checkpoint's optimizer steps took {samples} samples ({world} ranks) "
+            f"and this run's would take {schedule.samples_per_step} (batch_size "
+            f"{cfg.batch_size} x {schedule.world_size} ranks x gradient_acc {cfg.gradient_acc}); "
+            f"epochs and the learning rate are counted in steps, so {keep}"
+        )
+    step = saved["progress"]["step"]
+    if step > schedule.total_steps:
+        raise CheckpointError(
+            f"{where}: the checkpoint is at step {step}, past the end of this run's schedule "
+            f"({cfg.num_epoch} epochs of {schedule.steps_per_epoch} steps = "
+            f"{schedule.total_steps}); raise num_epoch to train further, or use the finished "
+            f"run's model.pt"
+        )
+
+
 def load_head_shard(folder: Path, start: int, count: int, rank: int) -> dict[str, Any]:
     """Rebuild this rank's head state for rows [start, start+count) from any saved world size.
 
@@ -231,6 +427,7 @@ def load_head_shard(folder: Path, start: int, count: int, rank: int) -> dict[str
     scalars: dict[str, Any] = {}
     for path in files:
         saved = safe_load(path, mmap=True)
+        saved_world = saved["world_size"]
         head, s0, c0 = saved["head"], saved["head_start"], saved["head_count"]
         lo, hi = max(start, s0), min(start + count, s0 + c0)
         same_rank = int(path.stem.split("_")[1]) == rank
@@ -240,6 +437,13 @@ def load_head_shard(folder: Path, start: int, count: int, rank: int) -> dict[str
                     pieces.setdefault(key, []).append(value[lo - s0 : hi - s0].clone())
             elif same_rank or key not in scalars:
                 scalars[key] = value
+    found = {path.name for path in files}
+    missing = [name for r in range(saved_world) if (name := f"rank_{r}.pt") not in found]
+    if missing:
+        raise CheckpointError(
+            f"{folder}: {', '.join(missing)} missing (the checkpoint was saved on {saved_world} "
+            "ranks); the checkpoint is incomplete"
+        )
     state = dict(scalars)
     for key, parts in pieces.items():
         state[key] = torch.cat(parts) if parts else parts
@@ -253,7 +457,7 @@ def load_head_shard(folder: Path, start: int, count: int, rank: int) -> dict[str
 
 class Checkpointer:
     """A run's checkpoints under ``OUTPUT/checkpoints``: :meth:`save` writes the current step
-    once (collective), :meth:`restore` loads the newest onto any number of ranks."""
+    once (collective), :meth:`restore` loads the newest intact one onto any number of ranks."""
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
@@ -282,7 +486,7 @@ class Checkpointer:
         if env.is_main:
             common = common_state(
                 self.identity,
-                env.world_size,
+                parts.schedule,
                 progress,
                 parts.backbone,
                 parts.optimizer,
@@ -294,16 +498,41 @@ class Checkpointer:
         if env.is_main:
             log.info("checkpoint written: %s", path)
 
-    def restore(self, parts: Components) -> Progress | None:
-        """Load the newest complete checkpoint into ``parts``, re-partitioning the head if the
-        world changed; its progress, or None when there is none."""
+    def remove_unfinished(self) -> None:
+        """Delete what interrupted saves left behind (rank 0, before the first save)."""
+        for folder in remove_unfinished(self.root):
+            log.warning("removed %s, left by a checkpoint save that did not finish", folder)
+
+    def newest_intact(self) -> Path | None:
+        """The newest checkpoint whose files are all as written (the same on every rank), with
+        a warning for each newer one skipped; None when there is none at all."""
         found = list_checkpoints(self.root)
         if not found:
+            return None
+        damaged = []
+        for folder in reversed(found):
+            damage = find_damage(folder, self.env.rank, self.env.world_size)
+            if not damage:
+                return folder
+            damaged.append(f"{folder.name}: {'; '.join(damage)}")
+            if self.env.is_main:
+                log.warning("resume: skipping damaged checkpoint: %s", "; ".join(damage))
+        raise CheckpointError(
+            f"{self.root}: no intact checkpoint to resume from ({' | '.join(damaged)}); copy the "
+            "damaged files back from a backup, or move the checkpoints folder away to start anew"
+        )
+
+    def restore(self, parts: Components) -> Progress | None:
+        """Load the newest intact checkpoint into ``parts``, re-partitioning the head if the
+        world changed; its progress, or None when there is none."""
+        folder = self.newest_intact()
+        if folder is None:
             log.warning("resume: no checkpoint in %s; starting from scratch", self.root)
             return None
-        folder, env, cfg = found[-1], self.env, self.cfg
+        env, cfg = self.env, self.cfg
         common = read_common(folder)
         check_compatible(common, self.identity, folder)
+        check_schedule(common, parts.schedule, cfg, folder)
         parts.backbone.load_state_dict(common["backbone"])
         parts.optimizer.load_state_dict(common["optimizer"])
         if parts.scaler is not None and common["scaler"] is not None:
@@ -330,11 +559,13 @@ class Checkpointer:
             progress.micro_in_epoch = done
         if env.is_main:
             log.info(
-                "resumed from %s (step %d, epoch %d, saved on %d ranks, now %d)",
+                "resumed from %s (step %d, epoch %d, saved on %d ranks, now %d, %d samples per "
+                "step as before)",
                 folder,
                 progress.step,
                 progress.epoch,
                 common["world_size"],
                 env.world_size,
+                parts.schedule.samples_per_step,
             )
         return progress

@@ -77,10 +77,14 @@ class Trainer:
         )
 
     def run(self) -> dict[str, Any]:
-        """Resume if asked or restarted, train to the end, evaluate, write ``model.pt``."""
+        """Resume if asked or restarted; once the checkpoint is accepted (OUTPUT is untouched
+        until then) write ``config.json``, train to the end, evaluate, write ``model.pt``."""
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         if self.cfg.resume or restarted:
             self.resume()
+        if self.env.is_main:
+            self.cfg.save(self.cfg.output)
+            self.checkpointer.remove_unfinished()
         with contextlib.closing(self.open_logger()) as logger:
             summary = self.fit(logger)
             summary["val"] = self.evaluate(logger)
@@ -126,10 +130,8 @@ class Trainer:
             if progress.step < stop_at or progress.micro_in_epoch >= end_of_epoch:
                 progress.epoch += 1
                 progress.micro_in_epoch = 0
-                if progress.step < stop_at:
-                    self.checkpointer.save(progress, parts)
-        if progress.step == stop_at < total:
-            self.checkpointer.save(progress, parts)
+                self.checkpointer.save(progress, parts)
+        self.checkpointer.save(progress, parts)  # at stop_step (a no-op after an epoch's end)
         steps = progress.step - start_step
         elapsed = max(time.perf_counter() - started, 1e-9)
         return {
@@ -260,8 +262,5 @@ def train(
     cfg: Config, env: DistEnv, loader: Loader | None = None, backbone: nn.Module | None = None
 ) -> dict[str, Any]:
     """Run one training job described by ``cfg`` on this rank; resumes when asked or restarted."""
-    output = Path(cfg.output)
-    with log_file(output / "training.log", env.is_main):
-        if env.is_main:
-            cfg.save(output)
+    with log_file(Path(cfg.output) / "training.log", env.is_main):
         return Trainer(cfg, env, loader, backbone).run()
