@@ -9,7 +9,10 @@ from pathlib import Path
 from facescale.commands.export import add_model_arguments, load_model
 from facescale.errors import InputError
 
-HELP = "embed images or folders of images into a .npy (aligned when landmarks are given)"
+HELP = (
+    "embed images or folders of images into a .npy (aligned when landmarks are given, "
+    "otherwise fitted to 112x112)"
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
 
