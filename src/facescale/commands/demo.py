@@ -8,7 +8,10 @@ from pathlib import Path
 
 from facescale.cli_args import add_overrides_argument
 
-HELP = "generate synthetic faces, train on 2 ranks, verify on unseen identities, export ONNX"
+HELP = (
+    "generate synthetic faces, train on 2 ranks, verify on unseen identities, export ONNX "
+    "(with the onnx extra)"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

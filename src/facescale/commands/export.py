@@ -49,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from facescale.export import compare_onnx, export_onnx
+    from facescale.extras import require
 
+    require("onnx")
     model, _ = load_model(args)
     path = export_onnx(model, args.output, fp16=args.fp16, opset=args.opset)
     error = compare_onnx(model, path, batch=3)
