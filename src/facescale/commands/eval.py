@@ -66,11 +66,7 @@ def _verification(args: argparse.Namespace) -> dict:
         result = evaluate_verification(model, vset, args.batch_size, device, args.folds)
         results[vset.name] = result.as_dict()
         if not args.json:
-            print(
-                f"{vset.name}: accuracy {100 * result.accuracy:.2f} +- {100 * result.std:.2f} %, "
-                f"threshold {result.threshold:.3f} (cosine {result.cosine_threshold:.3f}), "
-                f"VAL@FAR=1e-3 {100 * result.val_at_far_1e3:.2f} %, XNorm {result.norm:.4g}"
-            )
+            print(result.summary())
     return {"verification": results}
 
 
