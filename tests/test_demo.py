@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from facescale.cli import main
+from facescale.demo import pipeline
 from facescale.demo.faces import identities, render
 
 # The default demo's held-out accuracy, measured in benchmarks/RESULTS.md, is well above this;
@@ -29,6 +31,43 @@ def test_faces_are_deterministic_and_identity_specific():
     same = np.mean([np.abs(pair[0] - pair[1]).mean() for pair in images])
     other = np.mean([np.abs(images[i][0] - images[(i + 1) % 6][0]).mean() for i in range(6)])
     assert same < other  # two images of one person differ less than images of two people
+
+
+def fake_training(ranks, overrides):
+    """Stands in for the torchrun job: the metrics a short run writes, nothing else."""
+    output = Path(dict(item.split("=", 1) for item in overrides)["output"])
+    records = [
+        {"step": 1, "loss": 9.0, "samples_per_s": 20.0},
+        {"step": 2, "loss": 7.5, "samples_per_s": 30.0},
+        {"step": 2, "val/heldout": 0.75},
+    ]
+    (output / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_demo_without_the_onnx_extra_skips_export_and_still_summarises(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if the extra were not installed
+    monkeypatch.setattr(pipeline, "run_training", fake_training)
+    out = tmp_path / "demo"
+    argv = ["demo", "--output", str(out), "--ranks", "1", "--identities", "4"]
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--images-per-identity", "2", "--json"])
+    stdout = capsys.readouterr().out
+    assert done.value.code == 0
+    lines = stdout.strip().splitlines()
+    hint = (
+        "ONNX export needs onnxscript, from the optional extra 'onnx'; "
+        'install it with: pip install "facescale[onnx]"'
+    )
+    assert lines[0] == f"note: the ONNX stage will be skipped: {hint}"  # before any work
+    assert f"[3/4] ONNX export skipped: {hint}" in lines
+    summary = json.loads(lines[-1])
+    assert summary["onnx_skipped"] == hint and summary["onnx_max_relative_error"] is None
+    assert summary["heldout_accuracy"] == 0.75 and summary["steps"] == 2
+    assert "onnx" not in summary["outputs"] and not (out / "model.onnx").exists()
+    text = pipeline.format_summary(summary)
+    assert f"ONNX not exported: {hint}" in text and "held-out verification accuracy 75.00%" in text
 
 
 @pytest.mark.slow

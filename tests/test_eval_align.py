@@ -1,11 +1,14 @@
-"""Five-point alignment: the similarity fit, the warp's pixel convention, whole-face recovery."""
+"""Five-point alignment: the similarity fit, the warp's pixel convention, whole-face recovery,
+and the fitting of images given without landmarks."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from facescale.data.image import fit_face
 from facescale.eval.align import (
     ARCFACE_TEMPLATE,
     FaceCrops,
@@ -93,17 +96,25 @@ def write_png(path, image):
     return path
 
 
-def test_face_crops_align_or_insist_on_112(tmp_path):
+def test_face_crops_align_or_fit_to_112_with_a_warning(tmp_path, caplog):
     face = smooth_face(2)
     placed = similarity(1.3, -0.2, (30.0, 25.0))
     loose = write_png(tmp_path / "loose.png", warp_affine(face, placed, 200))
+    wide = write_png(tmp_path / "wide.png", np.tile(face, (2, 3, 1)))
     crop = write_png(tmp_path / "crop.png", face)
     landmarks = np.stack([apply(placed, ARCFACE_TEMPLATE), ARCFACE_TEMPLATE])
-    aligned = FaceCrops([loose, crop], landmarks)
-    assert [tuple(aligned[i].shape) for i in range(2)] == [(3, 112, 112)] * 2
-    np.testing.assert_array_equal(FaceCrops([crop])[0].numpy(), face.transpose(2, 0, 1))
-    with pytest.raises(ValueError, match=r"loose\.png: 200x200 image; without landmarks"):
-        FaceCrops([loose])[0]
+    with caplog.at_level(logging.WARNING, logger="facescale.eval"):
+        aligned = FaceCrops([loose, crop], landmarks)
+        assert [tuple(aligned[i].shape) for i in range(2)] == [(3, 112, 112)] * 2
+        np.testing.assert_array_equal(FaceCrops([crop])[0].numpy(), face.transpose(2, 0, 1))
+        assert not caplog.records  # aligned or already 112x112: nothing to say
+        fitted = FaceCrops([crop, loose, wide])
+    assert fitted.unaligned == [loose, wide]
+    (warning,) = caplog.records
+    assert "2 of 3 images are not 112x112" in warning.message and "embed worse" in warning.message
+    for index, path in ((1, loose), (2, wide)):
+        expected = fit_face(np.asarray(Image.open(path).convert("RGB")))
+        np.testing.assert_array_equal(fitted[index].numpy(), expected.transpose(2, 0, 1))
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match=r"broken\.png: cannot be read as an image"):
         FaceCrops([tmp_path / "broken.png"])[0]

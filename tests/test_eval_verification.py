@@ -1,5 +1,6 @@
 """The 10-fold verification protocol against a direct implementation, and .bin set loading."""
 
+import dataclasses
 import io
 import os
 import pickle
@@ -20,6 +21,7 @@ from facescale.eval.verification import (
     ACCURACY_GRID,
     VAL_FAR,
     VAL_GRID,
+    VerificationResult,
     metrics_from_distances,
 )
 
@@ -80,6 +82,22 @@ def test_perfectly_separable_pairs_score_100_percent():
     assert metrics.val_at_far_1e3 == 1.0
     # The smallest grid threshold above every positive of the nine training folds.
     assert all(0.8 <= t <= 0.81 for t in metrics.fold_thresholds)
+
+
+def test_the_summary_shows_the_far_that_val_reached():
+    # Every impostor at one distance: the training folds' FAR jumps from 0 to 1 there, so the
+    # threshold for 1e-3 lands just past it and accepts every held-out impostor.
+    issame = np.arange(40) % 2 == 0
+    metrics = metrics_from_distances(np.where(issame, 0.5, 1.2), issame)
+    assert metrics.val_at_far_1e3 == 1.0 and metrics.far == 1.0
+    line = VerificationResult(**dataclasses.asdict(metrics), name="toy", norm=3.0).summary()
+    assert "VAL@FAR=1e-3 100.00 % at achieved FAR 1," in line
+    rng = np.random.default_rng(1)
+    issame = rng.random(8000) < 0.5
+    distances = np.where(issame, rng.normal(0.8, 0.2, 8000), rng.normal(1.6, 0.2, 8000))
+    metrics = metrics_from_distances(distances, issame)
+    line = VerificationResult(**dataclasses.asdict(metrics), name="toy").summary()
+    assert 0 < metrics.far < 3e-3 and f"at achieved FAR {metrics.far:.2g}," in line
 
 
 @pytest.mark.parametrize("pairs", [600, 603, 57])

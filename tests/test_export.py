@@ -1,6 +1,7 @@
 """ONNX export (r18, mbf, vit_t; dynamic batch; fp16) and `facescale embed` against PyTorch."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from test_eval_align import apply, similarity, smooth_face, write_png
 
 from facescale.backbones import get_model
 from facescale.cli import main
+from facescale.data.image import fit_face
 from facescale.eval.align import ARCFACE_TEMPLATE, FaceCrops, warp_affine
 from facescale.export import compare_onnx, export_onnx, load_backbone
 
@@ -109,8 +111,6 @@ def test_cli_aligns_with_a_landmark_file(tmp_path, capsys):
     landmarks.write_text("loose.png " + " ".join(repr(float(v)) for v in marks) + " 0.99\n")
     out = tmp_path / "aligned.npy"
     argv = ["embed", str(weights), "--network", "mbf", "--embedding-size", "64", str(loose)]
-    code, _, err = run_cli([*argv, "-o", str(out)], capsys)
-    assert code == 2 and "loose.png: 220x220 image; without landmarks" in err
     code, _, _ = run_cli([*argv, "-o", str(out), "--landmarks", str(landmarks)], capsys)
     assert code == 0
     aligned = FaceCrops([loose], apply(placed, ARCFACE_TEMPLATE)[None])[0].numpy()
@@ -118,3 +118,17 @@ def test_cli_aligns_with_a_landmark_file(tmp_path, capsys):
     landmarks.write_text("other.png " + " ".join(["1"] * 10) + "\n")
     code, _, err = run_cli([*argv, "-o", str(out), "--landmarks", str(landmarks)], capsys)
     assert code == 2 and "no landmarks for" in err and "loose.png" in err
+
+
+def test_cli_fits_images_without_landmarks_and_warns(tmp_path, capsys, caplog):
+    model, weights = saved_model(tmp_path, "mbf")
+    photo = np.tile(smooth_face(5), (2, 3, 1))  # 224x336: not an aligned crop
+    path = write_png(tmp_path / "photo.png", photo)
+    out = tmp_path / "fitted.npy"
+    argv = ["embed", str(weights), "--network", "mbf", "--embedding-size", "64", str(path)]
+    with caplog.at_level(logging.WARNING, logger="facescale.eval"):
+        code, _, _ = run_cli([*argv, "-o", str(out)], capsys)
+    assert code == 0
+    assert any("1 of 1 images are not 112x112" in r.message for r in caplog.records)
+    fitted = fit_face(photo).transpose(2, 0, 1)
+    np.testing.assert_allclose(np.load(out), direct_embeddings(model, [fitted]), atol=1e-5)

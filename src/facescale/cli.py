@@ -11,7 +11,7 @@ import logging
 import sys
 
 from facescale import __version__
-from facescale.cli_args import add_module_commands
+from facescale.cli_args import CommandParser, add_module_commands
 from facescale.errors import UserError
 
 # OSErrors that mean a path the user gave is wrong, not that facescale is.
@@ -38,7 +38,7 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="facescale",
         description="Train and use ArcFace-family face-recognition models at scale.",
     )

@@ -179,7 +179,7 @@ def embed_files(
     num_workers: int = 0,
 ) -> np.ndarray:
     """L2-normalised float32 embeddings ``[N, D]`` of image files, aligned when landmarks
-    ``[N, 5, 2]`` are given (otherwise the files must be aligned 112x112 crops)."""
+    ``[N, 5, 2]`` are given, otherwise fitted to 112x112 (``FaceCrops``)."""
     crops = FaceCrops(paths, landmarks)
     loader = torch.utils.data.DataLoader(crops, batch_size=batch_size, num_workers=num_workers)
     features, _ = embed_batches(model, loader, device or torch.device("cpu"), flip=flip)

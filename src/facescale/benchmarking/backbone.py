@@ -33,8 +33,8 @@ VARIANTS: dict[str, dict[str, bool]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="r50", help="backbone name (default r50)")
-    parser.add_argument("--batch", type=int, default=16, help="images per step (default 16)")
+    parser.add_argument("--model", default="r50", help="backbone name")
+    parser.add_argument("--batch", type=int, default=16, help="images per step")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument(
         "--variants",

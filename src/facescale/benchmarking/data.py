@@ -29,11 +29,13 @@ HELP = "loader images/s: random vs sequential reading, 0/1/2 workers, vs the JPE
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=16384, help="images in the test rec")
-    parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--classes", type=int, default=1000, help="identities in the test rec")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per batch")
     parser.add_argument("--workers", default="0,1,2", help="worker counts to measure")
     parser.add_argument("--cores", type=int, default=2, help="processes of the decode floor")
-    parser.add_argument("--shuffle-buffer", type=int, default=4096)
+    parser.add_argument(
+        "--shuffle-buffer", type=int, default=4096, help="records the loader shuffles among"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the best round counts")
     parser.add_argument("--dir", default=None, help="where to build the rec (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -50,7 +50,12 @@ class Options:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from facescale.heads.partial_fc import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_SIZE
 
-    parser.add_argument("--kind", choices=("partial_fc", "data_parallel"), default="partial_fc")
+    parser.add_argument(
+        "--kind",
+        choices=("partial_fc", "data_parallel"),
+        default="partial_fc",
+        help="partial_fc: centers sharded over the ranks; data_parallel: every rank holds all",
+    )
     parser.add_argument(
         "--mode",
         choices=("lean", "dropin"),
@@ -63,7 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=128, help="embeddings per rank")
     parser.add_argument("--dim", type=int, default=512, help="embedding size")
     parser.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        help="classes whose logits are computed at a time",
+    )
     parser.add_argument(
         "--cache-mib",
         type=int,
@@ -71,13 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="MiB the lean head may keep the softmax in between forward and update (0: "
         "recompute the logits in the update)",
     )
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument(
+        "--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of the logits"
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument(
         "--threads", type=int, default=0, help="threads per rank (default: CPU cores / ranks)"
     )
-    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=0.1, help="learning rate of the head's SGD")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -23,11 +23,13 @@ TARGET_RATIO = 0.6
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=200_000, help="features (default 200000)")
-    parser.add_argument("--dim", type=int, default=512, help="feature size (default 512)")
+    parser.add_argument("--n", type=int, default=200_000, help="features")
+    parser.add_argument("--dim", type=int, default=512, help="feature size")
     parser.add_argument("--per-id", type=int, default=10, help="images per identity")
     parser.add_argument("--block", type=int, default=4096, help="rows per score block")
-    parser.add_argument("--far", type=float, nargs="+", default=[1e-6, 1e-5, 1e-4])
+    parser.add_argument(
+        "--far", type=float, nargs="+", default=[1e-6, 1e-5, 1e-4], help="FARs to report TAR at"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed matmuls per sgemm figure")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 

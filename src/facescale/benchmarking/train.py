@@ -96,7 +96,7 @@ def parse_size_arg(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--network", default="mbf", help="backbone (default mbf)")
+    parser.add_argument("--network", default="mbf", help="backbone")
     parser.add_argument(
         "--classes",
         type=parse_count,
@@ -114,10 +114,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ranks", type=int, default=0, help="processes (default: GPUs, or 2 on CPU)"
     )
-    parser.add_argument("--batch", type=int, default=32, help="images per rank (default 32)")
+    parser.add_argument("--batch", type=int, default=32, help="images per rank")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="arithmetic of the backbone (config keys fp16 / bf16)",
+    )
     parser.add_argument("--rec", default="synthetic", help="'synthetic' or a record folder")
     parser.add_argument("--workers", type=int, default=0, help="loader worker processes")
     parser.add_argument(
@@ -127,9 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU only: memory each rank may add, e.g. 6GiB; never more than the available "
         "RAM minus 2 GiB, shared by the ranks (the default)",
     )
-    parser.add_argument(
-        "--timeout", type=float, default=600, help="seconds per configuration (default 600)"
-    )
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
     parser.add_argument(
         "--comm",
         action="store_true",

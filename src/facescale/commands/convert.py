@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shuffle = sub.add_parser("shuffle", help="rec -> rec in random order (for sequential reading)")
     shuffle.add_argument("src", help="dataset folder holding train.rec, or a .rec file")
     shuffle.add_argument("dst", help="output folder")
-    shuffle.add_argument("--seed", type=int, default=0)
+    shuffle.add_argument("--seed", type=int, default=0, help="seed of the random order")
     shuffle.add_argument("--memory-mb", type=float, default=2048.0, help="memory to shuffle in")
     shuffle.add_argument(
         "--tmp-dir", default=None, help="folder for spill files (default: beside dst)"

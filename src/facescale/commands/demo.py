@@ -8,14 +8,19 @@ from pathlib import Path
 
 from facescale.cli_args import add_overrides_argument
 
-HELP = "generate synthetic faces, train on 2 ranks, verify on unseen identities, export ONNX"
+HELP = (
+    "generate synthetic faces, train on 2 ranks, verify on unseen identities, export ONNX "
+    "(with the onnx extra)"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="work_dirs/demo", help="folder for every output")
     parser.add_argument("--ranks", type=int, default=2, help="training processes (torchrun)")
     parser.add_argument("--identities", type=int, default=300, help="training identities")
-    parser.add_argument("--images-per-identity", type=int, default=12)
+    parser.add_argument(
+        "--images-per-identity", type=int, default=12, help="training images of each identity"
+    )
     add_overrides_argument(
         parser, "override a key of the demo's training config (`facescale config demo` shows it)"
     )

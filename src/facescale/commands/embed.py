@@ -9,21 +9,29 @@ from pathlib import Path
 from facescale.commands.export import add_model_arguments, load_model
 from facescale.errors import InputError
 
-HELP = "embed images or folders of images into a .npy (aligned when landmarks are given)"
+HELP = (
+    "embed images or folders of images into a .npy (aligned when landmarks are given, "
+    "otherwise fitted to 112x112)"
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="IMAGE_OR_FOLDER",
+        help="image files, and folders searched for images",
+    )
     parser.add_argument("-o", "--output", required=True, metavar="OUT.npy", help="embeddings file")
     parser.add_argument(
         "--landmarks",
         metavar="FILE",
         help="rows `name x1 y1 ... x5 y5 [score]`; images are aligned to the ArcFace template",
     )
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=0, help="image loading processes")
     parser.add_argument("--no-flip", action="store_true", help="do not add the mirror image")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -21,15 +21,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     verification = sub.add_parser("verification", help="10-fold accuracy on InsightFace .bin sets")
     add_model_arguments(verification)
     verification.add_argument("bins", nargs="+", metavar="SET.bin", help="lfw.bin, cfp_fp.bin, ...")
-    verification.add_argument("--batch-size", type=int, default=64)
-    verification.add_argument("--folds", type=int, default=10)
+    verification.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    verification.add_argument(
+        "--folds", type=int, default=10, help="cross-validation folds of the pairs"
+    )
     verification.set_defaults(evaluate=_verification)
 
     ijb = sub.add_parser("ijb", help="IJB-B/C 1:1 TAR at FAR 1e-6 ... 1e-1 and a ROC plot")
     add_model_arguments(ijb)
     ijb.add_argument("root", help="dataset folder holding meta/ and loose_crop/ (e.g. .../IJBC)")
-    ijb.add_argument("--target", choices=("IJBB", "IJBC"), default="IJBC")
-    ijb.add_argument("--batch-size", type=int, default=128)
+    ijb.add_argument(
+        "--target", choices=("IJBB", "IJBC"), default="IJBC", help="which benchmark ROOT holds"
+    )
+    ijb.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
     ijb.add_argument("--workers", type=int, default=4, help="image loading processes")
     ijb.add_argument(
         "--no-detector-score", action="store_true", help="do not weight images by detector score"
@@ -66,11 +70,7 @@ def _verification(args: argparse.Namespace) -> dict:
         result = evaluate_verification(model, vset, args.batch_size, device, args.folds)
         results[vset.name] = result.as_dict()
         if not args.json:
-            print(
-                f"{vset.name}: accuracy {100 * result.accuracy:.2f} +- {100 * result.std:.2f} %, "
-                f"threshold {result.threshold:.3f} (cosine {result.cosine_threshold:.3f}), "
-                f"VAL@FAR=1e-3 {100 * result.val_at_far_1e3:.2f} %, XNorm {result.norm:.4g}"
-            )
+            print(result.summary())
     return {"verification": results}
 
 

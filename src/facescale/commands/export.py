@@ -21,7 +21,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """MODEL and --network/--embedding-size/--device, shared by every command that loads one."""
     parser.add_argument("model", metavar="MODEL", help="model.pt / backbone.pth / common.pt")
     parser.add_argument("--network", required=True, help="backbone name, e.g. r50, mbf, vit_t")
-    parser.add_argument("--embedding-size", type=int, default=512, help="default 512")
+    parser.add_argument(
+        "--embedding-size", type=int, default=512, help="width of the embedding the weights produce"
+    )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
@@ -41,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(onnx)
     onnx.add_argument("output", metavar="OUT.onnx", help="file to write")
     onnx.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic")
-    onnx.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    onnx.add_argument("--opset", type=int, default=18, help="ONNX opset")
     onnx.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -49,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from facescale.export import compare_onnx, export_onnx
+    from facescale.extras import require
 
+    require("onnx")
     model, _ = load_model(args)
     path = export_onnx(model, args.output, fp16=args.fp16, opset=args.opset)
     error = compare_onnx(model, path, batch=3)

@@ -1,4 +1,8 @@
-"""The whole demo job: data -> training on N ranks -> held-out verification -> ONNX -> summary."""
+"""The whole demo job: data -> training on N ranks -> held-out verification -> ONNX -> summary.
+
+Without the ``onnx`` extra the ONNX stage is skipped with a note (said before training starts)
+and the summary is printed all the same.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 
 from facescale.config import load_config, resolve_path
 from facescale.demo.dataset import HELDOUT_NAME, make_demo_data
+from facescale.extras import available, install_hint
 from facescale.launch import torchrun_command
 
 DEMO_CONFIG = "demo"
@@ -48,6 +53,22 @@ def train_command(ranks: int, overrides: list[str]) -> list[str]:
     return torchrun_command(ranks, ["train", str(resolve_path(DEMO_CONFIG)), *sets])
 
 
+def run_training(ranks: int, overrides: list[str]) -> None:
+    """Train the demo config on ``ranks`` processes; raises if the job fails."""
+    print(f"[2/4] training on {ranks} ranks: {' '.join(train_command(ranks, overrides))}")
+    subprocess.run(train_command(ranks, overrides), check=True)
+
+
+def export_and_check(network: str, embedding_size: int, output: Path) -> tuple[Path, float]:
+    """``model.onnx`` from the trained ``model.pt``, and its largest relative difference from
+    PyTorch."""
+    from facescale.export import compare_onnx, export_onnx, load_backbone
+
+    model = load_backbone(network, output / "model.pt", embedding_size)
+    path = export_onnx(model, output / "model.onnx")
+    return path, compare_onnx(model, path)
+
+
 def run_demo(
     output: Path,
     ranks: int = 2,
@@ -56,9 +77,10 @@ def run_demo(
     extra: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run every stage and return the summary; raises if a stage fails."""
-    from facescale.export import compare_onnx, export_onnx, load_backbone
-
     started = time.perf_counter()
+    onnx_missing = "" if available("onnx") else install_hint("onnx")
+    if onnx_missing:
+        print(f"note: the ONNX stage will be skipped: {onnx_missing}", flush=True)
     output.mkdir(parents=True, exist_ok=True)
     print(f"[1/4] drawing {identities} synthetic identities x {per_identity} images", flush=True)
     data = make_demo_data(output / "data", identities, per_identity)
@@ -69,16 +91,26 @@ def run_demo(
         f"output={output}",
         *(extra or []),
     ]
-    print(f"[2/4] training on {ranks} ranks: {' '.join(train_command(ranks, overrides))}")
-    subprocess.run(train_command(ranks, overrides), check=True)
+    run_training(ranks, overrides)
     cfg = load_config(DEMO_CONFIG, overrides)
     records = read_metrics(output)
     steps = [r for r in records if "loss" in r]
     accuracy = [r[f"val/{HELDOUT_NAME}"] for r in records if f"val/{HELDOUT_NAME}" in r]
-    print("[3/4] exporting ONNX", flush=True)
-    model = load_backbone(cfg.network, output / "model.pt", cfg.embedding_size)
-    onnx_path = export_onnx(model, output / "model.onnx")
-    onnx_error = compare_onnx(model, onnx_path)
+    outputs = {
+        "folder": str(output),
+        "log": str(output / "training.log"),
+        "tensorboard": str(output / "tensorboard"),
+        "loss_curve": str(plot_loss(records, output / "loss_curve.png")),
+        "model": str(output / "model.pt"),
+        "data": str(data.folder),
+    }
+    onnx_error = None
+    if onnx_missing:
+        print(f"[3/4] ONNX export skipped: {onnx_missing}", flush=True)
+    else:
+        print("[3/4] exporting ONNX", flush=True)
+        onnx_path, onnx_error = export_and_check(cfg.network, cfg.embedding_size, output)
+        outputs["onnx"] = str(onnx_path)
     print("[4/4] summary", flush=True)
     return {
         "ranks": ranks,
@@ -92,16 +124,9 @@ def run_demo(
         "loss_last": steps[-1]["loss"],
         "heldout_accuracy": accuracy[-1] if accuracy else None,
         "onnx_max_relative_error": onnx_error,
+        "onnx_skipped": onnx_missing or None,
         "seconds": time.perf_counter() - started,
-        "outputs": {
-            "folder": str(output),
-            "log": str(output / "training.log"),
-            "tensorboard": str(output / "tensorboard"),
-            "loss_curve": str(plot_loss(records, output / "loss_curve.png")),
-            "model": str(output / "model.pt"),
-            "onnx": str(onnx_path),
-            "data": str(data.folder),
-        },
+        "outputs": outputs,
     }
 
 
@@ -115,7 +140,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         "held-out verification accuracy "
         + (f"{100 * acc:.2f}% (chance: 50%)" if acc is not None else "not measured")
         + f" on {summary['heldout_pairs']} pairs of unseen identities",
-        f"ONNX matches PyTorch to {summary['onnx_max_relative_error']:.1e} (relative)",
+        f"ONNX matches PyTorch to {summary['onnx_max_relative_error']:.1e} (relative)"
+        if summary["onnx_skipped"] is None
+        else f"ONNX not exported: {summary['onnx_skipped']}",
         f"done in {summary['seconds'] / 60:.1f} min; outputs:",
         *(f"  {name:<12} {path}" for name, path in summary["outputs"].items()),
     ]

@@ -1,5 +1,6 @@
 """Verification during training: the config's ``val_targets`` found beside the records,
-embedded by every rank's share and scored on rank 0."""
+embedded by every rank's share and scored on rank 0, which says what it verifies (a progress
+bar when stderr is a terminal)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ from torch import nn
 from facescale.config import Config
 from facescale.distributed import DistEnv
 from facescale.eval.verification import VerificationResult
+from facescale.train.logger import on_terminal
 
 log = logging.getLogger("facescale.train")
+
+# Images per forward pass when embedding a verification set.
+EVAL_BATCH = 64
 
 
 class Evaluator:
@@ -50,13 +55,31 @@ def verification_on_ranks(
 ) -> VerificationResult | None:
     """10-fold verification of ``backbone`` on the ``.bin`` set at ``path``, the embedding work
     split over ranks; the result on rank 0, None elsewhere."""
+    from tqdm import tqdm
+
     from facescale.eval import embed_batches, l2_normalize, load_verification_set
     from facescale.eval.verification import verification_metrics
 
     vset = load_verification_set(path)
+    if env.is_main:
+        log.info(
+            "verifying %s: %d pairs, %d images over %d ranks",
+            vset.name,
+            len(vset.issame),
+            len(vset.images),
+            env.world_size,
+        )
     lo, hi = (len(vset.images) * r // env.world_size for r in (env.rank, env.rank + 1))
     images = torch.from_numpy(vset.images[lo:hi])
-    batches = (images[i : i + 64] for i in range(0, len(images), 64))
+    starts = range(0, len(images), EVAL_BATCH)
+    batches = tqdm(
+        (images[i : i + EVAL_BATCH] for i in starts),
+        desc=f"verifying {vset.name}",
+        total=len(starts),
+        unit="batch",
+        leave=False,
+        disable=not (env.is_main and on_terminal()),
+    )
     features, norm = embed_batches(backbone, batches, env.device, flip=True)
     parts = [(features, norm)]
     if dist.is_initialized():

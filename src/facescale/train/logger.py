@@ -15,6 +15,11 @@ from typing import Any
 log = logging.getLogger("facescale.train")
 
 
+def on_terminal() -> bool:
+    """Whether stderr is a terminal: progress bars there, log lines otherwise."""
+    return sys.stderr.isatty()
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -37,7 +42,7 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(str(output / "tensorboard"), purge_step=start_step)
-        if sys.stderr.isatty():
+        if on_terminal():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)

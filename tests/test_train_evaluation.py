@@ -1,0 +1,62 @@
+"""Verification during training says what it is doing: a log line per set with its size on
+rank 0, and a progress bar there when stderr is a terminal; same figures either way."""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+
+import pytest
+import torch
+from test_eval_verification import TinyEmbedder, png, random_set
+
+from facescale.data.bin_format import write_verification_bin
+from facescale.distributed import DistEnv
+from facescale.eval import evaluate_verification, load_verification_set
+from facescale.train.evaluation import verification_on_ranks
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal and keeps what is written to it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def env(rank: int, world_size: int) -> DistEnv:
+    return DistEnv(rank, world_size, rank, torch.device("cpu"), None)
+
+
+@pytest.fixture
+def toy_bin(tmp_path):
+    vset = random_set(70, seed=2)  # 140 images: three batches of 64
+    path = tmp_path / "toy.bin"
+    write_verification_bin(path, [png(im) for im in vset.images], vset.issame.tolist())
+    return path
+
+
+def test_rank_0_logs_each_set_and_its_size_before_embedding(toy_bin, caplog, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: no bar
+    torch.manual_seed(0)
+    model = TinyEmbedder()
+    with caplog.at_level(logging.INFO, logger="facescale.train"):
+        result = verification_on_ranks(model, toy_bin, env(0, 1))
+    (line,) = [r.message for r in caplog.records]
+    assert line == "verifying toy: 70 pairs, 140 images over 1 ranks"
+    assert sys.stderr.getvalue() == ""
+    expected = evaluate_verification(model, load_verification_set(toy_bin))
+    assert result.accuracy == expected.accuracy and result.far == expected.far
+
+
+def test_a_terminal_gets_a_progress_bar_on_rank_0_only(toy_bin, caplog, monkeypatch):
+    model = TinyEmbedder()
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    with caplog.at_level(logging.INFO, logger="facescale.train"):
+        assert verification_on_ranks(model, toy_bin, env(1, 2)) is None  # its half, silently
+    assert sys.stderr.getvalue() == "" and not caplog.records
+    with caplog.at_level(logging.INFO, logger="facescale.train"):
+        assert verification_on_ranks(model, toy_bin, env(0, 1)) is not None
+    drawn = sys.stderr.getvalue()
+    assert "verifying toy" in drawn and "3/3" in drawn  # 140 images in batches of 64
+    assert len(caplog.records) == 1
