@@ -108,7 +108,14 @@ class Config:
     # logits in its update (a quarter of the head's matmuls); 0 always recomputes
     head_cache_mib: int = field(default=512, metadata=_check(_non_negative, "an integer >= 0"))
     # data
-    rec: str = field(default="synthetic", metadata=_check(bool, "a dataset folder or 'synthetic'"))
+    rec: str | list[str] = field(
+        default="synthetic",
+        metadata=_check(
+            bool,
+            "a dataset folder, a .rec, shards (a .tar pattern, a list of .tar addresses, a "
+            "manifest.json), an image folder or 'synthetic'",
+        ),
+    )
     num_classes: int = field(default=93431, metadata=_check(_positive, "an integer > 0"))
     num_image: int = field(default=5179510, metadata=_check(_positive, "an integer > 0"))
     num_workers: int = field(default=2, metadata=_check(_non_negative, "an integer >= 0"))
