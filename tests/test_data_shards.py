@@ -175,6 +175,23 @@ def test_shards_over_http_read_as_locally(data):
             assert_same(epoch_batches(build_train_loader(cfg, 0, 1, "cpu"), 2), expected)
 
 
+def test_a_server_without_ranges_still_serves_the_shards(data, caplog):
+    _, shards = data
+    expected = epoch_batches(build_train_loader(config(str(shards)), 0, 1, "cpu"), 0)
+    handler = partial(SimpleHTTPRequestHandler, directory=str(shards))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        with caplog.at_level(logging.WARNING):
+            assert_same(epoch_batches(build_train_loader(config(url), 0, 1, "cpu"), 0), expected)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "ignores ranged requests" in caplog.text
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_read_disjoint_equal_shares_of_uneven_shards(data, world):
     _, shards = data
@@ -297,3 +314,45 @@ def test_folder_to_shards_shuffled_and_the_cli(tmp_path, capsys):
     assert labels(tmp_path / "plain") == [0] * 4 + [1] * 4 + [2] * 4
     mixed = labels(tmp_path / "mixed")
     assert sorted(mixed) == labels(tmp_path / "plain") and mixed != sorted(mixed)
+
+
+def tar_bytes(members, tar_format) -> bytes:
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tar_format) as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+
+
+LONG = "a" * 120 + "/"  # too long for a ustar name: pax and GNU write extra headers
+
+
+@pytest.mark.parametrize(
+    "tar_format, folder",
+    [("ustar", ""), ("ustar", "some/folder/"), ("gnu", ""), ("gnu", LONG), ("pax", LONG)],
+)
+def test_sample_parsing_matches_tarfile(tar_format, folder):
+    """The direct header reader against tarfile, the reference, for every common tar format
+    (names too long for ustar go through the reference)."""
+    import tarfile
+
+    from facescale.data.shard_format import members_by_tarfile, sample_members
+
+    kind = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
+    data = tar_bytes(
+        [(f"{folder}000007.jpg", face_jpeg(1)), (f"{folder}000007.cls", b"42")], kind[tar_format]
+    )
+    data = data[: len(data) - 1024]  # a sample inside a shard has no end-of-archive blocks
+    members = sample_members(data, "x")
+    assert members == members_by_tarfile(data, "x")
+    assert members["cls"] == (f"{folder}000007.cls", b"42")
+    damaged = bytearray(data)
+    damaged[600:700] = bytes(100)  # inside the image: parsed the same, decoding fails later
+    assert sample_members(bytes(damaged), "x") == members_by_tarfile(bytes(damaged), "x")
+    damaged[10] ^= 0xFF  # the first header's checksum no longer holds
+    with pytest.raises(RecordError, match="x: not a readable tar sample"):
+        sample_members(bytes(damaged), "x")

@@ -122,7 +122,50 @@ def scan_bounds(file: BinaryIO, stream: bool) -> np.ndarray:
 
 
 def sample_members(data: bytes, where: str) -> dict[str, tuple[str, bytes]]:
-    """The file members of one sample's tar bytes: suffix -> (member name, content)."""
+    """The file members of one sample's tar bytes: suffix -> (member name, content).
+
+    Plain ustar headers (what facescale and most writers produce) are read directly; any
+    other header (pax, GNU long names) or a damaged one goes through ``tarfile``.
+    """
+    members: dict[str, tuple[str, bytes]] = {}
+    offset = 0
+    while offset + tarfile.BLOCKSIZE <= len(data):
+        header = data[offset : offset + tarfile.BLOCKSIZE]
+        if header.count(0) == tarfile.BLOCKSIZE:
+            break
+        member = _plain_member(header, data, offset)
+        if member is None:
+            return members_by_tarfile(data, where)
+        name, start, size = member
+        members[member_key(name)[1].lower()] = (name, data[start : start + size])
+        offset = start + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    if not members:
+        raise RecordError(f"{where}: no members; the shard or its index is damaged")
+    return members
+
+
+def _plain_member(header: bytes, data: bytes, offset: int) -> tuple[str, int, int] | None:
+    """(name, data offset, size) of a regular-file ustar header, or None for anything else."""
+    if header[156:157] not in (b"0", b"\0"):
+        return None
+    try:
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        checksum = int(header[148:156].strip(b"\0 "), 8)
+    except ValueError:
+        return None
+    if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+        return None
+    start = offset + tarfile.BLOCKSIZE
+    if start + size > len(data):
+        return None
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar" and header[345] != 0:
+        name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "surrogateescape"), start, size
+
+
+def members_by_tarfile(data: bytes, where: str) -> dict[str, tuple[str, bytes]]:
+    """The file members of one sample's tar bytes, read by ``tarfile`` (any tar format)."""
     members: dict[str, tuple[str, bytes]] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:

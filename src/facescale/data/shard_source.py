@@ -94,8 +94,9 @@ def find_shards(rec: str | list[str]) -> tuple[list[Shard], int | None]:
 
 
 def read_manifest(url: str) -> dict[str, Any]:
+    text = remote.read_all(url)
     try:
-        manifest = json.loads(remote.read_all(url))
+        manifest = json.loads(text)
     except (ValueError, UnicodeDecodeError) as err:
         raise RecordError(f"{url}: not a JSON manifest ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
@@ -103,6 +104,9 @@ def read_manifest(url: str) -> dict[str, Any]:
             f"{url}: not a facescale shard manifest (format {MANIFEST_FORMAT!r}); name the shards "
             f"with a pattern instead, and they are indexed by reading them"
         )
+    missing = {"shards", "classes"} - set(manifest)
+    if missing:
+        raise RecordError(f"{url}: the manifest lacks {', '.join(sorted(missing))}")
     return manifest
 
 
@@ -175,16 +179,12 @@ class ShardSource:
                 out[order[i]] = chunk[bounds[m] - base : bounds[m + 1] - base]
         return out
 
-    def _where(self, position: int) -> str:
-        shard, member = self.locate(position)
-        return f"{shard.url} sample {member}"
-
     def parse(self, position: int, raw: bytes) -> tuple[int, np.ndarray]:
-        where = self._where(position)
+        shard, member = self.locate(position)
+        where = f"{shard.url} sample {member}"
         members = sample_members(raw, where)
         label = sample_label(members, where, self.num_classes)
         name, image = sample_image(members, where)
-        shard, _ = self.locate(position)
         return label, decode_face(image, f"{shard.url} member {name}")
 
     def looks_sorted(self) -> bool:
