@@ -172,11 +172,12 @@ class ShardSource:
         for run in np.split(np.arange(len(order)), breaks):
             number = int(shard_of[run[0]])
             bounds = self._bounds(number)
-            members = ordered[run] - self.starts[number]
-            base = int(bounds[members[0]])
-            chunk = remote.read_range(self.shards[number].url, base, int(bounds[members[-1] + 1]))
-            for i, m in zip(run.tolist(), members.tolist(), strict=True):
-                out[order[i]] = chunk[bounds[m] - base : bounds[m + 1] - base]
+            first = int(ordered[run[0]] - self.starts[number])
+            edges = (bounds[first : first + len(run) + 1] - bounds[first]).tolist()
+            base = int(bounds[first])
+            chunk = remote.read_range(self.shards[number].url, base, base + edges[-1])
+            for k, i in enumerate(order[run].tolist()):
+                out[i] = chunk[edges[k] : edges[k + 1]]
         return out
 
     def parse(self, position: int, raw: bytes) -> tuple[int, np.ndarray]:
