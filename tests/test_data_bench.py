@@ -27,4 +27,12 @@ def test_bench_data_reports_every_setting(capsys, tmp_path):
         v > 0 for v in result["cpu_us_per_image"].values()
     )
     assert 2000 < result["mean_jpeg_bytes"] < 20000
+    shards = {
+        "local_1_workers_cold_host",
+        "local_1_workers_cached_host",
+        "http_1_workers_cached_host",
+    }
+    assert set(result["shards_images_per_s"]) == {f"shards_{k}" for k in shards}
+    assert all(v > 0 for v in result["shards_images_per_s"].values())
+    assert set(result["shards_vs_2_core_decode"]) == shards
     assert list(tmp_path.iterdir()) == []  # the test rec is removed

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,14 @@ from data_helpers import face_jpeg, write_rec
 
 from facescale.cli import main
 from facescale.data import load_verification_bin
-from facescale.data.convert import folder_to_rec, pairs_to_bin, rec_to_folder, shuffle_rec
+from facescale.data.convert import (
+    folder_to_rec,
+    folder_to_shards,
+    pairs_to_bin,
+    rec_to_folder,
+    rec_to_shards,
+    shuffle_rec,
+)
 from facescale.data.recordio import IndexedRecordFile, RecordError
 from facescale.data.staging import ConvertError
 from facescale.errors import UserError
@@ -71,6 +79,8 @@ def convert(kind: str, src: Path, dst: Path, **kw):
         "rec2folder": rec_to_folder,
         "folder2rec": folder_to_rec,
         "pairs2bin": pairs_to_bin,
+        "rec2shards": partial(rec_to_shards, shard_size=7),
+        "folder2shards": partial(folder_to_shards, shard_size=2),
     }[kind]
     return run(src, dst, progress=False, **kw)
 
@@ -159,10 +169,19 @@ def bad_sources(tmp_path: Path, rec: Path) -> dict[str, Path]:
     (faces / "id1" / "1.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     pairs = make_pairs(tmp_path / "pairs")
     (pairs.parent / "3.jpg").unlink()
-    return {"shuffle": rec, "rec2folder": rec, "folder2rec": faces, "pairs2bin": pairs}
+    return {
+        "shuffle": rec,
+        "rec2folder": rec,
+        "folder2rec": faces,
+        "pairs2bin": pairs,
+        "rec2shards": rec,
+        "folder2shards": faces,
+    }
 
 
-@pytest.mark.parametrize("kind", ["shuffle", "rec2folder", "folder2rec", "pairs2bin"])
+@pytest.mark.parametrize(
+    "kind", ["shuffle", "rec2folder", "folder2rec", "pairs2bin", "rec2shards", "folder2shards"]
+)
 def test_failure_midway_leaves_the_destination_as_it_was(tmp_path, rec, good, kind):
     src = bad_sources(tmp_path, rec)[kind]
     dst = good if kind != "pairs2bin" else tmp_path / "good" / "val.bin"

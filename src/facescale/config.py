@@ -32,15 +32,8 @@ IGNORED_KEYS: dict[str, str] = {
     "dali": "facescale reads records sequentially with its own loader; DALI is not used",
     "dali_aug": "augmentation is set with `augment`",
     "save_all_states": "facescale checkpoints always hold every state needed to resume",
-    "using_wandb": "facescale logs to TensorBoard and a log file",
-    "wandb_key": "facescale logs to TensorBoard and a log file",
-    "wandb_entity": "facescale logs to TensorBoard and a log file",
-    "wandb_project": "facescale logs to TensorBoard and a log file",
-    "wandb_log_all": "facescale logs to TensorBoard and a log file",
-    "wandb_resume": "facescale logs to TensorBoard and a log file",
-    "suffix_run_name": "facescale logs to TensorBoard and a log file",
-    "notes": "facescale logs to TensorBoard and a log file",
-    "save_artifacts": "facescale logs to TensorBoard and a log file",
+    "wandb_log_all": "the logged figures are global (the same on every rank), so rank 0 alone "
+    "logs them to Weights & Biases",
 }
 
 
@@ -104,7 +97,14 @@ class Config:
     # logits in its update (a quarter of the head's matmuls); 0 always recomputes
     head_cache_mib: int = field(default=512, metadata=_check(_non_negative, "an integer >= 0"))
     # data
-    rec: str = field(default="synthetic", metadata=_check(bool, "a dataset folder or 'synthetic'"))
+    rec: str | list[str] = field(
+        default="synthetic",
+        metadata=_check(
+            bool,
+            "a dataset folder, a .rec, shards (a .tar pattern, a list of .tar addresses, a "
+            "manifest.json), an image folder or 'synthetic'",
+        ),
+    )
     num_classes: int = field(default=93431, metadata=_check(_positive, "an integer > 0"))
     num_image: int = field(default=5179510, metadata=_check(_positive, "an integer > 0"))
     num_workers: int = field(default=2, metadata=_check(_non_negative, "an integer >= 0"))
@@ -157,6 +157,15 @@ class Config:
     stop_step: int = field(
         default=0, metadata=_check(_non_negative, "an integer >= 0 (0: run the whole schedule)")
     )
+    # Weights & Biases (arcface_torch's keys; needs `pip install facescale[wandb]`)
+    using_wandb: bool = False
+    wandb_key: str | None = None  # an API key to log in with; never logged itself
+    wandb_entity: str | None = None
+    wandb_project: str | None = None
+    wandb_resume: bool = False
+    suffix_run_name: str | None = None  # appended to the run's name (its start time)
+    notes: str = ""
+    save_artifacts: bool = False  # upload model.pt as a model artifact at the end
 
     def schedule(self, world_size: int, batches_per_rank: int | None = None) -> Schedule:
         """Batch sizes and step counts of this config when run on ``world_size`` ranks, whose

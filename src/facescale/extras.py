@@ -19,6 +19,11 @@ EXTRAS: dict[str, tuple[str, dict[str, str]]] = {
             "onnxconverter-common": "onnxconverter_common",
         },
     ),
+    "shards": (
+        "reading WebDataset shards by URL or brace pattern",
+        {"fsspec": "fsspec", "aiohttp": "aiohttp", "braceexpand": "braceexpand"},
+    ),
+    "wandb": ("logging to Weights & Biases (using_wandb=True)", {"wandb": "wandb"}),
 }
 
 

@@ -7,24 +7,36 @@ process per core. Each loader setting runs an epoch with the rec evicted from th
 (cold: reads hit the disk) and one with it cached. CPU seconds per image (main process and
 workers together, read from /proc) are reported too: unlike images/s they move little when
 other processes share the machine.
+
+The same images are also written as WebDataset shards and read by the shard source from the
+local folder (cold and cached) and over HTTP from a server on the loopback address, sequential
+reading with the most workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import http.server
 import itertools
 import multiprocessing as mp
 import multiprocessing.pool
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from facescale.benchmarking import print_report
 
-HELP = "loader images/s: random vs sequential reading, 0/1/2 workers, vs the JPEG decode floor"
+HELP = (
+    "loader images/s: random vs sequential reading, 0/1/2 workers, rec and shards (local, "
+    "HTTP), vs the JPEG decode floor"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shuffle-buffer", type=int, default=4096, help="records the loader shuffles among"
     )
+    parser.add_argument("--shard-size", type=int, default=2048, help="images per shard")
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the best round counts")
     parser.add_argument("--dir", default=None, help="where to build the rec (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -115,12 +128,16 @@ def evict_from_page_cache(path: Path) -> None:
 
 
 def loader_epoch(
-    folder: Path, args: argparse.Namespace, setting: tuple[str, int, str, str], skip: set[int]
+    rec: str,
+    files: list[Path],
+    args: argparse.Namespace,
+    setting: tuple[str, int, str, str],
+    skip: set[int],
 ) -> tuple[float, float]:
-    """One epoch of a fresh loader, from its first batch to its last (worker start-up left
-    out): images/s, and CPU s/image of the main process and the workers together.
+    """One epoch of a fresh loader of ``rec``, from its first batch to its last (worker
+    start-up left out): images/s, and CPU s/image of the main process and the workers together.
 
-    ``setting`` is (order, workers, cache, output): cache 'cold' evicts the rec from the page
+    ``setting`` is (order, workers, cache, output): cache 'cold' evicts ``files`` from the page
     cache first; output 'host' takes the uint8 batches the workers deliver (what a GPU run
     copies to the device), 'float' the float32 batches of a CPU run.
     """
@@ -129,7 +146,7 @@ def loader_epoch(
 
     order, workers, cache, output = setting
     cfg = Config(
-        rec=str(folder),
+        rec=rec,
         num_classes=args.classes,
         num_image=args.images,
         batch_size=args.batch_size,
@@ -138,7 +155,8 @@ def loader_epoch(
         shuffle_buffer=args.shuffle_buffer,
     )
     if cache == "cold":
-        evict_from_page_cache(folder / "train.rec")
+        for path in files:
+            evict_from_page_cache(path)
     loader = build_train_loader(cfg, 0, 1, "cpu")
     first = last = cpu = 0.0
     count = 0
@@ -152,19 +170,62 @@ def loader_epoch(
     return (count - len(images)) / (last - first), cpu / (count - len(images))
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files with HTTP ranges, as object stores do, and logs nothing."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        path = Path(self.translate_path(self.path))
+        wanted = self.headers.get("Range")
+        if not wanted or not path.is_file():
+            super().do_GET()
+            return
+        start, end = (int(v) for v in wanted.removeprefix("bytes=").split("-"))
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end + 1 - start)
+        self.send_response(206)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@contextmanager
+def serve_folder(folder: Path) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 serving ``folder`` while the block runs; its base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def measure(
-    folder: Path, jpegs: list[bytes], args: argparse.Namespace
+    folder: Path, jpegs: list[bytes], args: argparse.Namespace, shards_url: str
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Best images/s and least CPU s/image of each setting over ``repeats`` rounds; a round
     measures every setting once, so a burst of load from other processes hits one round."""
     workers = [int(w) for w in args.workers.split(",")]
-    settings = [
-        (order, w, cache, "host")
+    rec = (str(folder), [folder / "train.rec"])
+    shards = (str(folder / "shards"), sorted((folder / "shards").glob("*.tar")))
+    top = ("sequential", max(workers))
+    runs = [
+        ("{}_{}_workers_{}_{}", rec, (order, w, cache, "host"))
         for order in ("random", "sequential")
         for w in workers
         for cache in ("cold", "cached")
     ]
-    settings.append(("sequential", max(workers), "cached", "float"))
+    runs.append(("{}_{}_workers_{}_{}", rec, (*top, "cached", "float")))
+    runs += [
+        ("shards_local_{1}_workers_{2}_{3}", shards, (*top, c, "host")) for c in ("cold", "cached")
+    ]
+    runs.append(("shards_http_{1}_workers_{2}_{3}", (shards_url, []), (*top, "cached", "host")))
     rates: dict[str, float] = {}
     cpus: dict[str, float] = {}
 
@@ -180,9 +241,8 @@ def measure(
             for n, pool in pools.items():
                 keep(f"decode_{n}_cores", *decode_rate(pool, n, len(jpegs)))
             pool_pids = {p.pid for pool in pools.values() for p in pool._pool}
-            for setting in settings:
-                name = "{}_{}_workers_{}_{}".format(*setting)
-                keep(name, *loader_epoch(folder, args, setting, pool_pids))
+            for name, (spec, files), setting in runs:
+                keep(name.format(*setting), *loader_epoch(spec, files, args, setting, pool_pids))
     finally:
         for pool in pools.values():
             pool.terminate()
@@ -194,10 +254,16 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # the loop that normalises batches: one core, like a decoder
     load_before = os.getloadavg()[0]
+    from facescale.data.convert import rec_to_shards
+
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         jpegs = build_rec(Path(tmp), args.images, args.classes)
-        rates, cpus = measure(Path(tmp), jpegs, args)
+        rec_to_shards(tmp, Path(tmp) / "shards", args.shard_size, progress=False)
+        with serve_folder(Path(tmp) / "shards") as url:
+            rates, cpus = measure(Path(tmp), jpegs, args, url)
     floor = rates[f"decode_{args.cores}_cores"]
+    shard_rates = {k: rates.pop(k) for k in list(rates) if k.startswith("shards_")}
+    shard_cpus = {k: cpus.pop(k) for k in list(cpus) if k.startswith("shards_")}
     workers = args.workers.split(",")
     top = f"sequential_{max(workers, key=int)}_workers"
     result = {
@@ -220,6 +286,11 @@ def run(args: argparse.Namespace) -> int:
                 3,
             )
             for w in workers
+        },
+        "shards_images_per_s": {k: round(v) for k, v in shard_rates.items()},
+        "shards_cpu_us_per_image": {k: round(v * 1e6, 1) for k, v in shard_cpus.items()},
+        f"shards_vs_{args.cores}_core_decode": {
+            k.removeprefix("shards_"): round(v / floor, 3) for k, v in shard_rates.items()
         },
         "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }

@@ -1,4 +1,5 @@
-"""`facescale convert`: make and reshape datasets (image folder, InsightFace rec, .bin)."""
+"""`facescale convert`: make and reshape datasets (image folder, InsightFace rec, WebDataset
+shards, .bin)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import argparse
 import dataclasses
 import json
 
-HELP = "convert datasets: folder -> rec, rec -> shuffled rec, rec -> folder, pairs -> .bin"
+HELP = (
+    "convert datasets: folder -> rec, rec -> shuffled rec, rec -> folder, rec or folder -> "
+    "shards, pairs -> .bin"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,13 +34,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     unpack.add_argument("src", help="dataset folder holding train.rec, or a .rec file")
     unpack.add_argument("dst", help="output image folder")
 
+    rec_shards = sub.add_parser("rec2shards", help="rec -> WebDataset tar shards")
+    rec_shards.add_argument("src", help="dataset folder holding train.rec, or a .rec file")
+    folder_shards = sub.add_parser("folder2shards", help="image folder -> WebDataset tar shards")
+    folder_shards.add_argument("src", help="folder of identity folders")
+    folder_shards.add_argument(
+        "--quality", type=int, default=95, help="JPEG quality of re-encoded images"
+    )
+    folder_shards.add_argument(
+        "--skip-bad", action="store_true", help="leave undecodable images out"
+    )
+    for p in (rec_shards, folder_shards):
+        p.add_argument("dst", help="output folder for the shards, their .idx and manifest.json")
+        p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+        p.add_argument("--shuffle", action="store_true", help="write the samples in a random order")
+        p.add_argument("--seed", type=int, default=0, help="seed of --shuffle")
+
     pairs = sub.add_parser("pairs2bin", help="pairs list -> verification .bin")
     pairs.add_argument("pairs", help="text file, one 'image_a image_b same(1/0)' per line")
     pairs.add_argument("dst", help="output .bin path")
     pairs.add_argument("--root", default=None, help="folder image paths are relative to")
     pairs.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
 
-    for p in (pack, shuffle, unpack, pairs):
+    for p in (pack, shuffle, unpack, rec_shards, folder_shards, pairs):
         p.add_argument(
             "--overwrite",
             action="store_true",
@@ -69,4 +89,20 @@ def _convert(args: argparse.Namespace):
         )
     if args.conversion == "rec2folder":
         return convert.rec_to_folder(args.src, args.dst, progress, overwrite)
+    if args.conversion == "rec2shards":
+        return convert.rec_to_shards(
+            args.src, args.dst, args.shard_size, args.shuffle, args.seed, progress, overwrite
+        )
+    if args.conversion == "folder2shards":
+        return convert.folder_to_shards(
+            args.src,
+            args.dst,
+            args.shard_size,
+            args.shuffle,
+            args.seed,
+            args.quality,
+            args.skip_bad,
+            progress,
+            overwrite,
+        )
     return convert.pairs_to_bin(args.pairs, args.dst, args.root, args.quality, progress, overwrite)

@@ -1,5 +1,6 @@
-"""facescale.data: InsightFace RecordIO without MXNet, image folders, synthetic data, the
-training loader (sequential shuffled or random reading, one share per rank) and converters."""
+"""facescale.data: InsightFace RecordIO without MXNet, WebDataset tar shards (local or remote),
+image folders, synthetic data, the training loader (sequential shuffled or random reading, one
+share per rank) and converters."""
 
 from facescale.data.bin_format import load_verification_bin, write_verification_bin
 from facescale.data.image import decode_image

@@ -1,9 +1,10 @@
 """Dataset converters behind `facescale convert`: folder -> rec, rec -> shuffled rec, rec ->
-folder, and a verification ``.bin`` from a list of pairs.
+folder, rec or folder -> WebDataset shards, and a verification ``.bin`` from a list of pairs.
 
 Record datasets are written as InsightFace lays them out: ``train.rec``, ``train.idx`` and
-``property`` in one folder, a header record at key 0 and images at keys ``1..N``. Every output
-is written beside its destination and moved into place only when complete (see ``staging``).
+``property`` in one folder, a header record at key 0 and images at keys ``1..N``. Shards are
+written as ``shard_format`` lays them out. Every output is written beside its destination and
+moved into place only when complete (see ``staging``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -33,7 +34,14 @@ from facescale.data.records import (
     write_header_record,
     write_property,
 )
-from facescale.data.sources import list_images
+from facescale.data.shard_format import (
+    ShardWriter,
+    index_name,
+    sample_key,
+    shard_name,
+    write_manifest,
+)
+from facescale.data.sources import FolderSource, RecordSource, list_images
 from facescale.data.staging import staged_file, staged_folder
 from facescale.errors import InputError
 
@@ -55,6 +63,16 @@ class Report:
     def summary(self) -> str:
         skipped = f", skipped {self.skipped}" if self.skipped else ""
         return f"wrote {self.output}: {self.images} images, {self.classes} classes{skipped}"
+
+
+@dataclass
+class ShardsReport(Report):
+    """What a conversion to shards wrote: a Report and the number of shards."""
+
+    shards: int = 0
+
+    def summary(self) -> str:
+        return f"{super().summary()} in {self.shards} shards"
 
 
 @dataclass
@@ -259,6 +277,121 @@ def rec_to_folder(
             name = f"{key}{image_suffix(record.image)}"
             (out / f"{label:0{width}d}" / name).write_bytes(record.image)
     return Report(str(dst), len(keys), classes)
+
+
+SHARD_READ_CHUNK = 1024
+
+
+def rec_to_shards(
+    src: str | Path,
+    dst: str | Path,
+    shard_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> ShardsReport:
+    """Write the images of a rec as WebDataset shards of ``shard_size`` samples, the image bytes
+    unchanged; ``shuffle`` writes them in a random order (seeded), mixing identities across
+    shards."""
+    with staged_folder(src, dst, overwrite) as out:
+        source = RecordSource(rec_path(src), 1)
+        classes = _num_classes(source.file, source.keys)
+
+        def sample(position: int, raw: bytes | RecordError) -> tuple[bytes, int]:
+            if isinstance(raw, RecordError):
+                raise raw
+            where = f"{source.file.path} key {source.keys[position]}"
+            record = unpack_record(raw, where)
+            return record.image, class_label(record, classes, where)
+
+        written, shards = _write_shards(
+            source, sample, out, classes, shard_size, shuffle, seed, progress
+        )
+    return ShardsReport(str(dst), written, classes, shards=shards)
+
+
+def folder_to_shards(
+    src: str | Path,
+    dst: str | Path,
+    shard_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    quality: int = JPEG_QUALITY,
+    skip_bad: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> ShardsReport:
+    """Write an image folder (one sub-folder per identity) as WebDataset shards; images are
+    stored or fitted to 112x112 as ``folder2rec`` does, labels follow the sorted folder names."""
+    with staged_folder(src, dst, overwrite, dst_inside_src_ok=False) as out:
+        source = FolderSource(src, 1)
+        classes = source.declared_classes()
+
+        def sample(position: int, raw: bytes | OSError) -> tuple[bytes, int] | None:
+            path = source.files[position]
+            try:
+                if isinstance(raw, OSError):
+                    raise RecordError(f"{path}: cannot read: {raw}")
+                return face_bytes(raw, quality), int(source.labels[position])
+            except ImageDecodeError as err:
+                if skip_bad:
+                    return None
+                raise RecordError(f"{path}: {err}; pass --skip-bad to leave it out") from None
+
+        written, shards = _write_shards(
+            source, sample, out, classes, shard_size, shuffle, seed, progress
+        )
+    skipped = len(source) - written
+    if skipped:
+        log.warning("%s: skipped %d undecodable images", src, skipped)
+    return ShardsReport(str(dst), written, classes, skipped, shards)
+
+
+def _write_shards(
+    source: RecordSource | FolderSource,
+    sample: Callable[[int, object], tuple[bytes, int] | None],
+    out: Path,
+    classes: int,
+    shard_size: int,
+    shuffle: bool,
+    seed: int,
+    progress: bool,
+) -> tuple[int, int]:
+    """Shards of ``sample(position, raw)`` for every position of ``source`` (in a seeded random
+    order when ``shuffle``; a None sample is left out) and their manifest: (samples, shards)."""
+    if shard_size < 1:
+        raise InputError(f"--shard-size {shard_size}: a shard holds at least one sample")
+    total = len(source)
+    order = np.random.default_rng(seed).permutation(total) if shuffle else np.arange(total)
+    entries: list[dict[str, object]] = []
+    writer: ShardWriter | None = None
+    written = 0
+
+    def finish(writer: ShardWriter) -> None:
+        writer.close()
+        name = writer.path.name
+        entries.append({"name": name, "samples": len(writer), "index": index_name(name)})
+
+    with _bar(total, "shards", progress) as bar:
+        for start in range(0, total, SHARD_READ_CHUNK):
+            chunk = order[start : start + SHARD_READ_CHUNK]
+            for position, raw in zip(chunk.tolist(), source.fetch(chunk), strict=True):
+                bar.update()
+                made = sample(position, raw)
+                if made is None:
+                    continue
+                if writer is None or len(writer) == shard_size:
+                    if writer is not None:
+                        finish(writer)
+                    writer = ShardWriter(out / shard_name(len(entries)))
+                writer.add(sample_key(written, total), *made)
+                written += 1
+    if writer is None:
+        raise RecordError(f"{out}: no sample could be written")
+    finish(writer)
+    write_manifest(out, entries, classes, shuffle)
+    return written, len(entries)
 
 
 def pairs_to_bin(

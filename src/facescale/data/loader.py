@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from facescale.data.batches import BatchMaker, BatchTask
 from facescale.data.order import EpochPlan, ReadOrder
 from facescale.data.recordio import RecordError
+from facescale.data.shard_source import ShardSource, is_shard_spec
 from facescale.data.sources import FolderSource, RecordSource, Source, SyntheticSource
 from facescale.face import to_model_input
 
@@ -186,9 +187,12 @@ def _hand_over(batch: tuple, stream: torch.cuda.Stream) -> tuple:
 
 
 def open_source(cfg: Any) -> Source:
-    """The source ``cfg.rec`` names: 'synthetic', a folder with train.rec, a .rec, or images."""
+    """The source ``cfg.rec`` names: 'synthetic', a folder with train.rec, a .rec, WebDataset
+    shards (a pattern, a list, a manifest or its folder), or an image folder."""
     if cfg.rec == "synthetic":
         return SyntheticSource(cfg.num_image, cfg.num_classes, cfg.seed)
+    if is_shard_spec(cfg.rec):
+        return ShardSource(cfg.rec, cfg.num_classes)
     path = Path(cfg.rec)
     if path.suffix == ".rec" and path.is_file():
         return RecordSource(path, cfg.num_classes)
@@ -198,8 +202,19 @@ def open_source(cfg: Any) -> Source:
         return FolderSource(path, cfg.num_classes)
     raise FileNotFoundError(
         f"rec={cfg.rec!r}: not found; give a folder holding train.rec/train.idx/property, "
-        f"a .rec file, an image folder (one sub-folder per identity) or 'synthetic'"
+        f"a .rec file, shards (a .tar pattern, a list or a manifest.json), an image folder "
+        f"(one sub-folder per identity) or 'synthetic'"
     )
+
+
+def data_folder(rec: str | list[str]) -> Path | None:
+    """The local folder of the training data, where verification ``.bin`` files are looked
+    for: the dataset or image folder itself, else the folder of the (first) file named."""
+    first = rec if isinstance(rec, str) else rec[0]
+    if first == "synthetic" or "://" in first:
+        return None
+    path = Path(first)
+    return path if path.is_dir() else path.parent
 
 
 def check_sizes(source: Source, cfg: Any) -> None:
@@ -227,20 +242,23 @@ def check_sizes(source: Source, cfg: Any) -> None:
 
 
 def read_order_kind(cfg: Any, source: Source) -> str:
-    """'sequential' or 'random'; ``auto`` reads a shuffled .rec sequentially, the rest randomly."""
-    sorted_rec = isinstance(source, RecordSource) and source.looks_sorted()
+    """'sequential' or 'random'; ``auto`` reads a shuffled .rec or shards sequentially, the rest
+    randomly."""
+    streamed = isinstance(source, (RecordSource, ShardSource))
+    sorted_data = streamed and source.looks_sorted()
     if cfg.data_order == "auto":
-        if sorted_rec:
+        if sorted_data:
             log.info(
                 "%s is sorted by identity: reading it in random order; `facescale convert "
-                "shuffle` makes a copy that reads sequentially (faster)",
+                "shuffle` (or rec2shards --shuffle) makes a copy that reads sequentially (faster)",
                 source.describe(),
             )
-        return "sequential" if isinstance(source, RecordSource) and not sorted_rec else "random"
-    if cfg.data_order == "sequential" and sorted_rec:
+        return "sequential" if streamed and not sorted_data else "random"
+    if cfg.data_order == "sequential" and sorted_data:
         log.warning(
             "%s is sorted by identity: sequential reading mixes only shuffle_buffer=%d records, "
-            "so batches hold few identities; run `facescale convert shuffle` first",
+            "so batches hold few identities; run `facescale convert shuffle` (or rec2shards "
+            "--shuffle) first",
             source.describe(),
             cfg.shuffle_buffer,
         )

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from facescale.config import Config
+from facescale.data.loader import data_folder
 from facescale.distributed import DistEnv
 from facescale.eval.verification import VerificationResult
 from facescale.train.logger import on_terminal
@@ -30,10 +31,11 @@ class Evaluator:
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.env = env
         self.sets: list[Path] = []
-        if not cfg.val_targets or cfg.rec == "synthetic":
+        folder = data_folder(cfg.rec)
+        if not cfg.val_targets or folder is None:
             return
         for name in cfg.val_targets:
-            path = Path(cfg.rec) / f"{name}.bin"
+            path = folder / f"{name}.bin"
             if path.is_file():
                 self.sets.append(path)
             elif env.is_main:

@@ -1,5 +1,6 @@
 """Training progress on rank 0: console (a progress bar when interactive), log file,
-TensorBoard and a JSON-lines metrics file that scripts and plots read back."""
+TensorBoard, a JSON-lines metrics file that scripts and plots read back, and Weights & Biases
+when the config asks for it (``using_wandb``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from facescale.config import Config
+from facescale.train.wandb_sink import WandbSink
 
 log = logging.getLogger("facescale.train")
 
@@ -29,14 +33,24 @@ def format_duration(seconds: float) -> str:
 class RunLogger:
     """Writes what the trainer reports; on ranks other than 0 every method does nothing."""
 
-    def __init__(self, output: Path, rank: int, total_steps: int, start_step: int) -> None:
+    def __init__(
+        self,
+        output: Path,
+        rank: int,
+        total_steps: int,
+        start_step: int,
+        cfg: Config | None = None,
+    ) -> None:
         self.active = rank == 0
         self.total_steps = total_steps
         self._window_start = (time.perf_counter(), start_step)
         self._bar = None
         self._writer = None
+        self._wandb: WandbSink | None = None
         if not self.active:
             return
+        if cfg is not None and cfg.using_wandb:
+            self._wandb = WandbSink(cfg, output)
         output.mkdir(parents=True, exist_ok=True)
         self._metrics = open(output / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
         from torch.utils.tensorboard import SummaryWriter
@@ -92,11 +106,22 @@ class RunLogger:
 
     def _write(self, record: dict[str, Any]) -> None:
         step = record["step"]
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self._writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        scalars = {
+            key if "/" in key else f"train/{key}": value
+            for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float))
+        }
+        for key, value in scalars.items():
+            self._writer.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, scalars)
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+
+    def save_model(self, path: Path) -> None:
+        """Note the inference model written at ``path`` (an artifact where W&B keeps them)."""
+        if self._wandb is not None:
+            self._wandb.save_model(path)
 
     def close(self) -> None:
         if not self.active:
@@ -105,6 +130,8 @@ class RunLogger:
             self._bar.close()
         self._writer.close()
         self._metrics.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 @contextlib.contextmanager

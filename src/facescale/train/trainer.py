@@ -73,7 +73,11 @@ class Trainer:
 
     def open_logger(self) -> RunLogger:
         return RunLogger(
-            Path(self.cfg.output), self.env.rank, self.schedule.total_steps, self.progress.step
+            Path(self.cfg.output),
+            self.env.rank,
+            self.schedule.total_steps,
+            self.progress.step,
+            self.cfg,
         )
 
     def run(self) -> dict[str, Any]:
@@ -90,6 +94,7 @@ class Trainer:
             summary["val"] = self.evaluate(logger)
             summary["best"] = dict(self.progress.best)
             self.save_model()
+            logger.save_model(Path(self.cfg.output) / "model.pt")
         return summary
 
     # ---- the loop ----------------------------------------------------------------------
