@@ -84,5 +84,5 @@ def test_other_ranks_and_switched_off_log_nothing_to_wandb(offline):
 
 def test_missing_wandb_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails as if not installed
-    with pytest.raises(UserError, match=r"pip install facescale\[wandb\]"):
+    with pytest.raises(UserError, match=r"pip install \"facescale\[wandb\]\""):
         RunLogger(tmp_path, 0, 10, 0, wandb_config())
