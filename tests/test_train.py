@@ -56,6 +56,20 @@ def test_resume_continues_exactly(tmp_path):
     assert_same_model(straight, resumed, rtol=0, atol=0)
 
 
+def test_checkpoints_without_manifest_or_samples_still_resume(tmp_path):
+    # the format before checkpoints carried a manifest and their step's samples
+    straight = run_ranks(train_rank, 1, tmp_path / "straight", {}, 16)
+    run_ranks(train_rank, 1, tmp_path / "split", {"stop_step": 5}, 16)
+    for folder in (tmp_path / "split" / "checkpoints").iterdir():
+        (folder / "manifest.json").unlink()
+        common = torch.load(folder / "common.pt", weights_only=True)
+        del common["samples_per_step"]
+        torch.save(common, folder / "common.pt")
+    resumed = run_ranks(train_rank, 1, tmp_path / "split", {}, 16, True)
+    assert resumed[0]["summary"]["steps"] == straight[0]["summary"]["final_step"] - 5
+    assert_same_model(straight, resumed, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 3)])
 def test_resume_on_another_number_of_ranks(tmp_path, before, after):

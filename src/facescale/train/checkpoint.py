@@ -314,7 +314,11 @@ def file_damage(path: Path, written: FileDigest) -> str | None:
 
 def find_damage(folder: Path, rank: int = 0, world_size: int = 1) -> list[str]:
     """What is wrong with checkpoint ``folder``'s files (empty: intact). Collective over the
-    ranks: each hashes its share of the files and every rank gets the same answer."""
+    ranks: each hashes its share of the files and every rank gets the same answer. A complete
+    checkpoint without a manifest (written before checkpoints carried one) has nothing to be
+    checked against and is taken as it is."""
+    if is_unverified(folder):
+        return []
     try:
         files = read_manifest(folder)
     except CheckpointError as err:
@@ -322,6 +326,11 @@ def find_damage(folder: Path, rank: int = 0, world_size: int = 1) -> list[str]:
     names = sorted(files)[rank::world_size]
     mine = [problem for name in names if (problem := file_damage(folder / name, files[name]))]
     return sorted(problem for found in _all_gather(mine) for problem in found)
+
+
+def is_unverified(folder: Path) -> bool:
+    """A checkpoint written before checkpoints carried a manifest: complete, but unchecked."""
+    return not (folder / MANIFEST).exists() and (folder / "common.pt").is_file()
 
 
 def verify_file(path: str | Path) -> None:
@@ -387,9 +396,10 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: Path
 
 def check_schedule(saved: Mapping[str, Any], schedule: Schedule, cfg: Config, where: Path) -> None:
     """Refuse a resume that would change the schedule (steps of another number of samples)
-    or that starts past its end, saying how to keep it."""
-    samples, world = saved["samples_per_step"], saved["world_size"]
-    if samples != schedule.samples_per_step:
+    or that starts past its end, saying how to keep it. (Checkpoints written before they
+    recorded their step's samples are taken at their word.)"""
+    samples, world = saved.get("samples_per_step"), saved["world_size"]
+    if samples is not None and samples != schedule.samples_per_step:
         per_rank = samples / (schedule.world_size * cfg.gradient_acc)
         keep = (
             f"set batch_size={int(per_rank)} to keep it"
@@ -513,6 +523,10 @@ class Checkpointer:
         for folder in reversed(found):
             damage = find_damage(folder, self.env.rank, self.env.world_size)
             if not damage:
+                if is_unverified(folder) and self.env.is_main:
+                    log.warning(
+                        "resume: %s has no %s; its files are not verified", folder, MANIFEST
+                    )
                 return folder
             damaged.append(f"{folder.name}: {'; '.join(damage)}")
             if self.env.is_main:
