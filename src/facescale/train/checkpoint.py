@@ -329,8 +329,15 @@ def find_damage(folder: Path, rank: int = 0, world_size: int = 1) -> list[str]:
 
 
 def is_unverified(folder: Path) -> bool:
-    """A checkpoint written before checkpoints carried a manifest: complete, but unchecked."""
-    return not (folder / MANIFEST).exists() and (folder / "common.pt").is_file()
+    """A checkpoint written before checkpoints carried a manifest (its ``common.pt`` has no
+    ``samples_per_step`` either): nothing to check its files against."""
+    if (folder / MANIFEST).exists() or not (folder / "common.pt").is_file():
+        return False
+    try:
+        common = safe_load(folder / "common.pt", mmap=True)
+    except CheckpointError:
+        return False
+    return "progress" in common and "samples_per_step" not in common
 
 
 def verify_file(path: str | Path) -> None:
