@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from facescale.data.image import encode_jpeg
-from facescale.data.recordio import IndexedRecordWriter
+from facescale.data.recordio import IndexedRecordFile, IndexedRecordWriter
 from facescale.data.records import pack_record, write_header_record, write_property
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -34,3 +34,11 @@ def write_rec(folder: Path, labels: Sequence[float], classes: int | None = None)
             writer.write(i + 1, pack_record(label, face_jpeg(i % PATTERNS), id=i + 1))
     write_property(folder, classes if classes is not None else int(max(labels)) + 1)
     return folder
+
+
+def corrupt_record(folder: Path, key: int) -> None:
+    """Overwrite the magic word of the record stored under ``key`` in ``folder/train.rec``."""
+    start, _ = IndexedRecordFile(folder / "train.rec").span(key)
+    with open(folder / "train.rec", "r+b") as f:
+        f.seek(start)
+        f.write(b"\0\0\0\0")

@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from data_helpers import face_jpeg, write_rec
+from data_helpers import corrupt_record, face_jpeg, write_rec
 
 from facescale.cli import main
 from facescale.data import load_verification_bin
@@ -35,14 +35,6 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
     """Every path under ``root`` (itself included) with its bytes (None for a folder)."""
     paths = [root, *root.rglob("*")] if root.is_dir() else [root]
     return {str(p.relative_to(root.parent)): None if p.is_dir() else p.read_bytes() for p in paths}
-
-
-def corrupt_record(folder: Path, key: int) -> None:
-    """Overwrite the magic word of the record stored under ``key`` in ``folder/train.rec``."""
-    start, _ = IndexedRecordFile(folder / "train.rec").span(key)
-    with open(folder / "train.rec", "r+b") as f:
-        f.seek(start)
-        f.write(b"\0\0\0\0")
 
 
 def make_faces(root: Path, per_class: int = 3, classes: int = 3) -> Path:

@@ -1,4 +1,6 @@
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +8,8 @@ import torch.distributed as dist
 from dist_utils import run_ranks
 
 from facescale.distributed import get_rank, get_world_size, init_distributed, shutdown
+from facescale.heads import ArcFace, PartialFC
+from facescale.launch import torchrun_command
 
 
 def test_single_process_without_torchrun(monkeypatch):
@@ -51,3 +55,56 @@ def test_spawned_gloo_ranks(world):
         assert res["backend"] == "gloo"
         assert res["sum"] == expected_sum
         assert res["threads"] == max(1, len(os.sched_getaffinity(0)) // world)
+
+
+def _gloo_threads() -> list[str]:
+    """Names of this process's threads that belong to gloo (its workers and its I/O loop)."""
+    names = (Path(task, "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
+    return [name for name in names if "gloo" in name]
+
+
+def _train_a_head_then_shut_down(rank: int, world: int) -> dict[str, list[str]]:
+    import torch._dynamo  # imported once the group exists, as torch.optim does on first use
+
+    head = PartialFC(30 * world, 16, ArcFace(64.0, 0.5))
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    for _ in range(2):
+        head(torch.randn(4, 16, requires_grad=True), torch.randint(0, 30 * world, (4,))).backward()
+        optimizer.step()
+    during = _gloo_threads()
+    shutdown()
+    return {"during": during, "after": _gloo_threads()}
+
+
+def test_shutdown_ends_every_gloo_thread_whatever_was_imported_after_the_group():
+    for threads in run_ranks(_train_a_head_then_shut_down, 3):
+        assert threads["during"] and threads["after"] == []
+
+
+TEARDOWN_JOB = """import torch
+from facescale.distributed import init_distributed, shutdown
+from facescale.heads import ArcFace, PartialFC
+
+env = init_distributed()
+head = PartialFC(90, 16, ArcFace(64.0, 0.5))
+optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+for _ in range(2):
+    head(torch.randn(4, 16, requires_grad=True), torch.randint(0, 90, (4,))).backward()
+    optimizer.step()
+shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_a_finished_three_rank_job_exits_0_every_time(tmp_path, monkeypatch):
+    (tmp_path / "teardown_job.py").write_text(TEARDOWN_JOB)
+    paths = [str(tmp_path), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, paths)))
+    for attempt in range(10):
+        job = subprocess.run(
+            torchrun_command(3, [], module="teardown_job"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert job.returncode == 0, f"run {attempt}: {job.stderr[-3000:]}"

@@ -1,4 +1,5 @@
-"""`facescale train` under real torchrun launches: a killed rank restarts, two nodes on loopback."""
+"""`facescale train` under real torchrun launches: a killed rank restarts, two nodes on loopback,
+a corrupt record stops the job with one message instead of every restart dying on it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from data_helpers import corrupt_record, write_rec
 
 from facescale.launch import free_port, torchrun_command
 
@@ -101,3 +103,45 @@ def test_two_nodes_on_loopback_train(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert _steps_logged(out)[-1] == 16  # two ranks of batch 8: 16 steps over 256 images
     assert (out / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_a_corrupt_record_stops_the_job_with_one_message_and_no_retries(tmp_path):
+    rec = write_rec(tmp_path / "rec", [i % 8 for i in range(64)])
+    corrupt_record(rec, 5)
+    out = tmp_path / "run"
+    settings = {"num_image": 64, "num_classes": 8, "batch_size": 4, "data_order": "sequential"}
+    overrides = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    cmd = torchrun_command(
+        2,
+        [*TINY, *overrides, "--set", f"rec={rec}", "--set", f"output={out}"],
+        torchrun_options=("--standalone", "--max-restarts=2", "--monitor-interval=1"),
+    )
+    job = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    output = job.stdout + job.stderr
+    assert job.returncode != 0
+    printed = [line for line in output.splitlines() if line.startswith("facescale train: error:")]
+    assert len(printed) == 1, output
+    message = printed[0].removeprefix("facescale train: error: ")
+    assert message.startswith(f"{rec / 'train.rec'}: no record at offset")
+    assert message.endswith("(key 5)")
+    # no rank's traceback, and torchrun's summary shows the message instead of a pointer to docs
+    assert "RecordError" not in output and "Connection closed" not in output, output
+    assert "To enable traceback" not in output and f"traceback : {printed[0]}" in output
+    # the first attempt trained up to the record; the restarted ones stopped before training
+    steps = _steps_logged(out)
+    assert steps and steps == list(range(1, len(steps) + 1))
+    assert (out / "training.log").read_text().count(f"error: {message}") == 3
+
+
+def test_a_config_error_on_every_rank_is_printed_once(tmp_path):
+    cmd = torchrun_command(3, [*TINY, "--set", "lr=fast", "--set", f"output={tmp_path}"])
+    job = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    output = job.stdout + job.stderr
+    assert job.returncode != 0
+    printed = [line for line in output.splitlines() if line.startswith("facescale train: error:")]
+    assert printed == [
+        "facescale train: error: --set lr: lr='fast' has the wrong type; expected number"
+    ]
+    assert "ConfigError" not in output  # no rank's traceback
+    assert "To enable traceback" not in output  # torchrun's summary shows the message

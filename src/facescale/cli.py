@@ -12,16 +12,8 @@ import sys
 
 from facescale import __version__
 from facescale.cli_args import CommandParser, add_module_commands
-from facescale.errors import UserError
-
-# OSErrors that mean a path the user gave is wrong, not that facescale is.
-PATH_ERRORS = (
-    FileNotFoundError,
-    PermissionError,
-    IsADirectoryError,
-    NotADirectoryError,
-    FileExistsError,
-)
+from facescale.errors import USER_ERRORS
+from facescale.failures import first_to_print, tell_torchrun
 
 COMMANDS = (
     "config",
@@ -55,7 +47,13 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.command_run(args)
-    except (UserError, *PATH_ERRORS) as err:
-        print(f"facescale {args.command}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        line = f"facescale {args.command}: error: {err}"
+        if first_to_print(line):  # the ranks of a job that fail alike print it once
+            print(line, file=sys.stderr)
+        tell_torchrun(line)
         code = 2
+    except Exception as err:
+        tell_torchrun(f"{type(err).__name__}: {err} (traceback above)")
+        raise
     sys.exit(code or 0)

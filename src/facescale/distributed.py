@@ -13,6 +13,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# Imported before any process group exists: its functions take ``group=group.WORLD`` as a
+# default argument, evaluated at import. torch._dynamo imports it (and torch.optim imports
+# torch._dynamo on first use), so imported later it would hold the default group for good,
+# past destroy_process_group, and with it gloo's worker threads (see shutdown()).
+import torch.distributed.nn
+
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -51,14 +57,20 @@ def _env_int(name: str) -> int:
         raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _attempt_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
-    """Under a torchrun restart, a key space of this attempt's own in the agent's store, so
-    the new ranks never read the addresses the previous attempt's ranks published."""
+def job_store(timeout: datetime.timedelta = datetime.timedelta(seconds=30)) -> dist.Store | None:
+    """The key-value store torchrun's agent keeps for the whole job, restarts included; None
+    when this process was not started by torchrun's agent."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], _env_int("MASTER_PORT"), world, False, timeout=timeout
-    )
+    return dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT"), timeout=timeout)
+
+
+def _attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """Under a torchrun restart, a key space of this attempt's own in the agent's store, so
+    the new ranks never read the addresses the previous attempt's ranks published."""
+    store = job_store(timeout)
+    if store is None:
+        return None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"facescale/attempt_{attempt}", store)
 
@@ -97,7 +109,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
         timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(
             backend=backend,
-            store=_attempt_store(world, timeout),
+            store=_attempt_store(timeout),
             rank=rank,
             world_size=world,
             timeout=timeout,
@@ -112,6 +124,13 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group, if any; safe to call twice."""
+    """Leave the process group, if any; safe to call twice.
+
+    Destroying the group ends its gloo worker threads, as long as nothing else holds the
+    group (hence the early import of torch.distributed.nn above). A worker that outlived
+    this call could still be releasing a finished collective when the interpreter exits;
+    the release takes the GIL, which a finalizing interpreter never gives back, and the
+    process aborts with "terminate called without an active exception".
+    """
     if is_initialized():
         dist.destroy_process_group()

@@ -67,7 +67,6 @@ def _rank_entry(
     args: tuple[Any, ...],
     results: Any,
     timeout_minutes: float,
-    skip_teardown: bool,
 ) -> None:
     os.environ.update(
         RANK=str(rank),
@@ -84,10 +83,6 @@ def _rank_entry(
         results[rank] = fn(rank, world, *args)
     finally:
         shutdown()
-    if skip_teardown:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 def spawn_ranks(
@@ -95,7 +90,6 @@ def spawn_ranks(
     world: int,
     *args: Any,
     timeout_minutes: float = 30.0,
-    skip_teardown: bool = False,
 ) -> list[Any]:
     """Call ``fn(rank, world, *args)`` in ``world`` spawned processes, each in one process
     group (:func:`facescale.distributed.init_distributed`: gloo on CPU, NCCL on CUDA) that
@@ -103,9 +97,7 @@ def spawn_ranks(
 
     ``fn`` must be importable (module level) and its arguments and results picklable. An
     exception in a rank raises ``torch.multiprocessing.ProcessRaisedException`` naming the
-    rank and carrying its traceback. ``timeout_minutes`` bounds each collective's wait;
-    ``skip_teardown`` ends each rank with ``os._exit`` once its result is stored, skipping
-    the interpreter's teardown.
+    rank and carrying its traceback. ``timeout_minutes`` bounds each collective's wait.
     """
     import torch.multiprocessing as mp
 
@@ -113,7 +105,7 @@ def spawn_ranks(
         results = manager.dict()
         mp.spawn(
             _rank_entry,
-            args=(world, free_port(), fn, args, results, timeout_minutes, skip_teardown),
+            args=(world, free_port(), fn, args, results, timeout_minutes),
             nprocs=world,
             join=True,
         )

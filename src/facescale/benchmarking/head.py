@@ -119,10 +119,7 @@ def run(args: argparse.Namespace) -> int:
         args.threads,
         args.lr,
     )
-    # Each rank leaves without the interpreter's teardown, where torch's static destructors
-    # intermittently abort ("terminate called without an active exception") after the
-    # drop-in head's autograd ran through gloo collectives.
-    ranks = spawn_ranks(_measure_on_rank, args.world, options, skip_teardown=True)
+    ranks = spawn_ranks(_measure_on_rank, args.world, options)
     print_report(summarize(options, ranks), args.json)
     return 0
 

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from facescale.cli_args import add_overrides_argument
+from facescale.errors import require_writable_folder
 
 HELP = "resolve a config (file + --set overrides), print it and the derived schedule"
 
@@ -31,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from facescale.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.save:
+        require_writable_folder(cfg.output)
     schedule = cfg.schedule(args.world_size)
     if args.json:
         print(json.dumps({"config": cfg.to_dict(), "schedule": vars(schedule)}))

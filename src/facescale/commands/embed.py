@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from facescale.commands.export import add_model_arguments, load_model
-from facescale.errors import InputError
+from facescale.errors import InputError, require_writable_folder
 
 HELP = (
     "embed images or folders of images into a .npy (aligned when landmarks are given, "
@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     from facescale.export import embed_files, landmarks_for, read_landmarks
 
+    output = Path(args.output).with_suffix(".npy")
+    require_writable_folder(output.parent)
     paths = image_paths(args.inputs)
     landmarks = None
     if args.landmarks:
@@ -67,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
     embeddings = embed_files(
         model, paths, landmarks, args.batch_size, device, not args.no_flip, args.workers
     )
-    output = Path(args.output).with_suffix(".npy")
-    output.parent.mkdir(parents=True, exist_ok=True)
     np.save(output, embeddings)
     listing = output.with_suffix(".txt")
     listing.write_text("".join(f"{p}\n" for p in paths))

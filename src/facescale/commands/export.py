@@ -7,6 +7,8 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from facescale.errors import require_writable_folder
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from facescale.extras import require
 
     require("onnx")
+    require_writable_folder(Path(args.output).parent)
     model, _ = load_model(args)
     path = export_onnx(model, args.output, fp16=args.fp16, opset=args.opset)
     error = compare_onnx(model, path, batch=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 from facescale.commands.config import add_config_arguments
 
@@ -26,12 +27,9 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.overrides)
-        if env.is_main:
-            print(cfg, flush=True)
+        if env.is_main:  # with --json, stdout holds the summary alone
+            print(cfg, file=sys.stderr if args.json else sys.stdout, flush=True)
         summary = train(cfg, env)
-    except Exception:
-        logging.getLogger("facescale.train").exception("rank %d failed", env.rank)
-        raise
     finally:
         shutdown()
     if env.is_main and args.json:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from facescale.config import Config
+from facescale.errors import is_user_error
 from facescale.train.wandb_sink import WandbSink
 
 log = logging.getLogger("facescale.train")
@@ -124,19 +125,34 @@ class RunLogger:
             self._wandb.save_model(path)
 
     def close(self) -> None:
+        """Close every sink. A sink that fails to close while another error is already on
+        its way out (a ``finally`` after a failed run) is logged, never put in its place."""
         if not self.active:
             return
-        if self._bar is not None:
-            self._bar.close()
-        self._writer.close()
-        self._metrics.close()
-        if self._wandb is not None:
-            self._wandb.close()
+        failures = []
+        for sink in (self._bar, self._writer, self._metrics, self._wandb):
+            if sink is None:
+                continue
+            try:
+                sink.close()
+            except Exception as err:
+                failures.append(err)
+        if not failures:
+            return
+        if sys.exc_info()[1] is None:
+            raise failures[0]
+        for err in failures:
+            log.warning("could not close a training log: %s: %s", type(err).__name__, err)
 
 
 @contextlib.contextmanager
 def log_file(path: Path, active: bool) -> Iterator[None]:
-    """Copy facescale's log records into ``path`` while the block runs (when ``active``)."""
+    """Copy facescale's log records into ``path`` while the block runs (when ``active``).
+
+    An error that ends the block is written there too, for the file only (the command line
+    reports it on the console): a user error as its one line, anything else with its
+    traceback.
+    """
     if not active:
         yield
         return
@@ -146,6 +162,20 @@ def log_file(path: Path, active: bool) -> Iterator[None]:
     logging.getLogger("facescale").addHandler(handler)
     try:
         yield
+    except Exception as err:
+        user_error = is_user_error(err)
+        handler.handle(
+            log.makeRecord(
+                log.name,
+                logging.ERROR,
+                __file__,
+                0,
+                "error: %s" if user_error else "failed: %s",
+                (err,),
+                None if user_error else (type(err), err, err.__traceback__),
+            )
+        )
+        raise
     finally:
         logging.getLogger("facescale").removeHandler(handler)
         handler.close()

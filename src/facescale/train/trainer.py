@@ -22,6 +22,8 @@ from torch import nn
 
 from facescale.config import Config
 from facescale.distributed import DistEnv, barrier
+from facescale.errors import require_writable_folder
+from facescale.failures import user_errors_stop_the_job
 from facescale.train import checkpoint as ckpt
 from facescale.train.build import Loader, build
 from facescale.train.evaluation import Evaluator
@@ -266,6 +268,11 @@ class Trainer:
 def train(
     cfg: Config, env: DistEnv, loader: Loader | None = None, backbone: nn.Module | None = None
 ) -> dict[str, Any]:
-    """Run one training job described by ``cfg`` on this rank; resumes when asked or restarted."""
-    with log_file(Path(cfg.output) / "training.log", env.is_main):
+    """Run one training job described by ``cfg`` on this rank; resumes when asked or restarted.
+
+    An output that cannot be written stops it before any work; a user error stops the whole
+    torchrun job, restarts included (:mod:`facescale.failures`).
+    """
+    output = require_writable_folder(cfg.output)
+    with log_file(output / "training.log", env.is_main), user_errors_stop_the_job():
         return Trainer(cfg, env, loader, backbone).run()
