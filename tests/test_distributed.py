@@ -51,3 +51,20 @@ def test_spawned_gloo_ranks(world):
         assert res["backend"] == "gloo"
         assert res["sum"] == expected_sum
         assert res["threads"] == max(1, len(os.sched_getaffinity(0)) // world)
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "visible", "expected"),
+    [(0, 8, 0), (5, 8, 5), (3, 1, 0), (7, 1, 0), (5, 4, 1)],
+)
+def test_local_ranks_map_onto_the_visible_devices(local_rank, visible, expected):
+    from facescale.distributed import local_device
+
+    assert local_device(local_rank, visible) == torch.device("cuda", expected)
+
+
+def test_no_visible_device_is_a_clear_error():
+    from facescale.distributed import local_device
+
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        local_device(0, 0)

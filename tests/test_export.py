@@ -118,3 +118,32 @@ def test_cli_aligns_with_a_landmark_file(tmp_path, capsys):
     landmarks.write_text("other.png " + " ".join(["1"] * 10) + "\n")
     code, _, err = run_cli([*argv, "-o", str(out), "--landmarks", str(landmarks)], capsys)
     assert code == 2 and "no landmarks for" in err and "loose.png" in err
+
+
+class _RecordsPrecision(torch.nn.Module):
+    """A linear embedding that notes whether float32 products were exact when it ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 112 * 112, 8)
+        self.precisions = []
+
+    def forward(self, images):
+        self.precisions.append(
+            (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+        )
+        return self.linear(images.flatten(1))
+
+
+def test_the_onnx_check_reference_ignores_tf32(tmp_path):
+    torch.manual_seed(0)
+    model = _RecordsPrecision()
+    path = export_onnx(model, tmp_path / "linear.onnx")
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        model.precisions.clear()
+        assert compare_onnx(model, path) < 1e-4
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert model.precisions == [("highest", False)]

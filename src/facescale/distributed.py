@@ -63,6 +63,18 @@ def _attempt_store(world: int, timeout: datetime.timedelta) -> dist.Store | None
     return dist.PrefixStore(f"facescale/attempt_{attempt}", store)
 
 
+def local_device(local_rank: int, visible_devices: int) -> torch.device:
+    """The CUDA device of local rank ``local_rank`` among ``visible_devices`` visible GPUs.
+
+    Launchers that show each process all of a node's GPUs give local rank r the r-th; those
+    that show each process only its own (SLURM with per-task CUDA_VISIBLE_DEVICES) give
+    every process ``cuda:0``.
+    """
+    if visible_devices < 1:
+        raise RuntimeError("no CUDA device is visible to this process")
+    return torch.device("cuda", local_rank % visible_devices)
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
     """Join the process group torchrun describes, or set up a single process without one.
 
@@ -87,7 +99,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
     rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
     backend = "nccl" if cuda else "gloo"
     if cuda:
-        device = torch.device("cuda", local_rank)
+        device = local_device(local_rank, torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
