@@ -68,6 +68,7 @@ def _rank_entry(
     results: Any,
     timeout_minutes: float,
     skip_teardown: bool,
+    backend: str | None,
 ) -> None:
     os.environ.update(
         RANK=str(rank),
@@ -79,7 +80,7 @@ def _rank_entry(
     )
     from facescale.distributed import init_distributed, shutdown
 
-    init_distributed(timeout_minutes=timeout_minutes)
+    init_distributed(timeout_minutes=timeout_minutes, backend=backend)
     try:
         results[rank] = fn(rank, world, *args)
     finally:
@@ -96,6 +97,7 @@ def spawn_ranks(
     *args: Any,
     timeout_minutes: float = 30.0,
     skip_teardown: bool = False,
+    backend: str | None = None,
 ) -> list[Any]:
     """Call ``fn(rank, world, *args)`` in ``world`` spawned processes, each in one process
     group (:func:`facescale.distributed.init_distributed`: gloo on CPU, NCCL on CUDA) that
@@ -105,7 +107,8 @@ def spawn_ranks(
     exception in a rank raises ``torch.multiprocessing.ProcessRaisedException`` naming the
     rank and carrying its traceback. ``timeout_minutes`` bounds each collective's wait;
     ``skip_teardown`` ends each rank with ``os._exit`` once its result is stored, skipping
-    the interpreter's teardown.
+    the interpreter's teardown; ``backend`` replaces the group's default ('gloo' lets ranks
+    share one GPU).
     """
     import torch.multiprocessing as mp
 
@@ -113,7 +116,7 @@ def spawn_ranks(
         results = manager.dict()
         mp.spawn(
             _rank_entry,
-            args=(world, free_port(), fn, args, results, timeout_minutes, skip_teardown),
+            args=(world, free_port(), fn, args, results, timeout_minutes, skip_teardown, backend),
             nprocs=world,
             join=True,
         )
