@@ -352,7 +352,9 @@ def gloo_ranks(device: torch.device, sizes: Sizes, folder: Path) -> dict[str, An
 
 
 # ---- a real training run ---------------------------------------------------------------
-def _train_overrides(sizes: Sizes, precision: str, output: Path, classes: int) -> list[str]:
+def _train_overrides(
+    sizes: Sizes, precision: str, output: Path, classes: int, deterministic: bool = True
+) -> list[str]:
     steps = sizes.train_steps
     return [
         f"network={sizes.train_network}",
@@ -366,7 +368,7 @@ def _train_overrides(sizes: Sizes, precision: str, output: Path, classes: int) -
         "sample_rate=0.5",
         "val_targets=[]",
         "frequent=1",
-        "deterministic=True",
+        f"deterministic={deterministic}",
         f"fp16={precision == 'fp16'}",
         f"bf16={precision == 'bf16'}",
         f"output={output}",
@@ -393,7 +395,8 @@ def _forced_overflow(device: torch.device, sizes: Sizes, precision: str, output:
     from facescale.distributed import DistEnv
     from facescale.train.trainer import Trainer
 
-    cfg = load_config(None, _train_overrides(sizes, precision, output, 100))
+    # not deterministic: that mode is process-wide and would slow the stages after this one
+    cfg = load_config(None, _train_overrides(sizes, precision, output, 100, False))
     trainer = Trainer(cfg, DistEnv(0, 1, 0, device, None))
     batches = iter(trainer.parts.loader)
     images, labels = next(batches)
