@@ -138,7 +138,9 @@ def build(
     configure_determinism(cfg.deterministic)
     seed_everything(cfg.seed)  # identical backbone initialisation on every rank
     backbone = (backbone if backbone is not None else build_backbone(cfg)).to(env.device)
-    model = parallelize(torch.compile(backbone) if cfg.compile else backbone, env, dtype)
+    if cfg.compile:
+        backbone.compile()  # in place: the saved and evaluated module runs compiled too
+    model = parallelize(backbone, env, dtype)
     head = build_training_head(cfg, env.device)
     optimizer = build_optimizer(
         cfg.optimizer, backbone.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay
