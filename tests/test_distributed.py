@@ -108,3 +108,20 @@ def test_a_finished_three_rank_job_exits_0_every_time(tmp_path, monkeypatch):
             timeout=300,
         )
         assert job.returncode == 0, f"run {attempt}: {job.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "visible", "expected"),
+    [(0, 8, 0), (5, 8, 5), (3, 1, 0), (7, 1, 0), (5, 4, 1)],
+)
+def test_local_ranks_map_onto_the_visible_devices(local_rank, visible, expected):
+    from facescale.distributed import local_device
+
+    assert local_device(local_rank, visible) == torch.device("cuda", expected)
+
+
+def test_no_visible_device_is_a_clear_error():
+    from facescale.distributed import local_device
+
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        local_device(0, 0)

@@ -163,3 +163,15 @@ def test_bad_input_is_refused_with_reasons():
         tar_at_far_all_pairs(features, np.array([0, 0, 1, 1]), [1.0])
     with pytest.raises(ValueError, match="3 dimensions, gallery features 2"):
         tar_at_far_probe_gallery(features, np.arange(4), torch.ones(2, 2), np.arange(2))
+
+
+def test_a_rank_without_blocks_answers_on_the_labels_device():
+    """A rank given no row block returns its (empty) pairs where the labels live, so a GPU
+    rank's masks index them without a device mismatch."""
+    from facescale.eval.tar_far import _ImpostorPool
+
+    labels = torch.arange(6, device="meta")
+    pool = _ImpostorPool(keep=4, slack=0.0, query_labels=labels, ref_labels=labels)
+    scores, rows, cols = pool._decoded()
+    assert {scores.device.type, rows.device.type, cols.device.type} == {"meta"}
+    assert len(scores) == len(rows) == len(cols) == 0

@@ -132,3 +132,32 @@ def test_cli_fits_images_without_landmarks_and_warns(tmp_path, capsys, caplog):
     assert any("1 of 1 images are not 112x112" in r.message for r in caplog.records)
     fitted = fit_face(photo).transpose(2, 0, 1)
     np.testing.assert_allclose(np.load(out), direct_embeddings(model, [fitted]), atol=1e-5)
+
+
+class _RecordsPrecision(torch.nn.Module):
+    """A linear embedding that notes whether float32 products were exact when it ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 112 * 112, 8)
+        self.precisions = []
+
+    def forward(self, images):
+        self.precisions.append(
+            (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+        )
+        return self.linear(images.flatten(1))
+
+
+def test_the_onnx_check_reference_ignores_tf32(tmp_path):
+    torch.manual_seed(0)
+    model = _RecordsPrecision()
+    path = export_onnx(model, tmp_path / "linear.onnx")
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        model.precisions.clear()
+        assert compare_onnx(model, path) < 1e-4
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert model.precisions == [("highest", False)]

@@ -36,3 +36,18 @@ def test_fp16_with_bf16_is_a_config_error_on_every_device(device):
         autocast_dtype(True, True, device)
     with pytest.raises(ConfigError, match="fp16 and bf16 are exclusive"):
         requested_dtype(True, True)
+
+
+def test_full_float32_turns_tf32_off_inside_and_restores_it():
+    from facescale.precision import full_float32
+
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with full_float32():
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision("highest")

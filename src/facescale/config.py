@@ -96,6 +96,19 @@ class Config:
     # MiB per rank the Partial FC head may keep a step's softmax in, to skip recomputing the
     # logits in its update (a quarter of the head's matmuls); 0 always recomputes
     head_cache_mib: int = field(default=512, metadata=_check(_non_negative, "an integer >= 0"))
+    # dtype of the head's logit matmuls; softmax statistics, margin and update stay float32.
+    # 'auto': the backbone's (fp16 / bf16 when set), else fp32
+    head_logits_dtype: str = field(
+        default="auto",
+        metadata=_check(
+            lambda v: v in ("auto", "fp32", "fp16", "bf16"), "'auto', 'fp32', 'fp16' or 'bf16'"
+        ),
+    )
+    # classes per chunk of the head's softmax; 0: sized from the device (4096 on CPU, from a
+    # memory budget on a GPU)
+    head_chunk_size: int = field(
+        default=0, metadata=_check(_non_negative, "an integer >= 0 (0: sized for the device)")
+    )
     # data
     rec: str | list[str] = field(
         default="synthetic",
@@ -143,6 +156,10 @@ class Config:
         default=20, metadata=_check(_positive, "an integer > 0 (non-finite losses in a row)")
     )
     seed: int = 2048
+    # torch's deterministic algorithms (and cuDNN's): bit-exact repeats on a GPU, slower
+    deterministic: bool = False
+    # torch.compile the backbone (the head keeps its own chunked kernels)
+    compile: bool = False
     # run
     output: str | None = None
     resume: bool = False

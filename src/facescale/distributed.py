@@ -75,12 +75,25 @@ def _attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
     return dist.PrefixStore(f"facescale/attempt_{attempt}", store)
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
+def local_device(local_rank: int, visible_devices: int) -> torch.device:
+    """The CUDA device of local rank ``local_rank`` among ``visible_devices`` visible GPUs.
+
+    Launchers that show each process all of a node's GPUs give local rank r the r-th; those
+    that show each process only its own (SLURM with per-task CUDA_VISIBLE_DEVICES) give
+    every process ``cuda:0``.
+    """
+    if visible_devices < 1:
+        raise RuntimeError("no CUDA device is visible to this process")
+    return torch.device("cuda", local_rank % visible_devices)
+
+
+def init_distributed(timeout_minutes: float = 30.0, backend: str | None = None) -> DistEnv:
     """Join the process group torchrun describes, or set up a single process without one.
 
     Under torchrun (RANK and WORLD_SIZE set) a process group is created even for one rank,
     so single- and multi-rank runs take the same path. On CPU each rank gets an equal share
-    of the cores it may run on, so ranks on one machine do not oversubscribe it.
+    of the cores it may run on, so ranks on one machine do not oversubscribe it. ``backend``
+    replaces the default (NCCL with GPUs, else gloo): 'gloo' lets ranks share one GPU.
     """
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     cuda = torch.cuda.is_available()
@@ -97,9 +110,9 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
             "launch with torchrun, or unset RANK and WORLD_SIZE for a single process"
         )
     rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
-    backend = "nccl" if cuda else "gloo"
+    backend = backend or ("nccl" if cuda else "gloo")
     if cuda:
-        device = torch.device("cuda", local_rank)
+        device = local_device(local_rank, torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -113,7 +126,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
             rank=rank,
             world_size=world,
             timeout=timeout,
-            device_id=device if cuda else None,
+            device_id=device if backend == "nccl" else None,
         )
     return DistEnv(rank, world, local_rank, device, backend)
 

@@ -67,6 +67,7 @@ def _rank_entry(
     args: tuple[Any, ...],
     results: Any,
     timeout_minutes: float,
+    backend: str | None,
 ) -> None:
     os.environ.update(
         RANK=str(rank),
@@ -78,7 +79,7 @@ def _rank_entry(
     )
     from facescale.distributed import init_distributed, shutdown
 
-    init_distributed(timeout_minutes=timeout_minutes)
+    init_distributed(timeout_minutes=timeout_minutes, backend=backend)
     try:
         results[rank] = fn(rank, world, *args)
     finally:
@@ -90,6 +91,7 @@ def spawn_ranks(
     world: int,
     *args: Any,
     timeout_minutes: float = 30.0,
+    backend: str | None = None,
 ) -> list[Any]:
     """Call ``fn(rank, world, *args)`` in ``world`` spawned processes, each in one process
     group (:func:`facescale.distributed.init_distributed`: gloo on CPU, NCCL on CUDA) that
@@ -97,7 +99,8 @@ def spawn_ranks(
 
     ``fn`` must be importable (module level) and its arguments and results picklable. An
     exception in a rank raises ``torch.multiprocessing.ProcessRaisedException`` naming the
-    rank and carrying its traceback. ``timeout_minutes`` bounds each collective's wait.
+    rank and carrying its traceback. ``timeout_minutes`` bounds each collective's wait;
+    ``backend`` replaces the group's default ('gloo' lets ranks share one GPU).
     """
     import torch.multiprocessing as mp
 
@@ -105,7 +108,7 @@ def spawn_ranks(
         results = manager.dict()
         mp.spawn(
             _rank_entry,
-            args=(world, free_port(), fn, args, results, timeout_minutes),
+            args=(world, free_port(), fn, args, results, timeout_minutes, backend),
             nprocs=world,
             join=True,
         )

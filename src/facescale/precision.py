@@ -6,7 +6,9 @@ bf16 runs on every device. Asking for both at once is a config mistake.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -42,3 +44,18 @@ def autocast_dtype(fp16: bool, bf16: bool, device: torch.device | str) -> torch.
     if fp16 and dtype is None:
         log.warning("fp16 needs a GPU; running in float32 (set bf16=True for bfloat16 on CPU)")
     return dtype
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """Float32 matrix products and convolutions in full float32 (no TF32 or bf16 shortcuts),
+    whatever the process set: for references and error bounds that assume float32."""
+    matmul = torch.get_float32_matmul_precision()
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32

@@ -20,7 +20,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-HELP = "training samples/s and peak memory of a backbone: fp32, channels_last, checkpointing, bf16"
+HELP = (
+    "training samples/s and peak memory of a backbone: fp32, channels_last, checkpointing, "
+    "bf16, compile"
+)
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -29,6 +32,7 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "channels_last": {"channels_last": True},
     "checkpointing": {"gradient_checkpointing": True},
     "bf16": {"bf16": True},
+    "compile": {"compile": True},  # torch.compile, as the config key `compile` does
 }
 
 
@@ -38,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument(
         "--variants",
-        default=",".join(VARIANTS),
-        help=f"comma-separated subset of {', '.join(VARIANTS)} (fp32 is always run)",
+        default=",".join(v for v in VARIANTS if v != "compile"),
+        help=f"comma-separated subset of {', '.join(VARIANTS)} (fp32 is always run; compile "
+        "only when named, as compiling takes a while)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -64,11 +69,13 @@ def measure(model_name: str, batch: int, steps: int, options: dict[str, bool]) -
 
     def train_step() -> None:
         model.zero_grad(set_to_none=False)
-        model(images).square().mean().backward()
+        forward(images).square().mean().backward()
 
     seed_everything(0)
     settings = {"gradient_checkpointing": False, **options}
+    compiled = settings.pop("compile", False)
     model = get_model(model_name, **settings).train()
+    forward = torch.compile(model) if compiled else model
     images = torch.rand(batch, 3, FACE_SIZE, FACE_SIZE) * 2 - 1
     reset_peak_memory()
     before = process_memory("VmRSS")
@@ -78,6 +85,7 @@ def measure(model_name: str, batch: int, steps: int, options: dict[str, bool]) -
         train_step()
     elapsed = time.perf_counter() - start
     peak = (process_memory("VmHWM") - before) / 2**20
+    forward = model  # count the model's own operations, not the compiled graph's
     with flop_counter() as counter:
         train_step()
     return {

@@ -10,7 +10,7 @@ import argparse
 
 from facescale.cli_args import add_module_commands
 
-BENCHMARKS: tuple[str, ...] = ("backbone", "data", "tarfar", "head", "train")
+BENCHMARKS: tuple[str, ...] = ("backbone", "data", "tarfar", "head", "train", "gpu")
 
 HELP = "measure speed and memory (" + ", ".join(BENCHMARKS) + ")"
 

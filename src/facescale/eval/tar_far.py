@@ -29,8 +29,7 @@ would.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -41,6 +40,7 @@ import torch.distributed as dist
 
 from facescale.distributed import get_rank, get_world_size
 from facescale.errors import InputError
+from facescale.precision import full_float32
 
 FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 PRUNE_AT_LEAST = 1 << 16
@@ -155,8 +155,9 @@ class _ImpostorPool:
     def _decoded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores, query rows and ref rows of every pair in the parts."""
         if not self.parts:  # a rank that was given no blocks
-            no_pairs = torch.empty(0, dtype=torch.long)
-            return torch.empty(0), no_pairs, no_pairs
+            device = self.query_labels.device
+            no_pairs = torch.empty(0, dtype=torch.long, device=device)
+            return torch.empty(0, device=device), no_pairs, no_pairs
         scores, index, *origins = zip(*self.parts, strict=True)
         lengths = torch.tensor([len(part) for part in scores], device=index[0].device)
         row, col, width = (
@@ -183,17 +184,6 @@ class _ImpostorPool:
         """The surviving impostor pairs: scores, query rows, ref rows."""
         self.prune()
         return self._decoded()
-
-
-@contextmanager
-def _full_fp32_matmul() -> Iterator[None]:
-    """Keep float32 matrix products in full float32 (no TF32/bf16), as the error bound assumes."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def _as_features(name: str, features: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -366,7 +356,7 @@ def _blockwise(
         query_labels=torch.as_tensor(query_labels, device=device),
         ref_labels=torch.as_tensor(ref_labels, device=device),
     )
-    with _full_fp32_matmul():
+    with full_float32():
         _scan_blocks(
             pool, queries.to(device, torch.float32), refs.to(device, torch.float32), block, upper
         )

@@ -47,7 +47,7 @@ class MicroBatch:
     selection: ShardSelection
     target_coef: Tensor  # per target (selection order): d(row loss) / d(target cosine)
     probs: Tensor | None  # [global_batch, computed classes] softmax, targets 0; or recompute
-    scale: float  # upstream gradient / global batch
+    upstream: Tensor  # the loss's incoming gradient (0-d; read on the host when the head steps)
 
     @property
     def index(self) -> Tensor | None:
@@ -122,7 +122,9 @@ class ChunkedSoftmax:
         rows, batch = sel.target_rows, embeddings.shape[0]
         scaled = self.scale(embeddings)
         target_centers, local_target, slope = self._targets(weight, embeddings, sel)
-        target = sum_across_ranks(embeddings.new_zeros(batch).index_copy_(0, rows, local_target))
+        # distinct rows: index_add_ into zeros places them exactly, and has a deterministic
+        # CUDA kernel (index_copy_ has none)
+        target = sum_across_ranks(embeddings.new_zeros(batch).index_add_(0, rows, local_target))
         top = embeddings.new_full((batch,), float("-inf"))
         sumexp = embeddings.new_zeros(batch)
         weighted = torch.zeros_like(embeddings) if embedding_grad else None
@@ -165,21 +167,23 @@ class ChunkedSoftmax:
         block: Tensor,
         inv_norm: Tensor,
         lo: int,
+        scale: float,
         out: Tensor,
         accumulate: bool,
         scratch: Scratch,
     ) -> Tensor:
-        """Gradient of ``mb``'s loss to the normalised centers ``block * inv_norm`` (columns
-        [lo, lo + len(block)) of ``mb``) into ``out``, added to it if ``accumulate``."""
+        """Gradient of ``mb``'s loss, times ``scale`` (upstream / batch), to the normalised
+        centers ``block * inv_norm`` (columns [lo, lo + len(block)) of ``mb``) into ``out``,
+        added to it if ``accumulate``."""
         sel = mb.selection
         if mb.probs is not None:
             probs = mb.probs[:, lo : lo + block.shape[0]]
         else:
             logits = self._logits(mb.scaled, block, inv_norm, sel, lo, scratch)
             probs = logits.sub_(mb.lse[:, None]).exp_()
-        matmul_into(out, probs.t().to(self.dtype), mb.scaled, mb.scale, accumulate)
+        matmul_into(out, probs.t().to(self.dtype), mb.scaled, scale, accumulate)
         part = sel.target_slice(lo, lo + block.shape[0])
-        coef = (mb.target_coef[part] * mb.scale)[:, None] * mb.embeddings[sel.target_rows[part]]
+        coef = (mb.target_coef[part] * scale)[:, None] * mb.embeddings[sel.target_rows[part]]
         return out.index_add_(0, sel.target_cols[part] - lo, coef)
 
 
@@ -209,10 +213,7 @@ class _LeanLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, upstream):
-        embeddings = ctx.micro_batch[0]
-        ctx.pending.append(
-            MicroBatch(*ctx.micro_batch, scale=upstream.item() / embeddings.shape[0])
-        )
+        ctx.pending.append(MicroBatch(*ctx.micro_batch, upstream=upstream.detach()))
         grad = None if ctx.grad is None else ctx.grad * upstream
         return grad, None, None, None, None, None, None, None
 

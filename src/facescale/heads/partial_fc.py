@@ -32,8 +32,23 @@ from .sampling import ClassSampler, ShardSelection, select_classes
 from .shards import init_centers, shard_range
 from .softmax import dense_shard_terms, log_sum_exp
 
-DEFAULT_CHUNK_SIZE = 4096
+DEFAULT_CHUNK_SIZE = 4096  # classes: a chunk's buffers stay in a CPU's caches
 DEFAULT_CACHE_BYTES = 512 * 2**20
+GPU_CHUNK_BUDGET = 2**30  # bytes of a chunk's buffers on a GPU (at most 1/32 of its memory)
+
+
+def chunk_size_for(device: torch.device | str, rows: int, embedding_size: int) -> int:
+    """Classes per chunk for a global batch of ``rows``: :data:`DEFAULT_CHUNK_SIZE` on CPU;
+    on a GPU as many as the chunk's buffers allow within the budget, so a step of millions
+    of classes launches hundreds of kernels, not tens of thousands."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return DEFAULT_CHUNK_SIZE
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget = min(GPU_CHUNK_BUDGET, total // 32)
+    # per class: fp32 logits and scaled probabilities (rows each); rows, grad, product (dim)
+    per_class = 4 * (2 * rows + 3 * embedding_size)
+    return max(DEFAULT_CHUNK_SIZE, budget // per_class // 1024 * 1024)
 
 
 class ShardedHead(nn.Module):
@@ -237,24 +252,35 @@ class LeanPartialFC(ShardedHead):
 
     def _center_grads(self) -> Iterator[tuple[Rows, Tensor, Tensor]]:
         """``(rows, center rows, gradient)`` per chunk; the last two live in scratch buffers."""
-        scratch = self._scratch
-        index = _union([mb.index for mb in self.pending]) if self.pending else None
-        count = 0 if not self.pending else self.num_local if index is None else index.numel()
-        for lo, hi in self.softmax.chunks(count):
+        scratch, pending = self._scratch, self.pending
+        index = _union([mb.index for mb in pending]) if pending else None
+        count = 0 if not pending else self.num_local if index is None else index.numel()
+        chunks = list(self.softmax.chunks(count))
+        # the host values of the whole update, read at once: no synchronisation per chunk
+        scales = [
+            u / len(mb.embeddings)
+            for u, mb in zip(_host(mb.upstream for mb in pending), pending, strict=True)
+        ]
+        spans = _column_spans(pending, index, chunks)
+        for k, (lo, hi) in enumerate(chunks):
             rows = shard_rows(index, lo, hi)
             block, inv_norm = self.softmax.centers(self.weight, rows, scratch)
             grad = scratch.take("grad", tuple(block.shape), block)
             filled = False
-            for mb in self.pending:
-                first, last, hit = _columns_within(mb.index, rows, lo, hi)
+            for mb, scale, span in zip(pending, scales, spans, strict=True):
+                first, last = span[k]
                 if first == last:
                     continue
-                if hit is None:
-                    self.softmax.add_center_grad(mb, block, inv_norm, first, grad, filled, scratch)
-                else:
-                    part = scratch.take("part", (len(hit), block.shape[1]), block)
+                if last - first == hi - lo:
                     self.softmax.add_center_grad(
-                        mb, block[hit], inv_norm[hit], first, part, False, scratch
+                        mb, block, inv_norm, first, scale, grad, filled, scratch
+                    )
+                else:
+                    # mb's columns are a sorted subset of the chunk's sorted rows
+                    hit = torch.searchsorted(rows, mb.index[first:last])
+                    part = scratch.take("part", (last - first, block.shape[1]), block)
+                    self.softmax.add_center_grad(
+                        mb, block[hit], inv_norm[hit], first, scale, part, False, scratch
                     )
                     (grad if filled else grad.zero_()).index_add_(0, hit, part)
                 filled = True
@@ -332,15 +358,21 @@ def _union(indices: list[Tensor | None]) -> Tensor | None:
     return indices[0] if len(indices) == 1 else torch.unique(torch.cat(indices))
 
 
-def _columns_within(
-    index: Tensor | None, rows: Rows, lo: int, hi: int
-) -> tuple[int, int, Tensor | None]:
-    """A micro-batch's columns ``[first, last)`` over ``rows`` (a chunk of the union of samples),
-    and which of ``rows`` they are (None: all)."""
-    if index is None:
-        return lo, hi, None
-    ends = torch.stack([rows[0], rows[-1] + 1])
-    first, last = torch.searchsorted(index, ends).tolist()
-    if last - first == hi - lo:
-        return first, last, None
-    return first, last, torch.isin(rows, index[first:last]).nonzero().squeeze(1)
+def _host(values: Iterator[Tensor]) -> list[float]:
+    """0-d tensors as Python numbers, in one transfer."""
+    values = list(values)
+    return torch.stack(values).tolist() if values else []
+
+
+def _column_spans(
+    pending: list[MicroBatch], index: Tensor | None, chunks: list[tuple[int, int]]
+) -> list[list[tuple[int, int]]]:
+    """Per micro-batch, per chunk of ``index`` (the union of their samples): the micro-batch's
+    columns ``[first, last)`` there, all found with one transfer to the host."""
+    if index is None or not chunks:
+        return [list(chunks) for _ in pending]
+    starts = torch.tensor([lo for lo, _ in chunks], device=index.device)
+    lasts = torch.tensor([hi - 1 for _, hi in chunks], device=index.device)
+    ends = torch.stack([index[starts], index[lasts] + 1], dim=1).flatten()
+    found = torch.stack([torch.searchsorted(mb.index, ends) for mb in pending]).tolist()
+    return [list(zip(row[0::2], row[1::2], strict=True)) for row in found]

@@ -19,11 +19,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from facescale.backbones import Backbone, get_model
 from facescale.config import Config, Schedule
-from facescale.distributed import DistEnv
+from facescale.distributed import DistEnv, get_world_size
 from facescale.heads import CombinedMargin, TrainableHead, build_head
+from facescale.heads.options import resolve_logits_dtype
+from facescale.heads.partial_fc import chunk_size_for
 from facescale.optim import build_optimizer
-from facescale.precision import autocast_dtype
-from facescale.seeding import rank_seed, seed_everything
+from facescale.precision import autocast_dtype, device_dtype
+from facescale.seeding import configure_determinism, rank_seed, seed_everything
 
 
 class Loader(Protocol):
@@ -98,8 +100,19 @@ def parallelize(backbone: nn.Module, env: DistEnv, dtype: torch.dtype | None) ->
     return model
 
 
+def head_logits_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The dtype of the head's logit matmuls: ``head_logits_dtype``, where 'auto' follows the
+    backbone's precision on ``device`` (fp16 / bf16, else fp32)."""
+    if cfg.head_logits_dtype != "auto":
+        return resolve_logits_dtype(cfg.head_logits_dtype)
+    return device_dtype(cfg.fp16, cfg.bf16, device) or torch.float32
+
+
 def build_training_head(cfg: Config, device: torch.device) -> TrainableHead:
-    """The config's head on ``device``, with its optimizer; Partial FC runs lean."""
+    """The config's head on ``device``, with its optimizer; Partial FC runs lean, in chunks
+    of ``head_chunk_size`` classes (0: sized for the device and the global batch)."""
+    rows = cfg.batch_size * get_world_size()
+    chunk_size = cfg.head_chunk_size or chunk_size_for(device, rows, cfg.embedding_size)
     head: TrainableHead = build_head(
         cfg.head,
         cfg.num_classes,
@@ -108,7 +121,9 @@ def build_training_head(cfg: Config, device: torch.device) -> TrainableHead:
         sample_rate=cfg.sample_rate,
         lean=cfg.head == "partial_fc",
         interclass_filtering_threshold=cfg.interclass_filtering_threshold,
+        logits_dtype=head_logits_dtype(cfg, device),
         seed=cfg.seed,
+        chunk_size=chunk_size,
         cache_bytes=cfg.head_cache_mib * 2**20,
     ).to(device)
     head.configure_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
@@ -120,8 +135,11 @@ def build(
 ) -> Components:
     """Build one rank's run; ``loader`` and ``backbone`` replace the ones the config names."""
     dtype = autocast_dtype(cfg.fp16, cfg.bf16, env.device)
+    configure_determinism(cfg.deterministic)
     seed_everything(cfg.seed)  # identical backbone initialisation on every rank
     backbone = (backbone if backbone is not None else build_backbone(cfg)).to(env.device)
+    if cfg.compile:
+        backbone.compile()  # in place: the saved and evaluated module runs compiled too
     model = parallelize(backbone, env, dtype)
     head = build_training_head(cfg, env.device)
     optimizer = build_optimizer(

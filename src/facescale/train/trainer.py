@@ -29,6 +29,7 @@ from facescale.train.build import Loader, build
 from facescale.train.evaluation import Evaluator
 from facescale.train.logger import RunLogger, log_file
 from facescale.train.schedule import lr_at
+from facescale.train.timing import PhaseClock
 
 log = logging.getLogger("facescale.train")
 
@@ -61,10 +62,15 @@ class Trainer:
         self.progress = ckpt.Progress()
         self.checkpointer = ckpt.Checkpointer(cfg, env)
         self.evaluator = Evaluator(cfg, env)
-        self.reset_timings()
+        self.clock = PhaseClock(self.device, TIMED_PHASES)
 
     def reset_timings(self) -> None:
-        self.timings = dict.fromkeys(TIMED_PHASES, 0.0)  # seconds on this rank
+        self.clock.reset()
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds of each phase on this rank since the last :meth:`reset_timings`."""
+        return self.clock.totals()
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint, if there is one."""
@@ -114,7 +120,7 @@ class Trainer:
                 parts.loader.set_epoch(progress.epoch)
             t_data = time.perf_counter()
             for images, labels in parts.loader:
-                self.timings["data"] += time.perf_counter() - t_data
+                self.clock.add_host_seconds("data", time.perf_counter() - t_data)
                 progress.micro_in_epoch += 1
                 last = progress.micro_in_epoch % cfg.gradient_acc == 0
                 loss_sum += self._micro_batch(images, labels, sync=last)
@@ -152,33 +158,36 @@ class Trainer:
     # ---- one optimizer step ------------------------------------------------------------
     def _micro_batch(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; DDP all-reduces only when ``sync``."""
-        clock, parts = self.timings, self.parts
+        clock, parts = self.clock, self.parts
         no_sync = getattr(parts.model, "no_sync", None)
         with no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext():
-            t0 = time.perf_counter()
+            t0 = clock.mark()
             with torch.autocast(self.device.type, parts.dtype, enabled=parts.dtype is not None):
                 embeddings = parts.model(images)
             embeddings = embeddings.float()
-            t1 = time.perf_counter()
+            t1 = clock.mark()
             loss = parts.head(embeddings, labels)
             scaled = loss / self.cfg.gradient_acc
             if parts.scaler is not None:
                 scaled = parts.scaler.scale(scaled)
-            t2 = time.perf_counter()
+            t2 = clock.mark()
             head_done = [t2]
-            embeddings.register_hook(lambda grad: head_done.__setitem__(0, time.perf_counter()))
+            embeddings.register_hook(lambda grad: head_done.__setitem__(0, clock.mark()))
             scaled.backward()
-            t3 = time.perf_counter()
-        clock["backbone_forward"] += t1 - t0
-        clock["head_forward"] += t2 - t1
-        clock["head_backward"] += head_done[0] - t2
-        clock["backbone_backward"] += t3 - head_done[0]  # includes waiting for DDP's all-reduce
+            t3 = clock.mark()
+        clock.add("backbone_forward", t0, t1)
+        clock.add("head_forward", t1, t2)
+        clock.add("head_backward", t2, head_done[0])
+        clock.add("backbone_backward", head_done[0], t3)  # includes waiting for DDP's all-reduce
         return loss.detach()
 
-    def _global_grad_norm(self, loss_scale: float) -> torch.Tensor:
-        """L2 norm of all gradients: backbone (identical on every rank) + head (sharded)."""
+    def _global_grad_norm(self, loss_scale: float, with_head: bool) -> torch.Tensor:
+        """L2 norm of the gradients: backbone (identical on every rank), plus the head
+        (sharded) when ``with_head``; forming the head's costs a pass over its centers."""
         grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
         backbone_sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        if not with_head:
+            return backbone_sq.sqrt()
         head_sq = self.head.grad_norm_sq().to(self.device, torch.float32)
         head_sq = head_sq / (loss_scale * loss_scale)
         if dist.is_initialized():
@@ -187,7 +196,7 @@ class Trainer:
 
     def _optimizer_step(self, loss: torch.Tensor) -> dict[str, float] | None:
         """Clip, step and schedule; returns the logged values, or None for a skipped step."""
-        t0 = time.perf_counter()
+        t0 = self.clock.mark()
         optimizer, scaler, progress = self.parts.optimizer, self.parts.scaler, self.progress
         lr = lr_at(
             progress.step, self.cfg.lr, self.schedule.total_steps, self.schedule.warmup_steps
@@ -198,15 +207,19 @@ class Trainer:
         if scaler is not None:
             scaler.unscale_(optimizer)
             loss_scale = scaler.get_scale()
-        norm = self._global_grad_norm(loss_scale)
-        loss_value = loss.item()
-        if not (math.isfinite(loss_value) and math.isfinite(norm.item())):
+        clipping = self.cfg.max_grad_norm > 0
+        # Without clipping the head's norm is not formed: a finite loss gives a finite head
+        # gradient (float32), and an fp16 overflow shows in the backbone's gradients.
+        norm = self._global_grad_norm(loss_scale, with_head=clipping)
+        # the step's one host synchronisation: whether to skip it
+        loss_value, norm_value = torch.stack([loss.float(), norm]).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self._skip_step(loss_value)
             return None
         progress.nonfinite_in_row = 0
         coef = 1.0
-        if self.cfg.max_grad_norm > 0:
-            coef = min(1.0, self.cfg.max_grad_norm / (norm.item() + 1e-6))
+        if clipping:
+            coef = min(1.0, self.cfg.max_grad_norm / (norm_value + 1e-6))
             if coef < 1.0:
                 for p in self.backbone.parameters():
                     if p.grad is not None:
@@ -220,8 +233,8 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         self.head.zero_grad()
         progress.step += 1
-        self.timings["optimizer"] += time.perf_counter() - t0
-        values = {"loss": loss_value, "lr": lr, "grad_norm": norm.item()}
+        self.clock.add("optimizer", t0, self.clock.mark())
+        values = {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
         if scaler is not None:
             values["loss_scale"] = loss_scale
         return values
