@@ -60,3 +60,27 @@ def test_a_terminal_gets_a_progress_bar_on_rank_0_only(toy_bin, caplog, monkeypa
     drawn = sys.stderr.getvalue()
     assert "verifying toy" in drawn and "3/3" in drawn  # 140 images in batches of 64
     assert len(caplog.records) == 1
+
+
+def _evaluated_state(rank, world):
+    from facescale.train.evaluation import as_saved
+
+    torch.manual_seed(0)  # the same weights on every rank, as DDP keeps them
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    model.train()
+    model(torch.randn(8, 4) + rank)  # BatchNorm statistics of this rank's own data
+    return {
+        "own": {k: v.clone() for k, v in model.state_dict().items()},
+        "evaluated": {k: v.clone() for k, v in as_saved(model).state_dict().items()},
+    }
+
+
+def test_every_rank_evaluates_the_model_rank_0_saves():
+    from dist_utils import run_ranks
+
+    zero, one = run_ranks(_evaluated_state, 2)
+    assert not torch.equal(one["own"]["1.running_mean"], zero["own"]["1.running_mean"])
+    for key, value in zero["own"].items():
+        assert torch.equal(one["evaluated"][key], value), key
+        assert torch.equal(zero["evaluated"][key], value), key
+    assert not torch.equal(one["own"]["1.running_mean"], one["evaluated"]["1.running_mean"])

@@ -574,10 +574,9 @@ class Checkpointer:
             # new order from the same step (the loader starts there without reading what
             # comes before), and restart the per-rank random streams.
             seed_everything(rank_seed(cfg.seed, env.rank, progress.step))
-            done = (progress.step % parts.schedule.steps_per_epoch) * cfg.gradient_acc
-            position = {"epoch": progress.epoch, "batch": done}
+            # micro-batches, not steps: a skipped step (fp16 overflow) consumed data too
+            position = {"epoch": progress.epoch, "batch": progress.micro_in_epoch}
             parts.loader.load_state_dict(parts.loader.state_dict() | position)
-            progress.micro_in_epoch = done
         if env.is_main:
             log.info(
                 "resumed from %s (step %d, epoch %d, saved on %d ranks, now %d, %d samples per "

@@ -4,6 +4,7 @@ bar when stderr is a terminal)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -44,12 +45,26 @@ class Evaluator:
     def __call__(self, backbone: nn.Module, best: dict[str, float]) -> dict[str, float]:
         """Accuracy per target (on rank 0; empty elsewhere), raising ``best`` where beaten."""
         results: dict[str, float] = {}
+        if not self.sets:
+            return results
+        model = as_saved(backbone)
         for path in self.sets:
-            result = verification_on_ranks(backbone, path, self.env)
+            result = verification_on_ranks(model, path, self.env)
             if result is not None:
                 results[result.name] = result.accuracy
                 best[result.name] = max(result.accuracy, best.get(result.name, 0.0))
         return results
+
+
+def as_saved(backbone: nn.Module) -> nn.Module:
+    """The model rank 0 saves, on every rank: training keeps BatchNorm statistics per rank, so
+    a copy takes rank 0's buffers, and every rank embeds its share with the saved model."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return backbone
+    model = copy.deepcopy(backbone)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    return model
 
 
 def verification_on_ranks(
@@ -80,6 +95,7 @@ def verification_on_ranks(
         total=len(starts),
         unit="batch",
         leave=False,
+        mininterval=0,  # a batch is coarse enough to redraw after each
         disable=not (env.is_main and on_terminal()),
     )
     features, norm = embed_batches(backbone, batches, env.device, flip=True)
