@@ -141,9 +141,7 @@ def _write(path: Path, value: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch.distributed as dist
-
-    from facescale.distributed import init_distributed, shutdown
+    from facescale.distributed import gather_objects, init_distributed, shutdown
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -164,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stdout.flush()
         os._exit(OOM_EXIT)  # no clean-up that could wait on ranks still inside a collective
-    ranks: list[Any] = [mine]
-    if dist.is_initialized():
-        ranks = [None] * env.world_size
-        dist.all_gather_object(ranks, mine)
+    ranks = gather_objects(mine)
     if env.is_main:
         _write(folder / "result.json", {"ranks": ranks})
     shutdown()

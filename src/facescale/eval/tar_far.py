@@ -36,9 +36,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from facescale.distributed import get_rank, get_world_size
+from facescale.distributed import gather_objects, get_rank, get_world_size
 from facescale.errors import InputError
 from facescale.precision import full_float32
 
@@ -272,8 +271,7 @@ def _gather_pool(pool: _ImpostorPool) -> None:
         return
     pool.prune()
     scores, codes, *_ = pool.parts[0]
-    gathered: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(gathered, (scores.cpu(), codes.cpu()))
+    gathered = gather_objects((scores.cpu(), codes.cpu()))
     width = len(pool.ref_labels)
     device = pool.ref_labels.device
     pool.parts = [(s.to(device), c.to(device), 0, 0, width) for s, c in gathered]

@@ -28,10 +28,9 @@ from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from facescale.config import Config, Schedule
-from facescale.distributed import DistEnv, barrier, is_initialized
+from facescale.distributed import DistEnv, barrier, gather_objects
 from facescale.errors import InputError, UserError
 from facescale.seeding import rank_seed, seed_everything
 from facescale.torch_files import load_refusal
@@ -266,15 +265,6 @@ def remove_unfinished(root: str | Path) -> list[Path]:
     return found
 
 
-def _all_gather(value: Any) -> list[Any]:
-    """``value`` from every rank, in rank order (collective when a process group exists)."""
-    if not is_initialized():
-        return [value]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
 def _write_manifest(folder: Path, files: Mapping[str, FileDigest]) -> None:
     path = folder / MANIFEST
     listing = {name: files[name]._asdict() for name in sorted(files)}
@@ -325,7 +315,7 @@ def find_damage(folder: Path, rank: int = 0, world_size: int = 1) -> list[str]:
         return [str(err)]  # every rank read the same manifest
     names = sorted(files)[rank::world_size]
     mine = [problem for name in names if (problem := file_damage(folder / name, files[name]))]
-    return sorted(problem for found in _all_gather(mine) for problem in found)
+    return sorted(problem for found in gather_objects(mine) for problem in found)
 
 
 def is_unverified(folder: Path) -> bool:
@@ -378,7 +368,7 @@ def save_checkpoint(
     if rank == 0:
         assert common is not None
         written["common.pt"] = atomic_save(common, partial / "common.pt")
-    everyone = _all_gather(written)  # also waits until every rank has written its file
+    everyone = gather_objects(written)  # also waits until every rank has written its file
     if rank == 0:
         _write_manifest(partial, {name: d for files in everyone for name, d in files.items()})
         shutil.rmtree(final, ignore_errors=True)

@@ -16,7 +16,7 @@ from torch import nn
 
 from facescale.config import Config
 from facescale.data.loader import data_folder
-from facescale.distributed import DistEnv
+from facescale.distributed import DistEnv, gather_objects, get_world_size
 from facescale.eval.verification import VerificationResult
 from facescale.train.logger import on_terminal
 
@@ -59,7 +59,7 @@ class Evaluator:
 def as_saved(backbone: nn.Module) -> nn.Module:
     """The model rank 0 saves, on every rank: training keeps BatchNorm statistics per rank, so
     a copy takes rank 0's buffers, and every rank embeds its share with the saved model."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if get_world_size() == 1:
         return backbone
     model = copy.deepcopy(backbone)
     for buffer in model.buffers():
@@ -99,10 +99,7 @@ def verification_on_ranks(
         disable=not (env.is_main and on_terminal()),
     )
     features, norm = embed_batches(backbone, batches, env.device, flip=True)
-    parts = [(features, norm)]
-    if dist.is_initialized():
-        parts = [None] * env.world_size
-        dist.all_gather_object(parts, (features, norm))
+    parts = gather_objects((features, norm))
     if not env.is_main:
         return None
     features = l2_normalize(np.concatenate([f for f, _ in parts]))

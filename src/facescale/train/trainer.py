@@ -128,15 +128,16 @@ class Trainer:
                     values = self._optimizer_step(loss_sum / cfg.gradient_acc)
                     loss_sum.zero_()
                     step = progress.step
-                    if values is not None and (step % cfg.frequent == 0 or step == stop_at):
+                    if values is not None:  # None: a skipped step, nothing to report
                         values["epoch"] = progress.epoch
-                        samples = self.schedule.samples_per_step
-                        last_record = logger.step(step, samples, values)
-                    if values is not None and step % cfg.verbose == 0 and step < stop_at:
-                        self.evaluate(logger)
-                    every = cfg.checkpoint_every
-                    if values is not None and every and step % every == 0 and step < stop_at:
-                        self.checkpointer.save(progress, parts)
+                        if step % cfg.frequent == 0 or step == stop_at:
+                            samples = self.schedule.samples_per_step
+                            last_record = logger.step(step, samples, values)
+                        if step % cfg.verbose == 0 and step < stop_at:
+                            self.evaluate(logger)
+                        every = cfg.checkpoint_every
+                        if every and step % every == 0 and step < stop_at:
+                            self.checkpointer.save(progress, parts)
                 if progress.micro_in_epoch >= end_of_epoch or progress.step >= stop_at:
                     break
                 t_data = time.perf_counter()
