@@ -9,14 +9,19 @@ if TYPE_CHECKING:
     import torch
 
 
+def _kilobytes_line(path: str, field: str) -> int:
+    """Bytes of the ``FIELD: N kB`` line of a Linux ``/proc`` file."""
+    with open(path) as lines:
+        for line in lines:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{path} has no {field} line (Linux is needed)")
+
+
 def process_memory(field: str) -> int:
     """Bytes of a ``kB`` line of ``/proc/self/status``: ``VmRSS`` (resident now), ``VmHWM``
     (resident peak) or ``VmData`` (data segment)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field} line (Linux is needed)")
+    return _kilobytes_line("/proc/self/status", field)
 
 
 def reset_peak_memory() -> None:
@@ -27,11 +32,7 @@ def reset_peak_memory() -> None:
 
 def available_memory() -> int:
     """``MemAvailable`` of this machine in bytes (Linux)."""
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/meminfo has no MemAvailable line (Linux is needed)")
+    return _kilobytes_line("/proc/meminfo", "MemAvailable")
 
 
 class PeakMemory:
