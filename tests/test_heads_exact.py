@@ -46,6 +46,7 @@ def _build(mode, margin, num_classes, threshold):
         chunk_size=3,
         cache_bytes=0 if mode == "lean_recompute" else 2**20,
         interclass_filtering_threshold=threshold,
+        scale_embedding_grad=False,  # each rank's exact share of the global loss's gradient
     )
     if mode.startswith("lean"):
         head.configure_optimizer("sgd", lr=0.1)

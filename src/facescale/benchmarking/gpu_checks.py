@@ -318,13 +318,15 @@ def _head_on_ranks(rank, world, sizes: Sizes, row_counts, backend) -> dict[str, 
     x64 = x.double().requires_grad_()
     expected = reference_loss(x64, labels, full_weight.cpu(), ArcFace())
     expected.backward()
+    # the head hands DDP world x the global loss's gradient (DDP averages it back)
+    grad_error = relative_error(mine.grad, x64.grad[rows] * world) if row_counts[rank] else 0.0
     features, ids = _tar_problem()
     tar = tar_at_far_all_pairs(features, ids, [0.1], block=12, device=env.device)
     return {
         "device": str(env.device),
         "backend": dist.get_backend(),
         "loss_error": relative_error(loss, expected),
-        "grad_error": relative_error(mine.grad, x64.grad[rows]) if row_counts[rank] else 0.0,
+        "grad_error": grad_error,
         "tar": [t.tar for t in tar],
     }
 

@@ -29,8 +29,8 @@ def build_head(
 
     ``options`` are the heads' keywords: ``lean`` (:class:`LeanPartialFC` instead of the
     drop-in :class:`PartialFC`), ``chunk_size``, ``cache_bytes`` (lean only),
-    ``interclass_filtering_threshold``, ``logits_dtype``, ``seed``; the data-parallel head
-    takes the last three.
+    ``interclass_filtering_threshold``, ``logits_dtype``, ``seed``,
+    ``scale_embedding_grad``; the data-parallel head takes the last four.
     """
     if kind == "partial_fc":
         if options.pop("lean", False):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .collectives import gather_counts, gather_rows
+from .collectives import gather_counts, gather_rows, scale_grad
 
 
 @dataclass
@@ -79,18 +79,20 @@ def gather_batch(
     num_classes: int,
     *,
     gather_embeddings: bool = True,
+    grad_scale: float = 1.0,
 ) -> GlobalBatch:
     """Check this rank's inputs, normalise the embeddings and gather both from every rank.
 
     With ``gather_embeddings=False`` only the labels are gathered (every rank's inputs are
-    still checked) and ``embeddings`` holds this rank's normalised rows alone.
+    still checked) and ``embeddings`` holds this rank's normalised rows alone. The gradient
+    that returns to this rank's ``embeddings`` is multiplied by ``grad_scale``.
     """
     table = gather_counts(_describe(embeddings, labels), embeddings.device)
     _check_shapes(table, embedding_size)
     sizes = table[:, 1].tolist()
     all_labels = gather_rows(labels.to(torch.int64), sizes)
     _check_labels(all_labels, sizes, num_classes)
-    normalised = F.normalize(embeddings.float(), dim=1)
+    normalised = F.normalize(scale_grad(embeddings.float(), grad_scale), dim=1)
     if gather_embeddings:
         normalised = gather_rows(normalised, sizes)
     return GlobalBatch(normalised, all_labels, sizes)

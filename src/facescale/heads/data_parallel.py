@@ -39,6 +39,7 @@ class DataParallelFC(nn.Module):
         interclass_filtering_threshold: float = 0.0,
         logits_dtype: torch.dtype | str | None = None,
         seed: int = 0,
+        scale_embedding_grad: bool = True,
     ) -> None:
         super().__init__()
         check_head_args(num_classes, embedding_size, margin, interclass_filtering_threshold)
@@ -48,13 +49,20 @@ class DataParallelFC(nn.Module):
         self.weight = nn.Parameter(init_centers(0, num_classes, embedding_size, seed))
         self.weight.register_hook(summed)
         self.num_local = num_classes
+        # as PartialFC: world_size x the gradient, for the backbone's DDP averaging
+        self.embedding_grad_scale = float(get_world_size()) if scale_embedding_grad else 1.0
         self.optimizer: torch.optim.Optimizer | None = None
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean loss over the global batch (same value on every rank)."""
         with torch.autocast(embeddings.device.type, enabled=False):
             batch = gather_batch(
-                embeddings, labels, self.embedding_size, self.num_classes, gather_embeddings=False
+                embeddings,
+                labels,
+                self.embedding_size,
+                self.num_classes,
+                gather_embeddings=False,
+                grad_scale=self.embedding_grad_scale,
             )
             local = batch.embeddings
             rows = torch.arange(local.shape[0], device=local.device)

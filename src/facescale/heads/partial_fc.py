@@ -68,6 +68,7 @@ class ShardedHead(nn.Module):
         interclass_filtering_threshold: float = 0.0,
         logits_dtype: torch.dtype | str | None = None,
         seed: int = 0,
+        scale_embedding_grad: bool = True,
     ) -> None:
         super().__init__()
         check_head_args(num_classes, embedding_size, margin, interclass_filtering_threshold)
@@ -78,6 +79,9 @@ class ShardedHead(nn.Module):
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.sample_rate = sample_rate
         self.rank, self.world_size = get_rank(), get_world_size()
+        # DDP averages the backbone's gradients over ranks: world_size x the embeddings'
+        # gradient leaves the global-mean loss's gradient after that averaging
+        self.embedding_grad_scale = float(self.world_size) if scale_embedding_grad else 1.0
         self.class_start, self.num_local = shard_range(num_classes, self.rank, self.world_size)
         self.margin = margin
         self.softmax = ChunkedSoftmax(
@@ -97,7 +101,13 @@ class ShardedHead(nn.Module):
         self, embeddings: Tensor, labels: Tensor
     ) -> tuple[Tensor, ShardSelection]:
         """The global batch's normalised embeddings and this shard's selected classes."""
-        batch = gather_batch(embeddings, labels, self.embedding_size, self.num_classes)
+        batch = gather_batch(
+            embeddings,
+            labels,
+            self.embedding_size,
+            self.num_classes,
+            grad_scale=self.embedding_grad_scale,
+        )
         sel = select_classes(batch.labels, self.class_start, self.num_local, self.sampler)
         self._last_index = sel.index
         return batch.embeddings, sel
@@ -120,7 +130,8 @@ class ShardedHead(nn.Module):
             f"{self.class_start + self.num_local}), embedding_size={self.embedding_size}, "
             f"sample_rate={self.sample_rate}, chunk_size={self.softmax.chunk_size}, "
             f"logits_dtype={self.softmax.dtype}, "
-            f"interclass_filtering_threshold={self.softmax.threshold}"
+            f"interclass_filtering_threshold={self.softmax.threshold}, "
+            f"embedding_grad_scale={self.embedding_grad_scale}"
         )
 
 
@@ -129,10 +140,14 @@ class PartialFC(ShardedHead):
 
     ``loss = head(local_embeddings, local_labels)`` takes global class ids and returns the
     mean loss over the global batch, the same value on every rank; the gradient reaches
-    each rank's own embeddings. With ``sample_rate < 1`` a step computes, per shard, the
-    positive classes of the global batch plus uniform negatives, ``ceil(sample_rate *
-    num_local)`` classes in all. Runs with or without an initialised process group; any
-    torch optimizer over ``head.parameters()`` updates the centers.
+    each rank's own embeddings, multiplied by the world size (as arcface_torch's head does)
+    so that a backbone in ``DistributedDataParallel``, which averages its gradients over the
+    ranks, receives the gradient of that global-mean loss. ``scale_embedding_grad=False``
+    gives each rank the unscaled gradient of the loss to its embeddings. With
+    ``sample_rate < 1`` a step computes, per shard, the positive classes of the global batch
+    plus uniform negatives, ``ceil(sample_rate * num_local)`` classes in all. Runs with or
+    without an initialised process group; any torch optimizer over ``head.parameters()``
+    updates the centers.
     """
 
     def _hold(self, centers: Tensor) -> None:

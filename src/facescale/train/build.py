@@ -70,11 +70,10 @@ def build_backbone(cfg: Config) -> Backbone:
 
 def parallelize(backbone: nn.Module, env: DistEnv, dtype: torch.dtype | None) -> nn.Module:
     """The backbone as the loop calls it: data parallel over the ranks (fp16 gradients under
-    fp16 on GPUs), returning float32 embeddings there.
+    fp16 on GPUs).
 
-    The head hands each rank the exact gradient of the one global loss to its embeddings;
-    DDP averages the backbone's gradients over ranks, so the embeddings' gradient is scaled
-    by the world size to keep the sum.
+    DDP averages the backbone's gradients over ranks; the head multiplies each rank's
+    embedding gradient by the world size, so that average is the global loss's gradient.
     """
     if env.world_size == 1:
         return backbone
@@ -89,14 +88,6 @@ def parallelize(backbone: nn.Module, env: DistEnv, dtype: torch.dtype | None) ->
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         model.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    world = env.world_size
-
-    def embeddings_with_scaled_grad(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        embeddings = output.float()
-        embeddings.register_hook(lambda grad: grad * world)
-        return embeddings
-
-    model.register_forward_hook(embeddings_with_scaled_grad)
     return model
 
 
