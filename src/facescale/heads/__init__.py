@@ -7,9 +7,12 @@ from typing import Any
 
 from torch import nn
 
+from .adaface import AdaFace
+from .curricularface import CurricularFace
 from .data_parallel import DataParallelFC
 from .interface import TrainableHead
-from .margins import ArcFace, CombinedMargin, CosFace, monotone_cos
+from .magface import MagFace
+from .margins import ArcFace, CombinedMargin, CosFace, Margin, monotone_cos
 from .partial_fc import LeanPartialFC, PartialFC
 from .shards import shard_range
 
@@ -20,7 +23,7 @@ def build_head(
     kind: str,
     num_classes: int,
     embedding_size: int,
-    margin: CombinedMargin,
+    margin: Margin,
     sample_rate: float = 1.0,
     **options: Any,
 ) -> nn.Module:
@@ -53,11 +56,15 @@ def build_head(
 
 __all__ = [
     "HEAD_KINDS",
+    "AdaFace",
     "ArcFace",
     "CombinedMargin",
     "CosFace",
+    "CurricularFace",
     "DataParallelFC",
     "LeanPartialFC",
+    "MagFace",
+    "Margin",
     "PartialFC",
     "TrainableHead",
     "build_head",

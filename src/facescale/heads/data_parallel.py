@@ -18,7 +18,7 @@ from facescale.optim import build_optimizer
 
 from .batch import gather_batch
 from .collectives import sum_across_ranks, summed
-from .margins import CombinedMargin
+from .margins import Margin
 from .options import check_head_args, resolve_logits_dtype
 from .shards import init_centers
 from .softmax import dense_shard_terms, log_sum_exp
@@ -34,7 +34,7 @@ class DataParallelFC(nn.Module):
         self,
         num_classes: int,
         embedding_size: int,
-        margin: CombinedMargin,
+        margin: Margin,
         *,
         interclass_filtering_threshold: float = 0.0,
         logits_dtype: torch.dtype | str | None = None,
@@ -43,6 +43,11 @@ class DataParallelFC(nn.Module):
     ) -> None:
         super().__init__()
         check_head_args(num_classes, embedding_size, margin, interclass_filtering_threshold)
+        if margin.running_state:
+            raise ValueError(
+                f"head 'data_parallel' does not keep the running state of {type(margin).__name__} "
+                "over the global batch; use head 'partial_fc'"
+            )
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.margin, self.threshold = margin, interclass_filtering_threshold
         self.dtype = resolve_logits_dtype(logits_dtype)
@@ -63,20 +68,28 @@ class DataParallelFC(nn.Module):
                 self.num_classes,
                 gather_embeddings=False,
                 grad_scale=self.embedding_grad_scale,
+                norms=self.margin.uses_norms,
+                norm_grad=self.margin.norm_grad,
             )
             local = batch.embeddings
             rows = torch.arange(local.shape[0], device=local.device)
             top, sumexp, target = dense_shard_terms(
                 local,
+                batch.norms,
                 self.weight,
                 rows,
                 labels.to(torch.int64),
                 self.margin,
                 self.threshold,
                 self.dtype,
+                across_ranks=False,
             )
             lse = log_sum_exp(top, sumexp, target, across_ranks=False)
-            return sum_across_ranks((lse - target).sum()) / batch.size
+            loss = lse - target
+            regulariser = None if batch.norms is None else self.margin.regulariser(batch.norms)
+            if regulariser is not None:
+                loss = loss + regulariser
+            return sum_across_ranks(loss.sum()) / batch.size
 
     # ---- the training loop's head interface (facescale.heads.TrainableHead) -------------
     def configure_optimizer(

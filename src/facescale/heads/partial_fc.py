@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 from facescale.distributed import get_rank, get_world_size
 
-from .batch import gather_batch
+from .batch import GlobalBatch, gather_batch
 from .collectives import sum_across_ranks
 from .lean import ChunkedSoftmax, MicroBatch, lean_loss, raw_center_grad_, shard_rows
-from .margins import CombinedMargin
+from .margins import Margin
 from .options import check_head_args, resolve_logits_dtype
 from .row_optim import RowOptimizer, make_row_optimizer
 from .rows import Rows, Scratch, write_rows
@@ -61,7 +61,7 @@ class ShardedHead(nn.Module):
         self,
         num_classes: int,
         embedding_size: int,
-        margin: CombinedMargin,
+        margin: Margin,
         sample_rate: float = 1.0,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -99,18 +99,30 @@ class ShardedHead(nn.Module):
 
     def _gather_and_select(
         self, embeddings: Tensor, labels: Tensor
-    ) -> tuple[Tensor, ShardSelection]:
-        """The global batch's normalised embeddings and this shard's selected classes."""
+    ) -> tuple[GlobalBatch, ShardSelection]:
+        """The global batch (normalised embeddings, feature norms for the losses that read
+        them) and this shard's selected classes."""
         batch = gather_batch(
             embeddings,
             labels,
             self.embedding_size,
             self.num_classes,
             grad_scale=self.embedding_grad_scale,
+            norms=self.margin.uses_norms,
+            norm_grad=self.margin.norm_grad,
         )
         sel = select_classes(batch.labels, self.class_start, self.num_local, self.sampler)
         self._last_index = sel.index
-        return batch.embeddings, sel
+        return batch, sel
+
+    def _regulariser(self, batch: GlobalBatch) -> Tensor | float:
+        """The margin's per-sample regulariser, mean over the global batch (0 without one).
+
+        Each rank adds up its own rows, so the norms' gradient is counted once."""
+        if batch.norms is None:
+            return 0.0
+        own = self.margin.regulariser(batch.norms[batch.own_rows])
+        return 0.0 if own is None else sum_across_ranks(own.sum()) / batch.size
 
     @property
     def sampled_classes(self) -> Tensor | None:
@@ -156,23 +168,21 @@ class PartialFC(ShardedHead):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean margin-softmax loss over the global batch (same value on every rank)."""
         with torch.autocast(embeddings.device.type, enabled=False):
-            embeddings, sel = self._gather_and_select(embeddings, labels)
+            batch, sel = self._gather_and_select(embeddings, labels)
             weight = self.weight if sel.index is None else self.weight[sel.index]
-            top, sumexp, local_target = dense_shard_terms(
-                embeddings,
+            top, sumexp, target = dense_shard_terms(
+                batch.embeddings,
+                batch.norms,
                 weight,
                 sel.target_rows,
                 sel.target_cols,
                 self.margin,
                 self.softmax.threshold,
                 self.softmax.dtype,
+                across_ranks=True,
             )
-            target = embeddings.new_zeros(embeddings.shape[0]).index_add(
-                0, sel.target_rows, local_target
-            )
-            target = sum_across_ranks(target)
             lse = log_sum_exp(top, sumexp, target, across_ranks=True)
-            return (lse - target).sum() / embeddings.shape[0]
+            return (lse - target).sum() / batch.size + self._regulariser(batch)
 
 
 class LeanPartialFC(ShardedHead):
@@ -190,7 +200,7 @@ class LeanPartialFC(ShardedHead):
         self,
         num_classes: int,
         embedding_size: int,
-        margin: CombinedMargin,
+        margin: Margin,
         sample_rate: float = 1.0,
         *,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
@@ -213,16 +223,18 @@ class LeanPartialFC(ShardedHead):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean margin-softmax loss over the global batch (same value on every rank)."""
         with torch.autocast(embeddings.device.type, enabled=False):
-            embeddings, sel = self._gather_and_select(embeddings, labels)
-            return lean_loss(
-                embeddings,
+            batch, sel = self._gather_and_select(embeddings, labels)
+            loss = lean_loss(
+                batch.embeddings,
+                batch.norms,
                 self.weight,
                 sel,
                 self.softmax,
                 self.pending,
                 self._scratch,
-                self._probability_cache(embeddings.shape[0], sel.count),
+                self._probability_cache(batch.size, sel.count),
             )
+            return loss + self._regulariser(batch)
 
     def _probability_cache(self, rows: int, columns: int) -> Tensor | None:
         """A reused fp32 [rows x columns] buffer for a training forward's softmax, while the
