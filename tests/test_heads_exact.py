@@ -17,22 +17,40 @@ from heads_cases import (
     reference_grads,
 )
 
-from facescale.heads import ArcFace, CombinedMargin, CosFace, build_head
+from facescale.heads import (
+    AdaFace,
+    ArcFace,
+    CombinedMargin,
+    CosFace,
+    CurricularFace,
+    MagFace,
+    build_head,
+)
+from facescale.heads.reference import adaface_statistics, curricular_t
 
 DIM = 8
 NUM_CLASSES = {1: 10, 2: 11, 3: 10}
 SIZES = {1: [6], 2: [4, 7], 3: [5, 3, 0]}
+# a fresh margin per head: some keep running state
 MARGINS = {
-    "arcface": ArcFace(64, 0.5),
-    "cosface": CosFace(64, 0.4),
-    "combined": CombinedMargin(64, 0.9, 0.3, 0.1),
-    "straight": ArcFace(64, 0.5, straight_through=True),
+    "arcface": lambda: ArcFace(64, 0.5),
+    "cosface": lambda: CosFace(64, 0.4),
+    "combined": lambda: CombinedMargin(64, 0.9, 0.3, 0.1),
+    "straight": lambda: ArcFace(64, 0.5, straight_through=True),
+    "adaface": AdaFace,
+    # magnitude bounds inside the spread of these embeddings' norms (about 1.5 to 4.5), so
+    # both the clipped and the norm-dependent parts of the margin are exercised
+    "magface": lambda: MagFace(64, l_a=2.0, u_a=4.0),
+    "curricularface": CurricularFace,
 }
+NEW_LOSSES = ("adaface", "magface", "curricularface")
 MODES = ("dropin", "lean", "lean_recompute", "data_parallel")  # recompute: no cache
 # (margin, mode, inter-class filtering threshold)
 CASES = [(m, mode, 0.0) for m in ("arcface", "cosface", "combined") for mode in MODES]
 CASES += [("arcface", mode, 0.25) for mode in MODES] + [("straight", "dropin", 0.0)]
 CASES += [("straight", "lean", 0.0)]
+CASES += [(m, mode, 0.0) for m in NEW_LOSSES for mode in MODES[:3]]
+CASES += [("magface", "data_parallel", 0.0), ("curricularface", "lean", 0.25)]
 
 
 def _build(mode, margin, num_classes, threshold):
@@ -58,7 +76,7 @@ def _run_cases(rank, world):
     embeddings, labels, weight = make_problem(0, sum(sizes), num_classes, DIM)
     out = {}
     for name, mode, threshold in CASES:
-        head = _build(mode, MARGINS[name], num_classes, threshold)
+        head = _build(mode, MARGINS[name](), num_classes, threshold)
         if mode == "data_parallel":
             with torch.no_grad():
                 head.weight.copy_(weight)
@@ -67,7 +85,8 @@ def _run_cases(rank, world):
         x, y = local_inputs(embeddings, labels, sizes, rank)
         loss = head(x, y)
         loss.backward()
-        out[name, mode, threshold] = (loss.item(), x.grad, center_grad(head))
+        state = {k: v.clone() for k, v in head.margin.state_dict().items()}
+        out[name, mode, threshold] = (loss.item(), x.grad, center_grad(head), state)
     return out
 
 
@@ -77,11 +96,16 @@ def test_loss_and_gradients_match_the_float64_reference(world):
     embeddings, labels, weight = make_problem(0, sum(SIZES[world]), NUM_CLASSES[world], DIM)
     for case in CASES:
         name, mode, threshold = case
+        margin = MARGINS[name]()
         loss, grad_x, grad_w = reference_grads(
-            embeddings, labels, weight, MARGINS[name], threshold=threshold
+            embeddings, labels, weight, margin, threshold=threshold
         )
+        state = _expected_state(margin, embeddings, labels, weight)
         for rank, result in enumerate(results):
             assert result[case][0] == pytest.approx(loss.item(), rel=1e-5), (case, rank)
+            assert result[case][3].keys() == state.keys()
+            for key, value in state.items():
+                assert result[case][3][key].item() == pytest.approx(value, rel=1e-5), (case, key)
         assert_close_scaled(torch.cat([r[case][1] for r in results]), grad_x, 1e-4, str(case))
         centers = (
             results[0][case][2]
@@ -91,11 +115,23 @@ def test_loss_and_gradients_match_the_float64_reference(world):
         assert_close_scaled(centers, grad_w, 1e-4, str(case))
 
 
+def _expected_state(margin, embeddings, labels, weight):
+    """The running state a margin holds after one training batch, in float64."""
+    if isinstance(margin, AdaFace):
+        mean, std = adaface_statistics(margin, embeddings.double().norm(dim=1))
+        return {"batch_mean": mean.item(), "batch_std": std.item()}
+    if isinstance(margin, CurricularFace):
+        x = torch.nn.functional.normalize(embeddings.double(), dim=1)
+        w = torch.nn.functional.normalize(weight.double(), dim=1)
+        return {"t": curricular_t(margin, (x * w[labels]).sum(dim=1)).item()}
+    return {}
+
+
 def test_filtering_removes_negatives_from_the_softmax():
     """The threshold changes the loss, and only by dropping the filtered negatives."""
     embeddings, labels, weight = make_problem(1, 6, 10, DIM)
-    kept, _, _ = reference_grads(embeddings, labels, weight, MARGINS["arcface"])
-    head = _build("lean", MARGINS["arcface"], 10, 0.25)
+    kept, _, _ = reference_grads(embeddings, labels, weight, MARGINS["arcface"]())
+    head = _build("lean", MARGINS["arcface"](), 10, 0.25)
     load_shard(head, weight)
     filtered = head(embeddings, labels)
     cosine = (

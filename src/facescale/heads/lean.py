@@ -131,13 +131,20 @@ class ChunkedSoftmax:
         return logits.copy_(modulated), slope
 
     def _targets(
-        self, weight: Tensor, embeddings: Tensor, norms: Tensor | None, sel: ShardSelection
+        self,
+        weight: Tensor,
+        embeddings: Tensor,
+        norms: Tensor | None,
+        sel: ShardSelection,
+        training: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Normalised target centers, their margin logits and the margin's derivatives to
-        the target cosines and (when it differentiates through them) the feature norms."""
+        the target cosines and (when it differentiates through them) the feature norms; a
+        ``training`` forward first lets the margin observe the batch."""
         centers = F.normalize(weight[sel.target_local], dim=1)
         cosine = target_cosine(embeddings[sel.target_rows], centers)
-        observe_batch(self.margin, norms, cosine, sel.target_rows, embeddings.shape[0])
+        rows, batch = sel.target_rows, embeddings.shape[0]
+        observe_batch(self.margin, norms, cosine, rows, batch, training)
         row_norms = None if norms is None else norms[sel.target_rows].detach()
         with torch.enable_grad():
             inputs = [cosine.requires_grad_()]
@@ -157,15 +164,17 @@ class ChunkedSoftmax:
         embedding_grad: bool,
         scratch: Scratch,
         cache: Tensor | None = None,
+        training: bool = False,
     ) -> ChunkedResult:
-        """The mean loss over the global batch and, with ``embedding_grad``, its gradient to
+        """The mean loss over the global batch of a ``training`` forward (or not: the
+        margin's running state stays as it is) and, with ``embedding_grad``, its gradient to
         this shard's part of ``embeddings`` (and of ``norms``, the feature norms, for a margin
         that differentiates through them). A ``cache`` of shape [batch, sel.count] receives
         the softmax probabilities of the columns (times the negatives' modulation slope)."""
         rows, batch = sel.target_rows, embeddings.shape[0]
         scaled = self.scale(embeddings)
         target_centers, local_target, slope, norm_slope = self._targets(
-            weight, embeddings, norms, sel
+            weight, embeddings, norms, sel, training
         )
         # distinct rows: index_add_ into zeros places them exactly, and has a deterministic
         # CUDA kernel (index_copy_ has none)
@@ -264,7 +273,9 @@ class _LeanLoss(torch.autograd.Function):
     def forward(
         ctx, embeddings, norms, weight, sel, softmax, pending, embedding_grad, scratch, cache
     ):
-        result = softmax.forward(weight, embeddings, norms, sel, embedding_grad, scratch, cache)
+        result = softmax.forward(
+            weight, embeddings, norms, sel, embedding_grad, scratch, cache, training=True
+        )
         ctx.grad, ctx.norm_grad, ctx.pending = result.grad, result.norm_grad, pending
         scaled = softmax.scale(embeddings)
         ctx.micro_batch = (

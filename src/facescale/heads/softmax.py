@@ -57,12 +57,13 @@ def inverse_norms(weight: Tensor) -> Tensor:
 
 
 def observe_batch(
-    margin: Margin, norms: Tensor | None, cosine: Tensor, rows: Tensor, batch: int
+    margin: Margin, norms: Tensor | None, cosine: Tensor, rows: Tensor, batch: int, training: bool
 ) -> None:
-    """On a training forward, let ``margin`` update its running state from the global batch:
-    the gathered ``norms`` and, when it asks, every row's target cosine (``cosine`` holds
-    this shard's targets, of rows ``rows``; the other ranks hold the rest)."""
-    if not (margin.training and torch.is_grad_enabled()):
+    """On a ``training`` forward (of a margin in training mode), let ``margin`` update its
+    running state from the global batch: the gathered ``norms`` and, when it asks, every
+    row's target cosine (``cosine`` holds this shard's targets, of rows ``rows``; the other
+    ranks hold the rest)."""
+    if not (training and margin.training and margin.running_state):
         return
     target_cosine = None
     if margin.observes_targets:
@@ -93,7 +94,8 @@ def dense_shard_terms(
     logits = torch.mm(scaled, weight.to(dtype).t()).float() * inverse_norms(weight)
     cosine = logits[target_rows, target_cols] / margin.s
     if across_ranks:
-        observe_batch(margin, norms, cosine, target_rows, embeddings.shape[0])
+        training = torch.is_grad_enabled()
+        observe_batch(margin, norms, cosine, target_rows, embeddings.shape[0], training)
     row_norms = None if norms is None else norms[target_rows]
     local = margin.target_logit(cosine, row_norms)
     target = embeddings.new_zeros(embeddings.shape[0]).index_add(0, target_rows, local)
