@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 from facescale.backbones import Backbone, get_model
 from facescale.config import Config, Schedule
 from facescale.distributed import DistEnv, get_world_size
-from facescale.heads import CombinedMargin, TrainableHead, build_head
+from facescale.heads import TrainableHead, build_head
+from facescale.heads.losses import build_margin
 from facescale.heads.options import resolve_logits_dtype
 from facescale.heads.partial_fc import chunk_size_for
 from facescale.optim import build_optimizer
@@ -108,7 +109,7 @@ def build_training_head(cfg: Config, device: torch.device) -> TrainableHead:
         cfg.head,
         cfg.num_classes,
         cfg.embedding_size,
-        CombinedMargin(cfg.scale, *cfg.margin_list),
+        build_margin(cfg.loss, cfg.scale, cfg.margin_list),
         sample_rate=cfg.sample_rate,
         lean=cfg.head == "partial_fc",
         interclass_filtering_threshold=cfg.interclass_filtering_threshold,
