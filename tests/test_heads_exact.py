@@ -51,9 +51,22 @@ CASES += [("arcface", mode, 0.25) for mode in MODES] + [("straight", "dropin", 0
 CASES += [("straight", "lean", 0.0)]
 CASES += [(m, mode, 0.0) for m in NEW_LOSSES for mode in MODES[:3]]
 CASES += [("magface", "data_parallel", 0.0), ("curricularface", "lean", 0.25)]
+# sub-center ArcFace: K centers per class, rows of a class on one rank
+SUBCENTERS = {"subcenter": 3, "subcenter_adaface": 2}
+MARGINS |= {"subcenter": MARGINS["arcface"], "subcenter_adaface": AdaFace}
+CASES += [("subcenter", mode, 0.0) for mode in MODES] + [("subcenter", "lean", 0.25)]
+CASES += [("subcenter_adaface", mode, 0.0) for mode in ("dropin", "lean_recompute")]
 
 
-def _build(mode, margin, num_classes, threshold):
+def _weight(name, weight, num_classes):
+    """The problem's centers, or K per class for a sub-center case."""
+    k = SUBCENTERS.get(name, 1)
+    if k == 1:
+        return weight
+    return torch.randn(num_classes * k, DIM, generator=torch.Generator().manual_seed(5))
+
+
+def _build(mode, margin, num_classes, threshold, num_subcenters=1):
     kind = "data_parallel" if mode == "data_parallel" else "partial_fc"
     head = build_head(
         kind,
@@ -65,6 +78,7 @@ def _build(mode, margin, num_classes, threshold):
         cache_bytes=0 if mode == "lean_recompute" else 2**20,
         interclass_filtering_threshold=threshold,
         scale_embedding_grad=False,  # each rank's exact share of the global loss's gradient
+        num_subcenters=num_subcenters,
     )
     if mode.startswith("lean"):
         head.configure_optimizer("sgd", lr=0.1)
@@ -76,12 +90,13 @@ def _run_cases(rank, world):
     embeddings, labels, weight = make_problem(0, sum(sizes), num_classes, DIM)
     out = {}
     for name, mode, threshold in CASES:
-        head = _build(mode, MARGINS[name](), num_classes, threshold)
+        head = _build(mode, MARGINS[name](), num_classes, threshold, SUBCENTERS.get(name, 1))
+        centers = _weight(name, weight, num_classes)
         if mode == "data_parallel":
             with torch.no_grad():
-                head.weight.copy_(weight)
+                head.weight.copy_(centers)
         else:
-            load_shard(head, weight)
+            load_shard(head, centers)
         x, y = local_inputs(embeddings, labels, sizes, rank)
         loss = head(x, y)
         loss.backward()
@@ -96,9 +111,10 @@ def test_loss_and_gradients_match_the_float64_reference(world):
     embeddings, labels, weight = make_problem(0, sum(SIZES[world]), NUM_CLASSES[world], DIM)
     for case in CASES:
         name, mode, threshold = case
-        margin = MARGINS[name]()
+        margin, k = MARGINS[name](), SUBCENTERS.get(name, 1)
+        centers = _weight(name, weight, NUM_CLASSES[world])
         loss, grad_x, grad_w = reference_grads(
-            embeddings, labels, weight, margin, threshold=threshold
+            embeddings, labels, centers, margin, threshold=threshold, subcenters=k
         )
         state = _expected_state(margin, embeddings, labels, weight)
         for rank, result in enumerate(results):

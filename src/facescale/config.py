@@ -91,6 +91,10 @@ class Config:
         default="combined",
         metadata=_check(lambda v: v in _loss_names(), lambda: "one of " + ", ".join(_loss_names())),
     )
+    # sub-center ArcFace: K centers per class, a class's logit its best one's (the paper: 3)
+    num_subcenters: int = field(
+        default=1, metadata=_check(_positive, "an integer >= 1 (1: one center per class)")
+    )
     interclass_filtering_threshold: float = field(
         default=0.0, metadata=_check(lambda v: 0 <= v < 1, "a number in [0, 1); 0 disables")
     )

@@ -33,7 +33,8 @@ def build_head(
     ``options`` are the heads' keywords: ``lean`` (:class:`LeanPartialFC` instead of the
     drop-in :class:`PartialFC`), ``chunk_size``, ``cache_bytes`` (lean only),
     ``interclass_filtering_threshold``, ``logits_dtype``, ``seed``,
-    ``scale_embedding_grad``; the data-parallel head takes the last four.
+    ``scale_embedding_grad``, ``num_subcenters``; the data-parallel head takes the last
+    five.
     """
     if kind == "partial_fc":
         if options.pop("lean", False):

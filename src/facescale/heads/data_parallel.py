@@ -40,9 +40,12 @@ class DataParallelFC(nn.Module):
         logits_dtype: torch.dtype | str | None = None,
         seed: int = 0,
         scale_embedding_grad: bool = True,
+        num_subcenters: int = 1,
     ) -> None:
         super().__init__()
-        check_head_args(num_classes, embedding_size, margin, interclass_filtering_threshold)
+        check_head_args(
+            num_classes, embedding_size, margin, interclass_filtering_threshold, num_subcenters
+        )
         if margin.running_state:
             raise ValueError(
                 f"head 'data_parallel' does not keep the running state of {type(margin).__name__} "
@@ -51,7 +54,9 @@ class DataParallelFC(nn.Module):
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.margin, self.threshold = margin, interclass_filtering_threshold
         self.dtype = resolve_logits_dtype(logits_dtype)
-        self.weight = nn.Parameter(init_centers(0, num_classes, embedding_size, seed))
+        self.num_subcenters = num_subcenters  # rows c * K ... c * K + K - 1 are class c's
+        rows = num_classes * num_subcenters
+        self.weight = nn.Parameter(init_centers(0, rows, embedding_size, seed))
         self.weight.register_hook(summed)
         self.num_local = num_classes
         # as PartialFC: world_size x the gradient, for the backbone's DDP averaging
@@ -83,6 +88,7 @@ class DataParallelFC(nn.Module):
                 self.threshold,
                 self.dtype,
                 across_ranks=False,
+                subcenters=self.num_subcenters,
             )
             lse = log_sum_exp(top, sumexp, target, across_ranks=False)
             loss = lse - target

@@ -34,6 +34,7 @@ from .softmax import (
     observe_batch,
     target_cosine,
 )
+from .subcenters import best_of, pick_subcenters, spread
 
 
 def matmul_into(out: Tensor, a: Tensor, b: Tensor, alpha: float, accumulate: bool) -> Tensor:
@@ -77,6 +78,7 @@ class ChunkedResult:
 
     loss: Tensor
     lse: Tensor  # [global_batch] log-sum-exp over all ranks' classes
+    selection: ShardSelection  # the targets' sub-centers chosen
     target_coef: Tensor
     negatives: Negatives | None
     grad: Tensor | None = None  # to this shard's part of the normalised embeddings
@@ -85,16 +87,22 @@ class ChunkedResult:
 
 @dataclass(frozen=True)
 class ChunkedSoftmax:
-    """The margin softmax of one shard, computed ``chunk_size`` classes at a time."""
+    """The margin softmax of one shard, computed ``chunk_size`` classes at a time.
+
+    Columns are center rows: ``subcenters`` consecutive rows per class (a class's logit is
+    its best sub-center's), so a chunk is ``chunk_size * subcenters`` rows."""
 
     margin: Margin
     threshold: float
     dtype: torch.dtype
     chunk_size: int
+    subcenters: int = 1
 
     def chunks(self, count: int) -> Iterator[tuple[int, int]]:
-        for lo in range(0, count, self.chunk_size):
-            yield lo, min(lo + self.chunk_size, count)
+        """Row ranges of ``chunk_size`` whole classes over ``count`` computed rows."""
+        step = self.chunk_size * self.subcenters
+        for lo in range(0, count, step):
+            yield lo, min(lo + step, count)
 
     def scale(self, embeddings: Tensor) -> Tensor:
         """``s * embeddings`` in the logits dtype: one matmul with it gives the logits."""
@@ -115,20 +123,25 @@ class ChunkedSoftmax:
         scratch: Scratch,
         out: Tensor | None = None,
         negatives: Negatives | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Non-target logits of columns [lo, lo + len(block)), in ``out`` or scratch; targets
-        are -inf. With ``negatives`` they are modulated in place, and the derivative of the
-        modulated logits to the plain ones comes second (else None)."""
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Non-target logits of the classes of rows [lo, lo + len(block)), in ``out`` or
+        scratch (with sub-centers: in a new tensor, the best sub-center of each class third,
+        else None); targets are -inf. With ``negatives`` they are modulated in place, and
+        the derivative of the modulated logits to the plain ones comes second (else None)."""
         if out is None:
             out = scratch.take("logits", (scaled.shape[0], block.shape[0]), inv_norm)
         logits = matmul_into(out, scaled, block.to(self.dtype).t(), 1.0, accumulate=False)
-        drop_filtered_(logits.mul_(inv_norm), self.margin.s * self.threshold)
+        logits.mul_(inv_norm)
+        k, best = self.subcenters, None
+        if k > 1:
+            logits, best = best_of(logits, k)
+        drop_filtered_(logits, self.margin.s * self.threshold)
         part = sel.target_slice(lo, lo + block.shape[0])
-        logits[sel.target_rows[part], sel.target_cols[part] - lo] = float("-inf")
+        logits[sel.target_rows[part], (sel.target_cols[part] - lo) // k] = float("-inf")
         if negatives is None:
-            return logits, None
+            return logits, None, best
         modulated, slope = self.margin.modulate(logits, negatives.target, negatives.state)
-        return logits.copy_(modulated), slope
+        return logits.copy_(modulated), slope, best
 
     def _targets(
         self,
@@ -137,10 +150,16 @@ class ChunkedSoftmax:
         norms: Tensor | None,
         sel: ShardSelection,
         training: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Normalised target centers, their margin logits and the margin's derivatives to
-        the target cosines and (when it differentiates through them) the feature norms; a
-        ``training`` forward first lets the margin observe the batch."""
+    ) -> tuple[ShardSelection, Tensor, Tensor, Tensor, Tensor | None]:
+        """``sel`` with each target's best sub-center chosen, the normalised target centers,
+        their margin logits and the margin's derivatives to the target cosines and (when it
+        differentiates through them) the feature norms; a ``training`` forward first lets
+        the margin observe the batch."""
+        if self.subcenters > 1:
+            group = sel.target_local[:, None] + torch.arange(self.subcenters, device=weight.device)
+            candidates = F.normalize(weight[group].float(), dim=2)
+            cosines = (candidates * embeddings[sel.target_rows][:, None, :].float()).sum(dim=2)
+            sel = pick_subcenters(sel, cosines.argmax(dim=1))
         centers = F.normalize(weight[sel.target_local], dim=1)
         cosine = target_cosine(embeddings[sel.target_rows], centers)
         rows, batch = sel.target_rows, embeddings.shape[0]
@@ -153,7 +172,7 @@ class ChunkedSoftmax:
             logits = self.margin.target_logit(cosine, row_norms)
             slopes = torch.autograd.grad(logits.sum(), inputs)
         norm_slope = slopes[1] if self.margin.norm_grad else None
-        return centers, logits.detach(), slopes[0], norm_slope
+        return sel, centers, logits.detach(), slopes[0], norm_slope
 
     def forward(
         self,
@@ -171,11 +190,12 @@ class ChunkedSoftmax:
         this shard's part of ``embeddings`` (and of ``norms``, the feature norms, for a margin
         that differentiates through them). A ``cache`` of shape [batch, sel.count] receives
         the softmax probabilities of the columns (times the negatives' modulation slope)."""
-        rows, batch = sel.target_rows, embeddings.shape[0]
+        batch = embeddings.shape[0]
         scaled = self.scale(embeddings)
-        target_centers, local_target, slope, norm_slope = self._targets(
+        sel, target_centers, local_target, slope, norm_slope = self._targets(
             weight, embeddings, norms, sel, training
         )
+        rows = sel.target_rows
         # distinct rows: index_add_ into zeros places them exactly, and has a deterministic
         # CUDA kernel (index_copy_ has none)
         target = sum_across_ranks(embeddings.new_zeros(batch).index_add_(0, rows, local_target))
@@ -188,7 +208,9 @@ class ChunkedSoftmax:
         for lo, hi in self.chunks(sel.count):
             block, inv_norm = self.centers(weight, shard_rows(sel.index, lo, hi), scratch)
             out = None if cache is None else cache[:, lo:hi]
-            logits, slopes = self._logits(scaled, block, inv_norm, sel, lo, scratch, out, negatives)
+            logits, slopes, best = self._logits(
+                scaled, block, inv_norm, sel, lo, scratch, out, negatives
+            )
             new_top = torch.maximum(top, logits.amax(dim=1))
             shift = finite_or_zero(new_top)
             rescale = torch.exp(top - shift)
@@ -196,6 +218,10 @@ class ChunkedSoftmax:
             sumexp.mul_(rescale).add_(probs.sum(dim=1))
             if slopes is not None:
                 probs.mul_(slopes)  # from here on: d(loss) / d(plain logit), unnormalised
+            if best is not None:  # onto the rows: each class's best sub-center
+                if out is None:
+                    out = scratch.take("spread", (batch, block.shape[0]), probs)
+                probs = spread(probs, best, self.subcenters, out)
             if weighted is not None:
                 if cache is None:
                     scaled_probs = probs.mul_(inv_norm)
@@ -214,7 +240,7 @@ class ChunkedSoftmax:
         loss = (lse - target).sum() / batch
         target_weight = torch.exp(local_target - lse[rows]) - 1.0
         target_coef = target_weight * slope
-        result = ChunkedResult(loss, lse, target_coef, negatives)
+        result = ChunkedResult(loss, lse, sel, target_coef, negatives)
         if weighted is None:
             return result
         grad = weighted.mul_((self.margin.s * torch.exp(top - lse))[:, None])
@@ -243,12 +269,15 @@ class ChunkedSoftmax:
         if mb.probs is not None:
             probs = mb.probs[:, lo : lo + block.shape[0]]
         else:
-            logits, slopes = self._logits(
+            logits, slopes, best = self._logits(
                 mb.scaled, block, inv_norm, sel, lo, scratch, negatives=mb.negatives
             )
             probs = logits.sub_(mb.lse[:, None]).exp_()
             if slopes is not None:
                 probs.mul_(slopes)
+            if best is not None:
+                shape = (probs.shape[0], block.shape[0])
+                probs = spread(probs, best, self.subcenters, scratch.take("spread", shape, probs))
         matmul_into(out, probs.t().to(self.dtype), mb.scaled, scale, accumulate)
         part = sel.target_slice(lo, lo + block.shape[0])
         coef = (mb.target_coef[part] * scale)[:, None] * mb.embeddings[sel.target_rows[part]]
@@ -282,7 +311,7 @@ class _LeanLoss(torch.autograd.Function):
             embeddings.detach(),
             scaled,
             result.lse,
-            sel,
+            result.selection,
             result.target_coef,
             cache,
             result.negatives,

@@ -28,7 +28,7 @@ def resolve_logits_dtype(value: torch.dtype | str | None) -> torch.dtype:
 
 
 def check_head_args(
-    num_classes: int, embedding_size: int, margin: Margin, threshold: float
+    num_classes: int, embedding_size: int, margin: Margin, threshold: float, subcenters: int = 1
 ) -> None:
     """Raise ValueError naming the first argument out of range."""
     if num_classes <= 0 or embedding_size <= 0:
@@ -39,6 +39,8 @@ def check_head_args(
         raise TypeError(
             f"margin must be a Margin (ArcFace, CosFace, AdaFace, ...), not {type(margin).__name__}"
         )
+    if subcenters < 1:
+        raise ValueError(f"num_subcenters={subcenters} must be >= 1 (1: one center per class)")
     if not 0 <= threshold < 1:
         raise ValueError(
             f"interclass_filtering_threshold={threshold} must be in [0, 1); 0 turns it off"

@@ -31,6 +31,7 @@ from .rows import Rows, Scratch, write_rows
 from .sampling import ClassSampler, ShardSelection, select_classes
 from .shards import init_centers, shard_range
 from .softmax import dense_shard_terms, log_sum_exp
+from .subcenters import rows_selection, subcenter_rows
 
 DEFAULT_CHUNK_SIZE = 4096  # classes: a chunk's buffers stay in a CPU's caches
 DEFAULT_CACHE_BYTES = 512 * 2**20
@@ -69,9 +70,12 @@ class ShardedHead(nn.Module):
         logits_dtype: torch.dtype | str | None = None,
         seed: int = 0,
         scale_embedding_grad: bool = True,
+        num_subcenters: int = 1,
     ) -> None:
         super().__init__()
-        check_head_args(num_classes, embedding_size, margin, interclass_filtering_threshold)
+        check_head_args(
+            num_classes, embedding_size, margin, interclass_filtering_threshold, num_subcenters
+        )
         if not 0 < sample_rate <= 1 or chunk_size <= 0:
             raise ValueError(
                 f"sample_rate={sample_rate} must be in (0, 1] and chunk_size={chunk_size} > 0"
@@ -83,15 +87,23 @@ class ShardedHead(nn.Module):
         # gradient leaves the global-mean loss's gradient after that averaging
         self.embedding_grad_scale = float(self.world_size) if scale_embedding_grad else 1.0
         self.class_start, self.num_local = shard_range(num_classes, self.rank, self.world_size)
+        # sub-center ArcFace: rows c * K ... c * K + K - 1 of the shard are class c's
+        self.num_subcenters = num_subcenters
+        self.num_rows = self.num_local * num_subcenters
         self.margin = margin
         self.softmax = ChunkedSoftmax(
-            margin, interclass_filtering_threshold, resolve_logits_dtype(logits_dtype), chunk_size
+            margin,
+            interclass_filtering_threshold,
+            resolve_logits_dtype(logits_dtype),
+            chunk_size,
+            num_subcenters,
         )
         self.sampler = (
             ClassSampler(self.num_local, sample_rate, seed, self.rank) if sample_rate < 1 else None
         )
         self._last_index: Tensor | None = None
-        self._hold(init_centers(self.class_start, self.num_local, embedding_size, seed))
+        k = num_subcenters
+        self._hold(init_centers(self.class_start * k, self.num_rows, embedding_size, seed))
 
     def _hold(self, centers: Tensor) -> None:
         """Keep the shard's initial centers as ``self.weight`` (a parameter or a buffer)."""
@@ -143,6 +155,7 @@ class ShardedHead(nn.Module):
             f"sample_rate={self.sample_rate}, chunk_size={self.softmax.chunk_size}, "
             f"logits_dtype={self.softmax.dtype}, "
             f"interclass_filtering_threshold={self.softmax.threshold}, "
+            f"num_subcenters={self.num_subcenters}, "
             f"embedding_grad_scale={self.embedding_grad_scale}"
         )
 
@@ -169,7 +182,8 @@ class PartialFC(ShardedHead):
         """Mean margin-softmax loss over the global batch (same value on every rank)."""
         with torch.autocast(embeddings.device.type, enabled=False):
             batch, sel = self._gather_and_select(embeddings, labels)
-            weight = self.weight if sel.index is None else self.weight[sel.index]
+            rows = None if sel.index is None else subcenter_rows(sel.index, self.num_subcenters)
+            weight = self.weight if rows is None else self.weight[rows]
             top, sumexp, target = dense_shard_terms(
                 batch.embeddings,
                 batch.norms,
@@ -180,6 +194,7 @@ class PartialFC(ShardedHead):
                 self.softmax.threshold,
                 self.softmax.dtype,
                 across_ranks=True,
+                subcenters=self.num_subcenters,
             )
             lse = log_sum_exp(top, sumexp, target, across_ranks=True)
             return (lse - target).sum() / batch.size + self._regulariser(batch)
@@ -223,7 +238,8 @@ class LeanPartialFC(ShardedHead):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean margin-softmax loss over the global batch (same value on every rank)."""
         with torch.autocast(embeddings.device.type, enabled=False):
-            batch, sel = self._gather_and_select(embeddings, labels)
+            batch, classes = self._gather_and_select(embeddings, labels)
+            sel = rows_selection(classes, self.num_subcenters)
             loss = lean_loss(
                 batch.embeddings,
                 batch.norms,
@@ -281,7 +297,7 @@ class LeanPartialFC(ShardedHead):
         """``(rows, center rows, gradient)`` per chunk; the last two live in scratch buffers."""
         scratch, pending = self._scratch, self.pending
         index = _union([mb.index for mb in pending]) if pending else None
-        count = 0 if not pending else self.num_local if index is None else index.numel()
+        count = 0 if not pending else self.num_rows if index is None else index.numel()
         chunks = list(self.softmax.chunks(count))
         # the host values of the whole update, read at once: no synchronisation per chunk
         scales = [
@@ -361,11 +377,33 @@ class LeanPartialFC(ShardedHead):
         return self.optimizer
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Centers, optimizer state and counters of this shard (rows first: re-shardable)."""
-        return self.state_dict()
+        """Centers, optimizer state and counters of this shard (classes first: re-shardable;
+        a class's sub-centers as one ``[K, ...]`` entry)."""
+        k = self.num_subcenters
+        return {
+            name: value.view(self.num_local, k, *value.shape[1:]) if self._per_row(value) else value
+            for name, value in self.state_dict().items()
+        }
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        self.load_state_dict(state)
+        k = self.num_subcenters
+        self.load_state_dict(
+            {
+                name: value.flatten(0, 1)
+                if k > 1 and torch.is_tensor(value) and value.shape[:2] == (self.num_local, k)
+                else value
+                for name, value in state.items()
+            }
+        )
+
+    def _per_row(self, value: Any) -> bool:
+        """Whether ``value`` holds one entry per sub-center row (with more than one each)."""
+        return (
+            self.num_subcenters > 1
+            and torch.is_tensor(value)
+            and value.dim() > 0
+            and value.shape[0] == self.num_rows
+        )
 
     def get_extra_state(self) -> dict[str, Any]:
         return super().get_extra_state() | {"optimizer_steps": self.optimizer_steps}

@@ -87,19 +87,21 @@ def reference_loss(
     *,
     threshold: float = 0.0,
     classes: Tensor | None = None,
+    subcenters: int = 1,
 ) -> Tensor:
     """Mean margin-softmax cross-entropy of ``embeddings`` against all rows of ``weight``.
 
     ``classes`` (sorted global ids containing every label) restricts the softmax to those
     classes, as Partial FC's sampling does; ``threshold > 0`` drops negatives whose cosine
-    exceeds it from the softmax.
+    exceeds it from the softmax. With ``subcenters = k``, rows ``c * k ... c * k + k - 1`` of
+    ``weight`` are class ``c``'s centers and its cosine is the largest of theirs.
     """
     norms = torch.linalg.vector_norm(embeddings.double(), dim=1)
     x = F.normalize(embeddings.double(), dim=1)
-    w = F.normalize(weight.double(), dim=1)
+    w = F.normalize(weight.double(), dim=1).view(-1, subcenters, weight.shape[1])
     if classes is not None:
         w, labels = w[classes], torch.searchsorted(classes, labels)
-    cosine = x @ w.t()
+    cosine = (x @ w.flatten(0, 1).t()).view(len(x), len(w), subcenters).amax(dim=2)
     rows = torch.arange(len(labels))
     target_cosine = cosine[rows, labels]
     logits = margin.s * cosine

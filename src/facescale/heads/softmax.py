@@ -82,16 +82,22 @@ def dense_shard_terms(
     threshold: float,
     dtype: torch.dtype,
     across_ranks: bool,
+    subcenters: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(top, sumexp, target_logits)`` of one shard, in full with autograd.
 
     ``embeddings`` are L2-normalised (``norms``: their feature norms, for the losses that
     read them); ``weight`` holds raw centers, whose inverse norms scale the logits' columns.
-    The target of row ``target_rows[k]`` is column ``target_cols[k]``; ``target_logits``
-    holds every row's margin logit, summed over the ranks ``across_ranks``.
+    With ``subcenters = k``, rows ``c * k ... c * k + k - 1`` of ``weight`` are class column
+    ``c``'s sub-centers and its logit is their largest. The target of row ``target_rows[i]``
+    is column ``target_cols[i]``; ``target_logits`` holds every row's margin logit, summed
+    over the ranks ``across_ranks``.
     """
     scaled = (embeddings * margin.s).to(dtype)
     logits = torch.mm(scaled, weight.to(dtype).t()).float() * inverse_norms(weight)
+    if subcenters > 1:
+        classes = weight.shape[0] // subcenters
+        logits = logits.view(logits.shape[0], classes, subcenters).amax(dim=2)
     cosine = logits[target_rows, target_cols] / margin.s
     if across_ranks:
         training = torch.is_grad_enabled()

@@ -117,6 +117,7 @@ def build_training_head(cfg: Config, device: torch.device) -> TrainableHead:
         seed=cfg.seed,
         chunk_size=chunk_size,
         cache_bytes=cfg.head_cache_mib * 2**20,
+        num_subcenters=cfg.num_subcenters,
     ).to(device)
     head.configure_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
     return head
