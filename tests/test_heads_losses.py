@@ -87,3 +87,37 @@ def test_evaluation_forwards_leave_the_running_state_alone(make, lean):
     assert all(torch.equal(head.margin.state_dict()[k], v) for k, v in before.items())
     head(embeddings, labels)
     assert any(not torch.equal(head.margin.state_dict()[k], v) for k, v in before.items())
+
+
+def test_subcenters_are_sampled_and_checkpointed_by_class():
+    embeddings, labels, _ = make_problem(6, 8, 40, DIM)
+    head = build_head(
+        "partial_fc", 40, DIM, ArcFace(), 0.25, lean=True, chunk_size=4, num_subcenters=3
+    )
+    head.configure_optimizer("sgd", lr=0.5, momentum=0.9)
+    assert head.weight.shape == (120, DIM)
+    before = head.weight.clone()
+    head(embeddings, labels).backward()
+    head.step()
+    sampled = head.sampled_classes
+    assert len(sampled) == 10 and set(labels.tolist()) <= set(sampled.tolist())
+    changed = (head.weight != before).any(dim=1).view(40, 3).any(dim=1)
+    assert changed.nonzero().squeeze(1).tolist() == sampled.tolist()
+    state = head.checkpoint_state()
+    assert state["weight"].shape == state["momentum_buffer"].shape == (40, 3, DIM)
+    fresh = build_head("partial_fc", 40, DIM, ArcFace(), 0.25, lean=True, num_subcenters=3)
+    fresh.configure_optimizer("sgd", lr=0.5, momentum=0.9)
+    fresh.load_checkpoint_state(state)
+    assert torch.equal(fresh.weight, head.weight)
+    assert torch.equal(fresh.momentum_buffer, head.momentum_buffer)
+
+
+def test_a_class_gets_the_logit_of_its_best_subcenter():
+    """Two sub-centers: one along the embedding, one opposite; the class's cosine is 1."""
+    x = torch.tensor([[1.0, 0.0]])
+    head = build_head("partial_fc", 2, 2, CosFace(2, 0.0), num_subcenters=2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]))
+    loss = head(x, torch.tensor([0]))
+    # logits: class 0 max(-2, 2) = 2, class 1 max(0, 0) = 0
+    assert loss.item() == pytest.approx(torch.log1p(torch.exp(torch.tensor(-2.0))).item())

@@ -121,6 +121,7 @@ def _head_step(rank: int, world: int, case: dict) -> dict[str, int]:
         head = build_head(
             cfg.head, cfg.num_classes, cfg.embedding_size, CombinedMargin(64, 1, 0.5, 0),
             sample_rate=cfg.sample_rate, lean=lean, cache_bytes=cfg.head_cache_mib * 2**20,
+            num_subcenters=cfg.num_subcenters,
         )  # fmt: skip
         head.configure_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
         parts.update(head=head)
@@ -156,6 +157,9 @@ HEAD_CASES = [
     {"head": "partial_fc", "batch_size": 256, "num_classes": 2000},
     {"head": "partial_fc", "head_cache_mib": 0},  # the softmax is recomputed, not kept
     {"head": "partial_fc", "batch_size": 256, "head_cache_mib": 8},  # over the budget
+    {"head": "partial_fc", "num_subcenters": 3},
+    {"head": "partial_fc", "num_subcenters": 3, "sample_rate": 0.1, "head_cache_mib": 0},
+    {"head": "data_parallel", "num_subcenters": 3},
 ]
 
 

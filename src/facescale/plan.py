@@ -220,17 +220,21 @@ def head_memory(cfg: Config, world_size: int) -> HeadMemory:
     from facescale.heads.partial_fc import DEFAULT_CHUNK_SIZE
 
     d, k = cfg.embedding_size, optimizer_states(cfg)
+    per_class = cfg.num_subcenters  # center rows of one class (sub-center ArcFace)
     if cfg.head == "data_parallel":
         # Every rank: all centers. Forward holds a few [batch x classes] logit tensors;
         # backward two center-sized ones at its peak (the gradient of the raw centers and
         # a term of the normalisation's) and the logits' gradient; the dense gradient lives
         # on to the update, which adds one temporary (two for AdamW).
-        copy = cfg.num_classes * d * FLOAT_BYTES
+        copy = cfg.num_classes * per_class * d * FLOAT_BYTES
         logits = cfg.batch_size * cfg.num_classes * FLOAT_BYTES
+        # sub-centers: the rows' logits and their scaled copy before each class's best, and
+        # backward's gradient of the rows' logits
+        rows_logits = 2 * per_class * logits if per_class > 1 else 0
         return HeadMemory(
             state=(1 + k) * copy,
-            forward=4 * logits,
-            backward=2 * copy + logits,
+            forward=4 * logits + rows_logits,
+            backward=2 * copy + per_class * logits,
             retained=copy,
             step=(2 if k < 2 else 3) * copy,
         )
@@ -242,25 +246,32 @@ def head_memory(cfg: Config, world_size: int) -> HeadMemory:
     # the global batch, and the sampler's key per class. The softmax of each micro-batch
     # whose [batch x computed] probabilities fit the cache budget is kept too (the chunk of
     # logits then holds probabilities; both exist when some micro-batches are kept and
-    # others recomputed).
+    # others recomputed). Sub-centers multiply the rows of a class and add a chunk that
+    # spreads the classes' probabilities onto their rows; forward then also holds each
+    # class's best logit and sub-center (fp32 and int64) and, when the softmax is kept, the
+    # chunk's row logits on their way into the kept columns.
     local = math.ceil(cfg.num_classes / world_size)
     sampled = cfg.sample_rate < 1
     computed = min(local, math.ceil(cfg.sample_rate * local)) if sampled else local
-    rows = min(DEFAULT_CHUNK_SIZE, computed)
+    rows = min(DEFAULT_CHUNK_SIZE, computed) * per_class
     global_batch = cfg.batch_size * world_size
-    probs = global_batch * computed * FLOAT_BYTES
+    probs = global_batch * computed * per_class * FLOAT_BYTES
     kept = min(cfg.gradient_acc, cfg.head_cache_mib * 2**20 // probs)
     scratch_blocks = 2 + (1 + k if sampled else 0)
-    logit_chunks = 2 if 0 < kept < cfg.gradient_acc else 1
+    logit_chunks = (2 if 0 < kept < cfg.gradient_acc else 1) + (per_class > 1)
     scratch = (
         scratch_blocks * rows * d * FLOAT_BYTES + logit_chunks * global_batch * rows * FLOAT_BYTES
     )
     scratch += kept * probs
     batch = global_batch * d * FLOAT_BYTES  # one copy of the gathered embeddings
     sampler = 4 * local + 24 * computed if sampled else 0  # keys, top-k and sort buffers
+    best = 0
+    if per_class > 1:
+        best = global_batch * rows // per_class * 12
+        best += global_batch * rows * FLOAT_BYTES if kept else 0
     return HeadMemory(
-        state=(1 + k) * local * d * FLOAT_BYTES + scratch,
-        forward=max(5 * batch, sampler),
+        state=(1 + k) * local * per_class * d * FLOAT_BYTES + scratch,
+        forward=max(5 * batch, sampler) + best,
         backward=8 * batch,
         retained=3 * batch,
         step=2 * rows * d * FLOAT_BYTES + 3 * batch,
