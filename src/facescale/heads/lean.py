@@ -140,8 +140,10 @@ class ChunkedSoftmax:
         logits[sel.target_rows[part], (sel.target_cols[part] - lo) // k] = float("-inf")
         if negatives is None:
             return logits, None, best
-        modulated, slope = self.margin.modulate(logits, negatives.target, negatives.state)
-        return logits.copy_(modulated), slope, best
+        slope = scratch.take("slope", tuple(logits.shape), logits)
+        work = scratch.take("modulation", tuple(logits.shape), logits)
+        self.margin.modulate_(logits, negatives.target, negatives.state, slope, work)
+        return logits, slope, best
 
     def _targets(
         self,

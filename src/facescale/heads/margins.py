@@ -55,9 +55,13 @@ class Margin(nn.Module):
         """A copy of the state that modulates negative logits (None: they stay ``s * cos``)."""
         return None
 
-    def modulate(self, logits: Tensor, target: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """Negative logits ``[rows, classes]`` after modulation given the rows' target logits,
-        and the derivative of the new logits to the old ones (elementwise)."""
+    def modulate_(
+        self, logits: Tensor, target: Tensor, state: Tensor, slope: Tensor, work: Tensor
+    ) -> None:
+        """Modulate the negative logits ``[rows, classes]`` in place (-inf: no class), given
+        the rows' target logits and :meth:`negative_state`; write the derivative of the new
+        logits to the old ones into ``slope``. ``work`` is a buffer of the same shape to use.
+        No autograd."""
         raise NotImplementedError
 
     def regulariser(self, norms: Tensor) -> Tensor | None:

@@ -72,6 +72,15 @@ def observe_batch(
     margin.observe(norms, target_cosine)
 
 
+def modulated(logits: Tensor, margin: Margin, target: Tensor, state: Tensor) -> Tensor:
+    """``logits`` after the margin's modulation of negatives, with its derivative as the
+    gradient (the value from :meth:`Margin.modulate_`, applied to a copy)."""
+    value, slope = logits.detach().clone(), torch.empty_like(logits)
+    margin.modulate_(value, target, state, slope, torch.empty_like(logits))
+    change = torch.where(torch.isfinite(value), (logits - logits.detach()) * slope, 0.0)
+    return value + change
+
+
 def dense_shard_terms(
     embeddings: Tensor,
     norms: Tensor | None,
@@ -111,6 +120,6 @@ def dense_shard_terms(
     logits = logits.index_put((target_rows, target_cols), logits.new_tensor(float("-inf")))
     state = margin.negative_state()
     if state is not None:
-        logits, _ = margin.modulate(logits, target.detach(), state)
+        logits = modulated(logits, margin, target.detach(), state)
     top, sumexp = row_sumexp(logits)
     return top, sumexp, target
