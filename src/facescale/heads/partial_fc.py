@@ -379,31 +379,21 @@ class LeanPartialFC(ShardedHead):
     def checkpoint_state(self) -> dict[str, Any]:
         """Centers, optimizer state and counters of this shard (classes first: re-shardable;
         a class's sub-centers as one ``[K, ...]`` entry)."""
+        state = self.state_dict()
         k = self.num_subcenters
-        return {
-            name: value.view(self.num_local, k, *value.shape[1:]) if self._per_row(value) else value
-            for name, value in self.state_dict().items()
-        }
+        for name, value in state.items():
+            if k > 1 and torch.is_tensor(value) and value.dim() and len(value) == self.num_rows:
+                state[name] = value.view(self.num_local, k, *value.shape[1:])
+        return state
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         k = self.num_subcenters
-        self.load_state_dict(
-            {
-                name: value.flatten(0, 1)
-                if k > 1 and torch.is_tensor(value) and value.shape[:2] == (self.num_local, k)
-                else value
-                for name, value in state.items()
-            }
-        )
-
-    def _per_row(self, value: Any) -> bool:
-        """Whether ``value`` holds one entry per sub-center row (with more than one each)."""
-        return (
-            self.num_subcenters > 1
-            and torch.is_tensor(value)
-            and value.dim() > 0
-            and value.shape[0] == self.num_rows
-        )
+        rows = {
+            name: value.flatten(0, 1)
+            for name, value in state.items()
+            if k > 1 and torch.is_tensor(value) and value.shape[:2] == (self.num_local, k)
+        }
+        self.load_state_dict({**state, **rows} if rows else state)
 
     def get_extra_state(self) -> dict[str, Any]:
         return super().get_extra_state() | {"optimizer_steps": self.optimizer_steps}
