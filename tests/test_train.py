@@ -82,6 +82,17 @@ def test_resume_on_another_number_of_ranks(tmp_path, before, after):
     assert_same_model(straight, resumed, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_sub_centers_and_running_state_resume_on_another_number_of_ranks(tmp_path):
+    values = {"loss": "curricularface", "num_subcenters": 3, "stop_step": 3}
+    stopped = run_ranks(train_rank, 2, tmp_path, values, 24)
+    reloaded = run_ranks(train_rank, 1, tmp_path, values, 24, True)
+    assert full_head(stopped).shape[0] == 3 * NUM_CLASSES
+    assert torch.equal(full_head(reloaded), full_head(stopped))
+    (t,) = {r["margin"]["t"].item() for r in stopped}  # the same on every rank
+    assert t != 0 and reloaded[0]["margin"]["t"].item() == t
+
+
 def test_mismatched_checkpoint_is_refused(tmp_path):
     run_ranks(train_rank, 1, tmp_path, {"stop_step": 2}, 8)
     cfg = train_config(tmp_path, embedding_size=16, resume=True)
