@@ -72,8 +72,8 @@ class ChunkedSoftmax:
         return (embeddings * self.margin.s).to(self.dtype)
 
     def centers(self, weight: Tensor, rows: Rows, scratch: Scratch) -> tuple[Tensor, Tensor]:
-        """Raw center rows (a view, or a copy in ``scratch``) and their inverse norms."""
-        block = scratch.rows_of("rows", weight, rows)
+        """Raw fp32 center rows (a view, or a copy in ``scratch``) and their inverse norms."""
+        block = scratch.wide_rows("rows", weight, rows)
         return block, inverse_norms(block)
 
     def _logits(
@@ -100,7 +100,7 @@ class ChunkedSoftmax:
         self, weight: Tensor, embeddings: Tensor, sel: ShardSelection
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised target centers, their margin logits and the margin's derivative."""
-        centers = F.normalize(weight[sel.target_local], dim=1)
+        centers = F.normalize(weight[sel.target_local].float(), dim=1)
         with torch.enable_grad():
             cosine = target_cosine(embeddings[sel.target_rows], centers).requires_grad_()
             logits = self.margin(cosine)
