@@ -3,6 +3,8 @@
 World sizes 1 (no process group), 2 and 3 (spawned gloo ranks) with uneven class splits
 (11 over 2, 10 over 3) and uneven batches (one rank may pass no rows). Tolerance: fp32
 against float64, max error <= 1e-5 of the loss and 1e-4 of the largest gradient entry.
+Heads storing their centers in bf16 or fp16 are held to the same tolerance against the
+reference on the rounded centers.
 """
 
 import pytest
@@ -29,10 +31,13 @@ MARGINS = {
     "straight": ArcFace(64, 0.5, straight_through=True),
 }
 MODES = ("dropin", "lean", "lean_recompute", "data_parallel")  # recompute: no cache
+CENTER_DTYPES = {"lean_bf16": torch.bfloat16, "lean_fp16": torch.float16}  # narrow storage
 # (margin, mode, inter-class filtering threshold)
 CASES = [(m, mode, 0.0) for m in ("arcface", "cosface", "combined") for mode in MODES]
 CASES += [("arcface", mode, 0.25) for mode in MODES] + [("straight", "dropin", 0.0)]
 CASES += [("straight", "lean", 0.0)]
+CASES += [(m, mode, 0.0) for m in ("arcface", "combined") for mode in CENTER_DTYPES]
+CASES += [("arcface", "lean_bf16", 0.25)]
 
 
 def _build(mode, margin, num_classes, threshold):
@@ -46,6 +51,7 @@ def _build(mode, margin, num_classes, threshold):
         chunk_size=3,
         cache_bytes=0 if mode == "lean_recompute" else 2**20,
         interclass_filtering_threshold=threshold,
+        **({"center_dtype": mode.removeprefix("lean_")} if mode in CENTER_DTYPES else {}),
     )
     if mode.startswith("lean"):
         head.configure_optimizer("sgd", lr=0.1)
@@ -76,8 +82,9 @@ def test_loss_and_gradients_match_the_float64_reference(world):
     embeddings, labels, weight = make_problem(0, sum(SIZES[world]), NUM_CLASSES[world], DIM)
     for case in CASES:
         name, mode, threshold = case
+        stored = weight.to(CENTER_DTYPES[mode]).float() if mode in CENTER_DTYPES else weight
         loss, grad_x, grad_w = reference_grads(
-            embeddings, labels, weight, MARGINS[name], threshold=threshold
+            embeddings, labels, stored, MARGINS[name], threshold=threshold
         )
         for rank, result in enumerate(results):
             assert result[case][0] == pytest.approx(loss.item(), rel=1e-5), (case, rank)
