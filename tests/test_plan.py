@@ -121,6 +121,7 @@ def _head_step(rank: int, world: int, case: dict) -> dict[str, int]:
         head = build_head(
             cfg.head, cfg.num_classes, cfg.embedding_size, CombinedMargin(64, 1, 0.5, 0),
             sample_rate=cfg.sample_rate, lean=lean, cache_bytes=cfg.head_cache_mib * 2**20,
+            center_dtype=cfg.center_dtype, center_state_dtype=cfg.center_state_dtype,
         )  # fmt: skip
         head.configure_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
         parts.update(head=head)
@@ -147,6 +148,10 @@ def _head_step(rank: int, world: int, case: dict) -> dict[str, int]:
     }
 
 
+def _storage(centers: str, state: str) -> dict[str, str]:
+    return {"center_dtype": centers, "center_state_dtype": state}
+
+
 HEAD_CASES = [
     {"head": "data_parallel"},
     {"head": "data_parallel", "optimizer": "adamw"},
@@ -156,6 +161,11 @@ HEAD_CASES = [
     {"head": "partial_fc", "batch_size": 256, "num_classes": 2000},
     {"head": "partial_fc", "head_cache_mib": 0},  # the softmax is recomputed, not kept
     {"head": "partial_fc", "batch_size": 256, "head_cache_mib": 8},  # over the budget
+    # narrow storage of the centers and of their optimizer state
+    {"head": "partial_fc", **_storage("bf16", "bf16")},
+    {"head": "partial_fc", **_storage("fp16", "int8")},
+    {"head": "partial_fc", "sample_rate": 0.1, **_storage("bf16", "int8")},
+    {"head": "partial_fc", "sample_rate": 0.1, "optimizer": "adamw", **_storage("fp16", "bf16")},
 ]
 
 

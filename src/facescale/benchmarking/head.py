@@ -41,6 +41,8 @@ class Options:
     chunk_size: int
     cache_mib: int
     dtype: str
+    center_dtype: str
+    center_state_dtype: str
     steps: int
     warmup: int
     threads: int
@@ -84,6 +86,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of the logits"
     )
+    parser.add_argument(
+        "--center-dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="storage of the lean head's centers (its math stays fp32)",
+    )
+    parser.add_argument(
+        "--center-state-dtype",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="storage of the lean head's momentum",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument(
@@ -100,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         problem = "--world and --steps must be >= 1, --warmup and --cache-mib >= 0"
     elif args.kind == "data_parallel" and (lean or args.sample_rate != 1):
         problem = "--kind data_parallel takes --mode dropin and --sample-rate 1"
+    elif not lean and (args.center_dtype, args.center_state_dtype) != ("fp32", "fp32"):
+        problem = "--center-dtype and --center-state-dtype other than fp32 need --mode lean"
     if problem:
         print(f"facescale bench head: error: {problem}", file=sys.stderr)
         return 2
@@ -114,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         args.chunk_size,
         args.cache_mib,
         args.dtype,
+        args.center_dtype,
+        args.center_state_dtype,
         args.steps,
         args.warmup,
         args.threads,
@@ -195,6 +213,12 @@ def measure_rank(options: Options, device: Any) -> dict[str, Any]:
     from facescale.seeding import rank_seed
 
     dtype = resolve_logits_dtype(options.dtype)
+    storage = {}
+    if options.lean:
+        storage = {
+            "center_dtype": options.center_dtype,
+            "center_state_dtype": options.center_state_dtype,
+        }
     gc.collect()
     memory = PeakMemory(device)
     memory.start()
@@ -209,6 +233,8 @@ def measure_rank(options: Options, device: Any) -> dict[str, Any]:
         cache_bytes=options.cache_mib * 2**20,
         logits_dtype=dtype,
         seed=0,
+        device=device,
+        **storage,
     ).to(device)
     optimizer = None
     if options.lean:
