@@ -31,8 +31,8 @@ DIM = 16
 NARROW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _noise(rows, step=1, table=0, seed=0, dim=DIM):
-    return rounding_noise(seed, table, step, torch.arange(rows), dim)
+def _noise(rows, step=1, seed=0, dim=DIM):
+    return rounding_noise(seed, step, torch.arange(rows), dim)
 
 
 def _neighbours(values, dtype):
@@ -74,15 +74,15 @@ def test_fp16_saturates_instead_of_overflowing():
     assert rounded[0, :3].abs().tolist() == [65504.0] * 3
 
 
-def test_noise_depends_on_class_step_and_table_not_on_chunks():
+def test_noise_depends_on_seed_step_and_class_not_on_chunks():
     classes = torch.arange(100, 300)
-    whole = rounding_noise(7, 1, 5, classes, DIM)
-    parts = torch.cat([rounding_noise(7, 1, 5, c, DIM) for c in classes.split(64)])
+    whole = rounding_noise(7, 5, classes, DIM)
+    parts = torch.cat([rounding_noise(7, 5, c, DIM) for c in classes.split(64)])
     assert torch.equal(whole, parts)
-    assert torch.equal(whole[10:20], rounding_noise(7, 1, 5, classes[10:20], DIM))
-    for other in (rounding_noise(7, 2, 5, classes, DIM), rounding_noise(7, 1, 6, classes, DIM)):
+    assert torch.equal(whole[10:20], rounding_noise(7, 5, classes[10:20], DIM))
+    for other in (rounding_noise(8, 5, classes, DIM), rounding_noise(7, 6, classes, DIM)):
         assert (other != whole).float().mean() > 0.99
-    many = rounding_noise(7, 1, 5, torch.arange(20_000), DIM)
+    many = rounding_noise(7, 5, torch.arange(20_000), DIM)
     assert many.min() >= 0 and many.max() < 2**NOISE_BITS
     assert many.float().mean().item() == pytest.approx(2 ** (NOISE_BITS - 1), rel=0.01)
 
@@ -91,7 +91,7 @@ def test_noise_depends_on_class_step_and_table_not_on_chunks():
 def test_many_tiny_updates_keep_their_sum(kind):
     """A step far below one unit in the last place, 1000 times: the stored values move as
     fp32 arithmetic does (round to nearest would not move them at all)."""
-    table = RowTable("weight", kind, 0) if kind != "int8" else state_tables(("m",), "int8")[0]
+    table = RowTable("weight", kind) if kind != "int8" else state_tables(("m",), "int8")[0]
     module = torch.nn.Module()
     table.register(module, 256, 64, torch.device("cpu"))
     start = torch.randn(256, 64, generator=torch.Generator().manual_seed(1)) * 0.01

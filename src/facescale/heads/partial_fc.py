@@ -330,29 +330,24 @@ class LeanPartialFC(ShardedHead):
                 grad.mul_(grad_scale)
             state = {t.name: t.read(self, rows, self._scratch) for t in self.state_tables}
             optimizer.update(block, state, grad, lr, self.optimizer_steps)
-            self._write(self.center_table, rows, block)
+            noise = self._rounding_noise(rows, block)
+            self.center_table.write(self, rows, block, noise)
             for table in self.state_tables:
-                self._write(table, rows, state[table.name])
+                table.write(self, rows, state[table.name], noise)
         self._forget()
 
-    def _write(self, table: RowTable, rows: Rows, block: Tensor) -> None:
-        """Store an updated block of ``table``; narrow tables round stochastically, with noise
-        fixed by the seed, the table, the optimizer step and the rows' global classes."""
-        noise = None
-        if table.narrow:
-            if isinstance(rows, slice):
-                classes = torch.arange(rows.start, rows.stop, device=block.device)
-            else:
-                classes = rows
-            noise = rounding_noise(
-                self.seed,
-                table.stream,
-                self.optimizer_steps,
-                classes + self.class_start,
-                block.shape[1],
-                self._scratch.take("noise", tuple(block.shape), _INT32.to(block.device)),
-            )
-        table.write(self, rows, block, noise)
+    def _rounding_noise(self, rows: Rows, block: Tensor) -> Tensor | None:
+        """The noise narrow tables round ``rows`` with at this step (None: all are fp32): fixed
+        by the seed, the optimizer step and the rows' global classes."""
+        if not any(t.narrow for t in (self.center_table, *self.state_tables)):
+            return None
+        if isinstance(rows, slice):
+            classes = torch.arange(rows.start, rows.stop, device=block.device)
+        else:
+            classes = rows
+        buffer = self._scratch.take("noise", tuple(block.shape), _INT32.to(block.device))
+        classes = classes + self.class_start
+        return rounding_noise(self.seed, self.optimizer_steps, classes, block.shape[1], buffer)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the micro-batches recorded since the last step."""

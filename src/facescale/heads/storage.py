@@ -60,16 +60,17 @@ def _mix32(x: Tensor) -> Tensor:
 
 
 def rounding_noise(
-    seed: int, table: int, step: int, classes: Tensor, dim: int, out: Tensor | None = None
+    seed: int, step: int, classes: Tensor, dim: int, out: Tensor | None = None
 ) -> Tensor:
     """``[len(classes), dim]`` int32 values, uniform in [0, 2**NOISE_BITS), fixed by (seed,
-    table, step, class, column).
+    step, class, column).
 
     A row draws one value from its class and the step, each column one from the step; an
     entry is their sum modulo 2**NOISE_BITS. So every entry is uniform and fresh at every
-    step, for the cost of one addition per entry.
+    step, for the cost of one addition per entry. The tables of a row block share it: each
+    table's rounding is unbiased on its own.
     """
-    salt = stream_seed(seed, _ROUNDING, table, step)
+    salt = stream_seed(seed, _ROUNDING, step)
     classes = classes.to(torch.int64)
     key = _mix32((classes >> 32) ^ (salt & _MASK32))
     rows = _mix32(key ^ (classes & _MASK32)).to(torch.int32)
@@ -94,29 +95,30 @@ def round_bf16_(block: Tensor, noise: Tensor) -> Tensor:
 
 
 def round_fp16_(block: Tensor, noise: Tensor) -> Tensor:
-    """``block`` (fp32, overwritten) rounded stochastically to float16's grid (subnormals
-    included), saturating at float16's largest value; still fp32."""
+    """``block`` (fp32, overwritten) rounded stochastically to float16's grid, saturating at
+    float16's largest value; still fp32.
+
+    As for bfloat16, on the 13 bits float16 drops from a normal value. A subnormal value
+    (below 2**-14) is first moved up by 2**-14 into the lowest normal binade, whose spacing
+    (2**-24) is the subnormals' own, rounded there, and moved back (both moves are exact).
+    """
     info = torch.finfo(torch.float16)
     magnitude = block.abs()
-    _, exponent = torch.frexp(magnitude)
-    # the spacing of float16 values around each entry, never below the subnormal spacing
-    spacing = torch.ldexp(torch.ones_like(magnitude), exponent - 1).clamp_(min=info.tiny)
-    spacing.mul_(info.eps)
-    uniform = noise.float().mul_(2.0**-NOISE_BITS)
-    magnitude.div_(spacing).add_(uniform).floor_().mul_(spacing).clamp_(max=info.max)
+    offset = torch.where(magnitude < info.tiny, info.tiny, 0.0)
+    bits = magnitude.add_(offset).view(torch.int32)
+    bits.add_(noise >> (NOISE_BITS - 13)).bitwise_and_(-(1 << 13))
+    magnitude.sub_(offset).clamp_(max=info.max)
     return torch.copysign(magnitude, block, out=block)
 
 
 @dataclass(frozen=True)
 class RowTable:
     """One per-row table of the head, stored as ``kind``: the buffer ``name`` (``[rows, dim]``)
-    and, for int8, the fp32 per-row scales ``name + '_scale'``. ``stream`` separates the
-    tables' rounding noise; ``nonnegative`` tables (Adam's second moment) keep their square
-    root in int8."""
+    and, for int8, the fp32 per-row scales ``name + '_scale'``. ``nonnegative`` tables
+    (Adam's second moment) keep their square root in int8."""
 
     name: str
     kind: str
-    stream: int
     nonnegative: bool = False
 
     @property
@@ -213,7 +215,7 @@ class RowTable:
         block.div_(torch.where(scale > 0, scale, 1.0)[:, None])
         if noise is None:
             block.round_()
-        else:
+        else:  # floor(x / scale + u), u uniform in [0, 1)
             block.add_(noise.float().mul_(2.0**-NOISE_BITS)).floor_()
         lowest = 0 if self.nonnegative else -levels
         codes = block.clamp_(lowest, levels).to(torch.uint8 if self.nonnegative else torch.int8)
@@ -232,14 +234,11 @@ def center_table(kind: str) -> RowTable:
     """The centers' table (``weight``) stored as ``kind`` (fp32, bf16 or fp16)."""
     if kind not in CENTER_DTYPES:
         raise ValueError(f"center_dtype={kind!r}: use one of {', '.join(CENTER_DTYPES)}")
-    return RowTable("weight", kind, 0)
+    return RowTable("weight", kind)
 
 
 def state_tables(names: tuple[str, ...], kind: str) -> tuple[RowTable, ...]:
     """The optimizer state's tables, stored as ``kind`` (fp32, bf16 or int8)."""
     if kind not in STATE_DTYPES:
         raise ValueError(f"center_state_dtype={kind!r}: use one of {', '.join(STATE_DTYPES)}")
-    return tuple(
-        RowTable(name, kind, i + 1, nonnegative=name == "exp_avg_sq")
-        for i, name in enumerate(names)
-    )
+    return tuple(RowTable(name, kind, nonnegative=name == "exp_avg_sq") for name in names)
