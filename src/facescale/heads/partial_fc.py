@@ -345,7 +345,8 @@ class LeanPartialFC(ShardedHead):
             classes = torch.arange(rows.start, rows.stop, device=block.device)
         else:
             classes = rows
-        buffer = self._scratch.take("noise", tuple(block.shape), _INT32.to(block.device))
+        int32 = block.new_empty(0, dtype=torch.int32)
+        buffer = self._scratch.take("noise", tuple(block.shape), int32)
         classes = classes + self.class_start
         return rounding_noise(self.seed, self.optimizer_steps, classes, block.shape[1], buffer)
 
@@ -385,9 +386,6 @@ class LeanPartialFC(ShardedHead):
             f"{super().extra_repr()}, cache_bytes={self.cache_bytes}, "
             f"center_dtype={self.center_table.kind}, center_state_dtype={self.center_state_dtype}"
         )
-
-
-_INT32 = torch.empty(0, dtype=torch.int32)  # the dtype of the rounding noise's buffer
 
 
 def _union(indices: list[Tensor | None]) -> Tensor | None:
