@@ -41,12 +41,12 @@ class Options:
     chunk_size: int
     cache_mib: int
     dtype: str
-    center_dtype: str
-    center_state_dtype: str
     steps: int
     warmup: int
     threads: int
     lr: float
+    center_dtype: str = "fp32"  # storage of the lean head's centers and momentum
+    center_state_dtype: str = "fp32"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,12 +130,12 @@ def run(args: argparse.Namespace) -> int:
         args.chunk_size,
         args.cache_mib,
         args.dtype,
-        args.center_dtype,
-        args.center_state_dtype,
         args.steps,
         args.warmup,
         args.threads,
         args.lr,
+        args.center_dtype,
+        args.center_state_dtype,
     )
     ranks = spawn_ranks(_measure_on_rank, args.world, options)
     print_report(summarize(options, ranks), args.json)

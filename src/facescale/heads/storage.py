@@ -100,7 +100,8 @@ def round_fp16_(block: Tensor, noise: Tensor) -> Tensor:
 
     As for bfloat16, on the 13 bits float16 drops from a normal value. A subnormal value
     (below 2**-14) is first moved up by 2**-14 into the lowest normal binade, whose spacing
-    (2**-24) is the subnormals' own, rounded there, and moved back (both moves are exact).
+    (2**-24) is the subnormals' own, rounded there, and moved back: the move up rounds in
+    fp32 only far below that spacing (2**-37), the move back is exact.
     """
     info = torch.finfo(torch.float16)
     magnitude = block.abs()
