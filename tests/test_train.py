@@ -24,9 +24,12 @@ from facescale.distributed import init_distributed
 from facescale.train.schedule import lr_at
 from facescale.train.trainer import Trainer, train
 
+NARROW = {"center_dtype": "bf16", "center_state_dtype": "int8"}  # centers and momentum stored
 
-def test_two_ranks_learn(tmp_path):
-    results = run_ranks(train_rank, 2, tmp_path, {"num_epoch": 6, "lr": 0.05}, 16)
+
+@pytest.mark.parametrize("storage", [{}, NARROW], ids=["fp32", "narrow"])
+def test_two_ranks_learn(tmp_path, storage):
+    results = run_ranks(train_rank, 2, tmp_path, {"num_epoch": 6, "lr": 0.05, **storage}, 16)
     losses = [
         float(line.split('"loss": ')[1].split(",")[0])
         for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -46,9 +49,6 @@ def test_one_and_two_ranks_give_the_same_weights(tmp_path):
     two = run_ranks(train_rank, 2, tmp_path / "two", values, 16)
     assert one[0]["summary"]["final_step"] == two[0]["summary"]["final_step"] == 3
     assert_same_model(one, two, rtol=1e-4, atol=1e-5)
-
-
-NARROW = {"center_dtype": "bf16", "center_state_dtype": "int8"}  # centers and momentum stored
 
 
 @pytest.mark.parametrize("storage", [{}, NARROW], ids=["fp32", "narrow"])
