@@ -216,8 +216,9 @@ def optimizer_states(cfg: Config) -> int:
 
 
 # Transient bytes per entry of a chunk while a narrow table's block is rounded and stored
-# (heads/storage.py): fp16's grid spacing and noise in fp32, int8's magnitudes and codes.
-ROUNDING_BYTES = {"fp32": 0, "bf16": 0, "fp16": 24, "int8": 5}
+# (heads/storage.py): fp16: the magnitudes, the subnormal offset and the shifted noise;
+# int8: the noise in fp32 and the codes.
+ROUNDING_BYTES = {"fp32": 0, "bf16": 0, "fp16": 12, "int8": 5}
 
 
 def head_memory(cfg: Config, world_size: int) -> HeadMemory:
