@@ -36,7 +36,7 @@ def center_grad(head: PartialFC) -> torch.Tensor:
     """The head's gradient to its shard as a dense matrix (zero for rows not computed)."""
     if not head.lean:
         return head.weight.grad.clone()
-    dense = torch.zeros_like(head.weight)
+    dense = torch.zeros(head.weight.shape)
     for rows, grad in head.center_grad_chunks():
         dense[rows] = grad
     return dense

@@ -3,6 +3,8 @@
 World sizes 1 (no process group), 2 and 3 (spawned gloo ranks) with uneven class splits
 (11 over 2, 10 over 3) and uneven batches (one rank may pass no rows). Tolerance: fp32
 against float64, max error <= 1e-5 of the loss and 1e-4 of the largest gradient entry.
+Heads storing their centers in bf16 or fp16 are held to the same tolerance against the
+reference on the rounded centers.
 """
 
 import pytest
@@ -45,6 +47,7 @@ MARGINS = {
 }
 NEW_LOSSES = ("adaface", "magface", "curricularface")
 MODES = ("dropin", "lean", "lean_recompute", "data_parallel")  # recompute: no cache
+CENTER_DTYPES = {"lean_bf16": torch.bfloat16, "lean_fp16": torch.float16}  # narrow storage
 # (margin, mode, inter-class filtering threshold)
 CASES = [(m, mode, 0.0) for m in ("arcface", "cosface", "combined") for mode in MODES]
 CASES += [("arcface", mode, 0.25) for mode in MODES] + [("straight", "dropin", 0.0)]
@@ -56,6 +59,8 @@ SUBCENTERS = {"subcenter": 3, "subcenter_adaface": 2}
 MARGINS |= {"subcenter": MARGINS["arcface"], "subcenter_adaface": AdaFace}
 CASES += [("subcenter", mode, 0.0) for mode in MODES] + [("subcenter", "lean", 0.25)]
 CASES += [("subcenter_adaface", mode, 0.0) for mode in ("dropin", "lean_recompute")]
+CASES += [(m, mode, 0.0) for m in ("arcface", "combined") for mode in CENTER_DTYPES]
+CASES += [("arcface", "lean_bf16", 0.25)]
 
 
 def _weight(name, weight, num_classes):
@@ -79,6 +84,7 @@ def _build(mode, margin, num_classes, threshold, num_subcenters=1):
         interclass_filtering_threshold=threshold,
         scale_embedding_grad=False,  # each rank's exact share of the global loss's gradient
         num_subcenters=num_subcenters,
+        **({"center_dtype": mode.removeprefix("lean_")} if mode in CENTER_DTYPES else {}),
     )
     if mode.startswith("lean"):
         head.configure_optimizer("sgd", lr=0.1)
@@ -113,6 +119,8 @@ def test_loss_and_gradients_match_the_float64_reference(world):
         name, mode, threshold = case
         margin, k = MARGINS[name](), SUBCENTERS.get(name, 1)
         centers = _weight(name, weight, NUM_CLASSES[world])
+        if mode in CENTER_DTYPES:
+            centers = centers.to(CENTER_DTYPES[mode]).float()
         loss, grad_x, grad_w = reference_grads(
             embeddings, labels, centers, margin, threshold=threshold, subcenters=k
         )

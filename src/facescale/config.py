@@ -120,6 +120,19 @@ class Config:
             lambda v: v in ("auto", "fp32", "fp16", "bf16"), "'auto', 'fp32', 'fp16' or 'bf16'"
         ),
     )
+    # storage of the Partial FC head's class centers and of their optimizer state (momentum,
+    # Adam's moments); every chunk computes in float32, writes round stochastically
+    center_dtype: str = field(
+        default="fp32",
+        metadata=_check(lambda v: v in ("fp32", "bf16", "fp16"), "'fp32', 'bf16' or 'fp16'"),
+    )
+    center_state_dtype: str = field(
+        default="fp32",
+        metadata=_check(
+            lambda v: v in ("fp32", "bf16", "int8"),
+            "'fp32', 'bf16' or 'int8' (one byte per entry and a float32 scale per class)",
+        ),
+    )
     # classes per chunk of the head's softmax; 0: sized from the device (4096 on CPU, from a
     # memory budget on a GPU)
     head_chunk_size: int = field(

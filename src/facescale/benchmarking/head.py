@@ -49,6 +49,8 @@ class Options:
     lr: float
     losses: tuple[str, ...] = ("arcface",)
     num_subcenters: int = 1
+    center_dtype: str = "fp32"  # storage of the lean head's centers and momentum
+    center_state_dtype: str = "fp32"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +91,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of the logits"
     )
+    parser.add_argument(
+        "--center-dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="storage of the lean head's centers (its math stays fp32)",
+    )
+    parser.add_argument(
+        "--center-state-dtype",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="storage of the lean head's momentum",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument(
@@ -120,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         problem = "--kind data_parallel does not keep AdaFace's or CurricularFace's state"
     elif args.kind == "data_parallel" and (lean or args.sample_rate != 1):
         problem = "--kind data_parallel takes --mode dropin and --sample-rate 1"
+    elif not lean and (args.center_dtype, args.center_state_dtype) != ("fp32", "fp32"):
+        problem = "--center-dtype and --center-state-dtype other than fp32 need --mode lean"
     if problem:
         print(f"facescale bench head: error: {problem}", file=sys.stderr)
         return 2
@@ -140,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
         args.lr,
         tuple(args.loss),
         args.subcenters,
+        args.center_dtype,
+        args.center_state_dtype,
     )
     ranks = spawn_ranks(_measure_on_rank, args.world, options)
     by_loss = [summarize(options, [r[i] for r in ranks]) for i in range(len(options.losses))]
@@ -220,6 +238,12 @@ def measure_rank(options: Options, device: Any, loss: str = "arcface") -> dict[s
     from facescale.seeding import rank_seed
 
     dtype = resolve_logits_dtype(options.dtype)
+    storage = {}
+    if options.lean:
+        storage = {
+            "center_dtype": options.center_dtype,
+            "center_state_dtype": options.center_state_dtype,
+        }
     gc.collect()
     memory = PeakMemory(device)
     memory.start()
@@ -235,6 +259,8 @@ def measure_rank(options: Options, device: Any, loss: str = "arcface") -> dict[s
         cache_bytes=options.cache_mib * 2**20,
         logits_dtype=dtype,
         seed=0,
+        device=device,
+        **storage,
     ).to(device)
     optimizer = None
     if options.lean:

@@ -109,8 +109,8 @@ class ChunkedSoftmax:
         return (embeddings * self.margin.s).to(self.dtype)
 
     def centers(self, weight: Tensor, rows: Rows, scratch: Scratch) -> tuple[Tensor, Tensor]:
-        """Raw center rows (a view, or a copy in ``scratch``) and their inverse norms."""
-        block = scratch.rows_of("rows", weight, rows)
+        """Raw fp32 center rows (a view, or a copy in ``scratch``) and their inverse norms."""
+        block = scratch.wide_rows("rows", weight, rows)
         return block, inverse_norms(block)
 
     def _logits(
@@ -162,7 +162,7 @@ class ChunkedSoftmax:
             candidates = F.normalize(weight[group].float(), dim=2)
             cosines = (candidates * embeddings[sel.target_rows][:, None, :].float()).sum(dim=2)
             sel = pick_subcenters(sel, cosines.argmax(dim=1))
-        centers = F.normalize(weight[sel.target_local], dim=1)
+        centers = F.normalize(weight[sel.target_local].float(), dim=1)
         cosine = target_cosine(embeddings[sel.target_rows], centers)
         rows, batch = sel.target_rows, embeddings.shape[0]
         observe_batch(self.margin, norms, cosine, rows, batch, training)

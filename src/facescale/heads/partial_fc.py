@@ -27,10 +27,11 @@ from .lean import ChunkedSoftmax, MicroBatch, lean_loss, raw_center_grad_, shard
 from .margins import Margin
 from .options import check_head_args, resolve_logits_dtype
 from .row_optim import RowOptimizer, make_row_optimizer
-from .rows import Rows, Scratch, write_rows
+from .rows import Rows, Scratch
 from .sampling import ClassSampler, ShardSelection, select_classes
 from .shards import init_centers, shard_range
 from .softmax import dense_shard_terms, log_sum_exp
+from .storage import RowTable, center_table, rounding_noise, state_tables
 from .subcenters import rows_selection, subcenter_rows
 
 DEFAULT_CHUNK_SIZE = 4096  # classes: a chunk's buffers stay in a CPU's caches
@@ -71,6 +72,8 @@ class ShardedHead(nn.Module):
         seed: int = 0,
         scale_embedding_grad: bool = True,
         num_subcenters: int = 1,
+        center_dtype: str = "fp32",
+        device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
         check_head_args(
@@ -102,8 +105,16 @@ class ShardedHead(nn.Module):
             ClassSampler(self.num_local, sample_rate, seed, self.rank) if sample_rate < 1 else None
         )
         self._last_index: Tensor | None = None
-        k = num_subcenters
-        self._hold(init_centers(self.class_start * k, self.num_rows, embedding_size, seed))
+        if center_dtype != "fp32" and not self.lean:
+            raise ValueError(
+                f"center_dtype={center_dtype!r} needs the lean head (lean=True), which updates "
+                "its own centers; a torch optimizer steps the drop-in head's fp32 parameter"
+            )
+        self.seed = seed
+        self.center_table = center_table(center_dtype)
+        dtype = self.center_table.dtype
+        start, count = self.class_start * num_subcenters, self.num_rows
+        self._hold(init_centers(start, count, embedding_size, seed, device, dtype))
 
     def _hold(self, centers: Tensor) -> None:
         """Keep the shard's initial centers as ``self.weight`` (a parameter or a buffer)."""
@@ -219,12 +230,18 @@ class LeanPartialFC(ShardedHead):
         sample_rate: float = 1.0,
         *,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        center_state_dtype: str = "fp32",
         **options: Any,
     ) -> None:
-        """:class:`PartialFC`'s arguments (``options``: its keywords) and ``cache_bytes``."""
+        """:class:`PartialFC`'s arguments (``options``: its keywords, with ``center_dtype``:
+        'fp32', 'bf16' or 'fp16'), ``cache_bytes`` and ``center_state_dtype`` (the optimizer
+        state's storage: 'fp32', 'bf16' or 'int8'); see :mod:`facescale.heads.storage`."""
         if cache_bytes < 0:
             raise ValueError(f"cache_bytes={cache_bytes} must be >= 0")
+        state_tables((), center_state_dtype)  # refuse an unknown kind before any allocation
         super().__init__(num_classes, embedding_size, margin, sample_rate, **options)
+        self.center_state_dtype = center_state_dtype
+        self.state_tables: tuple[RowTable, ...] = ()
         self.optimizer: RowOptimizer | None = None
         self.optimizer_steps = 0
         self.pending: list[MicroBatch] = []  # what each backward since the last step left
@@ -274,12 +291,12 @@ class LeanPartialFC(ShardedHead):
         eps: float = 1e-8,
     ) -> None:
         """Choose the centers' update ('sgd' or 'adamw') and create its per-row state."""
-        if self.optimizer is not None:
-            for name in self.optimizer.state_names:
-                delattr(self, name)
+        for table in self.state_tables:
+            table.unregister(self)
         self.optimizer = make_row_optimizer(kind, lr, momentum, weight_decay, betas, eps)
-        for name in self.optimizer.state_names:
-            self.register_buffer(name, torch.zeros_like(self.weight))
+        self.state_tables = state_tables(self.optimizer.state_names, self.center_state_dtype)
+        for table in self.state_tables:
+            table.register(self, *self.weight.shape, self.weight.device)
         self.optimizer_steps = 0
 
     @torch.no_grad()
@@ -350,18 +367,30 @@ class LeanPartialFC(ShardedHead):
             return
         lr = optimizer.lr if lr is None else lr
         self.optimizer_steps += 1
-        tables = {name: getattr(self, name) for name in optimizer.state_names}
         for rows, block, grad in self._center_grads():
             if grad_scale != 1.0:
                 grad.mul_(grad_scale)
-            state = {
-                name: self._scratch.rows_of(name, table, rows) for name, table in tables.items()
-            }
+            state = {t.name: t.read(self, rows, self._scratch) for t in self.state_tables}
             optimizer.update(block, state, grad, lr, self.optimizer_steps)
-            write_rows(self.weight, rows, block)
-            for name, table in tables.items():
-                write_rows(table, rows, state[name])
+            noise = self._rounding_noise(rows, block)
+            self.center_table.write(self, rows, block, noise)
+            for table in self.state_tables:
+                table.write(self, rows, state[table.name], noise)
         self._forget()
+
+    def _rounding_noise(self, rows: Rows, block: Tensor) -> Tensor | None:
+        """The noise narrow tables round ``rows`` with at this step (None: all are fp32): fixed
+        by the seed, the optimizer step and the rows' global ids (class x sub-centers)."""
+        if not any(t.narrow for t in (self.center_table, *self.state_tables)):
+            return None
+        if isinstance(rows, slice):
+            local = torch.arange(rows.start, rows.stop, device=block.device)
+        else:
+            local = rows
+        int32 = block.new_empty(0, dtype=torch.int32)
+        buffer = self._scratch.take("noise", tuple(block.shape), int32)
+        ids = local + self.class_start * self.num_subcenters
+        return rounding_noise(self.seed, self.optimizer_steps, ids, block.shape[1], buffer)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the micro-batches recorded since the last step."""
@@ -387,13 +416,18 @@ class LeanPartialFC(ShardedHead):
         return state
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Load :meth:`checkpoint_state`; tables saved in another storage kind are converted
+        (:meth:`RowTable.convert`: widening is exact, narrowing rounds to nearest)."""
         k = self.num_subcenters
         rows = {
             name: value.flatten(0, 1)
             for name, value in state.items()
             if k > 1 and torch.is_tensor(value) and value.shape[:2] == (self.num_local, k)
         }
-        self.load_state_dict({**state, **rows} if rows else state)
+        state = {**state, **rows}
+        for table in (self.center_table, *self.state_tables):
+            state = table.convert(state)
+        self.load_state_dict(state)
 
     def get_extra_state(self) -> dict[str, Any]:
         return super().get_extra_state() | {"optimizer_steps": self.optimizer_steps}
@@ -403,7 +437,10 @@ class LeanPartialFC(ShardedHead):
         self.optimizer_steps = int(state["optimizer_steps"])
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, cache_bytes={self.cache_bytes}"
+        return (
+            f"{super().extra_repr()}, cache_bytes={self.cache_bytes}, "
+            f"center_dtype={self.center_table.kind}, center_state_dtype={self.center_state_dtype}"
+        )
 
 
 def _union(indices: list[Tensor | None]) -> Tensor | None:

@@ -101,8 +101,10 @@ def head_logits_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 
 def build_training_head(cfg: Config, device: torch.device) -> TrainableHead:
-    """The config's head on ``device``, with its optimizer; Partial FC runs lean, in chunks
-    of ``head_chunk_size`` classes (0: sized for the device and the global batch)."""
+    """The config's head on ``device`` (its centers made there), with its optimizer; Partial
+    FC runs lean, in chunks of ``head_chunk_size`` classes (0: sized for the device and the
+    global batch), its centers and their state stored as ``center_dtype`` and
+    ``center_state_dtype``."""
     rows = cfg.batch_size * get_world_size()
     chunk_size = cfg.head_chunk_size or chunk_size_for(device, rows, cfg.embedding_size)
     head: TrainableHead = build_head(
@@ -118,6 +120,9 @@ def build_training_head(cfg: Config, device: torch.device) -> TrainableHead:
         chunk_size=chunk_size,
         cache_bytes=cfg.head_cache_mib * 2**20,
         num_subcenters=cfg.num_subcenters,
+        center_dtype=cfg.center_dtype,
+        center_state_dtype=cfg.center_state_dtype,
+        device=device,
     ).to(device)
     head.configure_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
     return head
