@@ -373,9 +373,9 @@ class LeanPartialFC(ShardedHead):
             state = {t.name: t.read(self, rows, self._scratch) for t in self.state_tables}
             optimizer.update(block, state, grad, lr, self.optimizer_steps)
             noise = self._rounding_noise(rows, block)
-            self.center_table.write(self, rows, block, noise)
+            self.center_table.write(self, rows, block, noise, self._scratch)
             for table in self.state_tables:
-                table.write(self, rows, state[table.name], noise)
+                table.write(self, rows, state[table.name], noise, self._scratch)
         self._forget()
 
     def _rounding_noise(self, rows: Rows, block: Tensor) -> Tensor | None:
