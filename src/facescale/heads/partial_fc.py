@@ -31,11 +31,12 @@ from .rows import Rows, Scratch
 from .sampling import ClassSampler, ShardSelection, select_classes
 from .shards import init_centers, shard_range
 from .softmax import dense_shard_terms, log_sum_exp
-from .storage import RowTable, center_table, rounding_noise, state_tables
+from .storage import RowTable, center_table, combine_noise, noise_terms, state_tables
 from .subcenters import rows_selection, subcenter_rows
 
 DEFAULT_CHUNK_SIZE = 4096  # classes: a chunk's buffers stay in a CPU's caches
 DEFAULT_CACHE_BYTES = 512 * 2**20
+ROUNDING_ROWS = 512  # rows narrow tables round at a time: their passes stay in L2 (512 KiB)
 GPU_CHUNK_BUDGET = 2**30  # bytes of a chunk's buffers on a GPU (at most 1/32 of its memory)
 
 
@@ -370,27 +371,42 @@ class LeanPartialFC(ShardedHead):
         for rows, block, grad in self._center_grads():
             if grad_scale != 1.0:
                 grad.mul_(grad_scale)
-            state = {t.name: t.read(self, rows, self._scratch) for t in self.state_tables}
-            optimizer.update(block, state, grad, lr, self.optimizer_steps)
-            noise = self._rounding_noise(rows, block)
-            self.center_table.write(self, rows, block, noise, self._scratch)
-            for table in self.state_tables:
-                table.write(self, rows, state[table.name], noise, self._scratch)
+            self._update(rows, block, grad, optimizer, lr)
         self._forget()
 
-    def _rounding_noise(self, rows: Rows, block: Tensor) -> Tensor | None:
-        """The noise narrow tables round ``rows`` with at this step (None: all are fp32): fixed
-        by the seed, the optimizer step and the rows' global ids (class x sub-centers)."""
-        if not any(t.narrow for t in (self.center_table, *self.state_tables)):
-            return None
+    def _update(
+        self, rows: Rows, block: Tensor, grad: Tensor, optimizer: RowOptimizer, lr: float
+    ) -> None:
+        """Apply the optimizer to a chunk's rows and store them. With narrow tables this goes
+        :data:`ROUNDING_ROWS` rows at a time, so that their widened state, the noise and
+        the rounding passes stay in the CPU's caches."""
+        tables = (self.center_table, *self.state_tables)
+        narrow = any(t.narrow for t in tables)
+        terms = self._noise_terms(rows, block) if narrow else None
+        span = ROUNDING_ROWS if narrow else len(block)
+        for lo in range(0, len(block), span):
+            hi = min(lo + span, len(block))
+            part = _sub_rows(rows, lo, hi)
+            state = {t.name: t.read(self, part, self._scratch) for t in self.state_tables}
+            optimizer.update(block[lo:hi], state, grad[lo:hi], lr, self.optimizer_steps)
+            noise = None
+            if terms is not None:
+                buffer = self._scratch.take("noise", (hi - lo, block.shape[1]), terms[0])
+                noise = combine_noise(terms[0][lo:hi], terms[1], buffer)
+            blocks = (block[lo:hi], *state.values())
+            for table, values in zip(tables, blocks, strict=True):
+                table.write(self, part, values, noise if table.narrow else None, self._scratch)
+
+    def _noise_terms(self, rows: Rows, block: Tensor) -> tuple[Tensor, Tensor]:
+        """The terms of the noise narrow tables round ``rows`` with at this step
+        (:func:`noise_terms`): fixed by the seed, the optimizer step and the rows' global ids
+        (class x sub-centers)."""
         if isinstance(rows, slice):
             local = torch.arange(rows.start, rows.stop, device=block.device)
         else:
             local = rows
-        int32 = block.new_empty(0, dtype=torch.int32)
-        buffer = self._scratch.take("noise", tuple(block.shape), int32)
         ids = local + self.class_start * self.num_subcenters
-        return rounding_noise(self.seed, self.optimizer_steps, ids, block.shape[1], buffer)
+        return noise_terms(self.seed, self.optimizer_steps, ids, block.shape[1])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the micro-batches recorded since the last step."""
@@ -441,6 +457,13 @@ class LeanPartialFC(ShardedHead):
             f"{super().extra_repr()}, cache_bytes={self.cache_bytes}, "
             f"center_dtype={self.center_table.kind}, center_state_dtype={self.center_state_dtype}"
         )
+
+
+def _sub_rows(rows: Rows, lo: int, hi: int) -> Rows:
+    """Rows ``lo`` to ``hi`` of ``rows`` (a range, or row ids)."""
+    if isinstance(rows, slice):
+        return slice(rows.start + lo, rows.start + hi)
+    return rows[lo:hi]
 
 
 def _union(indices: list[Tensor | None]) -> Tensor | None:

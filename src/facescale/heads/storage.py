@@ -70,14 +70,25 @@ def rounding_noise(
     step, for the cost of one addition per entry. The tables of a row block share it: each
     table's rounding is unbiased on its own.
     """
+    return combine_noise(*noise_terms(seed, step, classes, dim), out)
+
+
+def noise_terms(seed: int, step: int, classes: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """The row values (``[len(classes)]``) and column values (``[dim]``), int32, that
+    :func:`combine_noise` makes :func:`rounding_noise` of; a block of rows takes its slice."""
     salt = stream_seed(seed, _ROUNDING, step)
     classes = classes.to(torch.int64)
     key = _mix32((classes >> 32) ^ (salt & _MASK32))
     rows = _mix32(key ^ (classes & _MASK32)).to(torch.int32)
     columns = torch.arange(dim, device=classes.device, dtype=torch.int64)
     columns = _mix32(columns ^ (salt >> 31 & _MASK32)).to(torch.int32)
+    return rows, columns
+
+
+def combine_noise(rows: Tensor, columns: Tensor, out: Tensor | None = None) -> Tensor:
+    """The rounding noise of :func:`noise_terms`' values: their sum modulo 2**NOISE_BITS."""
     if out is None:
-        out = torch.empty(len(classes), dim, dtype=torch.int32, device=classes.device)
+        out = torch.empty(len(rows), len(columns), dtype=torch.int32, device=rows.device)
     torch.add(rows[:, None], columns[None, :], out=out)
     return out.bitwise_and_((1 << NOISE_BITS) - 1)
 
