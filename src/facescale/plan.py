@@ -215,15 +215,15 @@ def optimizer_states(cfg: Config) -> int:
     return 1 if cfg.momentum else 0
 
 
-# Transient bytes per entry of a chunk while a narrow table's block is rounded and stored
-# (heads/storage.py): fp16: the magnitudes, the subnormal offset and the shifted noise;
-# int8: the noise in fp32 and the codes.
+# Transient bytes per entry while a narrow table's rows are rounded and stored, ROUNDING_ROWS
+# rows at a time (heads/storage.py): fp16: the magnitudes, the subnormal offset and the
+# shifted noise; int8: the noise in fp32 and the codes.
 ROUNDING_BYTES = {"fp32": 0, "bf16": 0, "fp16": 12, "int8": 5}
 
 
 def head_memory(cfg: Config, world_size: int) -> HeadMemory:
     """The head of rank 0 (which holds the largest shard) for ``cfg`` on ``world_size`` ranks."""
-    from facescale.heads.partial_fc import DEFAULT_CHUNK_SIZE
+    from facescale.heads.partial_fc import DEFAULT_CHUNK_SIZE, ROUNDING_ROWS
     from facescale.heads.storage import row_bytes
 
     d, k = cfg.embedding_size, optimizer_states(cfg)
@@ -281,7 +281,8 @@ def head_memory(cfg: Config, world_size: int) -> HeadMemory:
             n * rows * row_bytes(kinds[part], d) for part, n in copies.items() if narrow[part]
         )
     scratch += kept * probs
-    rounding = max(ROUNDING_BYTES[kind] for kind in kinds.values()) * rows * d
+    rounded_rows = min(rows, ROUNDING_ROWS)
+    rounding = max(ROUNDING_BYTES[kind] for kind in kinds.values()) * rounded_rows * d
     batch = global_batch * d * FLOAT_BYTES  # one copy of the gathered embeddings
     sampler = 4 * local + 24 * computed if sampled else 0  # keys, top-k and sort buffers
     best = 0

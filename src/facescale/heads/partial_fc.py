@@ -377,25 +377,26 @@ class LeanPartialFC(ShardedHead):
     def _update(
         self, rows: Rows, block: Tensor, grad: Tensor, optimizer: RowOptimizer, lr: float
     ) -> None:
-        """Apply the optimizer to a chunk's rows and store them. With narrow tables this goes
-        :data:`ROUNDING_ROWS` rows at a time, so that their widened state, the noise and
-        the rounding passes stay in the CPU's caches."""
+        """Apply the optimizer to a chunk's rows and store them. With narrow tables the update,
+        the rounding noise and the rounding go :data:`ROUNDING_ROWS` rows at a time, so that
+        their passes over a block stay in the CPU's caches."""
         tables = (self.center_table, *self.state_tables)
-        narrow = any(t.narrow for t in tables)
-        terms = self._noise_terms(rows, block) if narrow else None
-        span = ROUNDING_ROWS if narrow else len(block)
-        for lo in range(0, len(block), span):
-            hi = min(lo + span, len(block))
-            part = _sub_rows(rows, lo, hi)
-            state = {t.name: t.read(self, part, self._scratch) for t in self.state_tables}
-            optimizer.update(block[lo:hi], state, grad[lo:hi], lr, self.optimizer_steps)
-            noise = None
-            if terms is not None:
-                buffer = self._scratch.take("noise", (hi - lo, block.shape[1]), terms[0])
-                noise = combine_noise(terms[0][lo:hi], terms[1], buffer)
-            blocks = (block[lo:hi], *state.values())
-            for table, values in zip(tables, blocks, strict=True):
-                table.write(self, part, values, noise if table.narrow else None, self._scratch)
+        state = {t.name: t.read(self, rows, self._scratch) for t in self.state_tables}
+        if not any(t.narrow for t in tables):
+            optimizer.update(block, state, grad, lr, self.optimizer_steps)
+            for table, values in zip(tables, (block, *state.values()), strict=True):
+                table.write(self, rows, values, None)
+            return
+        row_terms, column_terms = self._noise_terms(rows, block)
+        noise = self._scratch.take("noise", tuple(block.shape), row_terms)
+        for lo in range(0, len(block), ROUNDING_ROWS):
+            hi = min(lo + ROUNDING_ROWS, len(block))
+            part = {name: values[lo:hi] for name, values in state.items()}
+            optimizer.update(block[lo:hi], part, grad[lo:hi], lr, self.optimizer_steps)
+            combine_noise(row_terms[lo:hi], column_terms, noise[lo:hi])
+            for table, values in zip(tables, (block, *state.values()), strict=True):
+                rounding = noise[lo:hi] if table.narrow else None
+                table.write(self, _sub_rows(rows, lo, hi), values[lo:hi], rounding)
 
     def _noise_terms(self, rows: Rows, block: Tensor) -> tuple[Tensor, Tensor]:
         """The terms of the noise narrow tables round ``rows`` with at this step

@@ -105,24 +105,21 @@ def round_bf16_(block: Tensor, noise: Tensor) -> Tensor:
     return block
 
 
-def round_fp16_(block: Tensor, noise: Tensor, scratch: Scratch | None = None) -> Tensor:
+def round_fp16_(block: Tensor, noise: Tensor) -> Tensor:
     """``block`` (fp32, overwritten) rounded stochastically to float16's grid, saturating at
-    float16's largest value; still fp32. Its temporaries live in ``scratch``.
+    float16's largest value; still fp32.
 
     As for bfloat16, on the 13 bits float16 drops from a normal value. A subnormal value
     (below 2**-14) is first moved up by 2**-14 into the lowest normal binade, whose spacing
     (2**-24) is the subnormals' own, rounded there, and moved back: the move up rounds in
     fp32 only far below that spacing (2**-37), the move back is exact.
     """
-    scratch = scratch or Scratch()
-    info, shape = torch.finfo(torch.float16), tuple(block.shape)
-    magnitude = torch.abs(block, out=scratch.take("fp16_magnitude", shape, block))
+    info = torch.finfo(torch.float16)
+    magnitude = block.abs()
     # 1.0 where the value is below float16's normal range, else 0.0
-    subnormal = torch.lt(magnitude, info.tiny, out=scratch.take("fp16_subnormal", shape, block))
-    shift = NOISE_BITS - 13
-    kept = torch.bitwise_right_shift(noise, shift, out=scratch.take("fp16_noise", shape, noise))
+    subnormal = torch.lt(magnitude, info.tiny, out=torch.empty_like(magnitude))
     bits = magnitude.add_(subnormal, alpha=info.tiny).view(torch.int32)
-    bits.add_(kept).bitwise_and_(-(1 << 13))
+    bits.add_(noise >> (NOISE_BITS - 13)).bitwise_and_(-(1 << 13))
     magnitude.sub_(subnormal, alpha=info.tiny).clamp_(max=info.max)
     return torch.copysign(magnitude, block, out=block)
 
@@ -151,7 +148,7 @@ class RowTable:
             values = values.clamp(-torch.finfo(torch.float16).max, torch.finfo(torch.float16).max)
         if self.kind in CENTER_DTYPES:
             return {self.name: values.to(CENTER_DTYPES[self.kind])}
-        codes, scale = self._quantize(values.float().clone(), None, Scratch())
+        codes, scale = self._quantize(values.float().clone(), None)
         return {self.name: codes, self.scale_name: scale}
 
     def decode(self, stored: Mapping[str, Tensor]) -> Tensor:
@@ -207,63 +204,43 @@ class RowTable:
         wide.mul_(scale[:, None])
         return wide.square_() if self.nonnegative else wide
 
-    def write(
-        self,
-        module: nn.Module,
-        rows: Rows,
-        block: Tensor,
-        noise: Tensor | None,
-        scratch: Scratch | None = None,
-    ) -> None:
+    def write(self, module: nn.Module, rows: Rows, block: Tensor, noise: Tensor | None) -> None:
         """Store the updated fp32 ``block`` of ``rows`` (from :meth:`read`), rounding with
-        ``noise`` (:func:`rounding_noise`; unused for fp32). A narrow block is overwritten;
-        the rounding's temporaries live in ``scratch``."""
+        ``noise`` (:func:`rounding_noise`; unused for fp32). A narrow block is overwritten."""
         table = getattr(module, self.name)
         if not self.narrow:
             write_rows(table, rows, block)
             return
-        scratch = scratch or Scratch()
         if self.kind == "int8":
-            codes, scale = self._quantize(block, noise, scratch)
-            _store(getattr(module, self.scale_name), rows, scale, scratch)
-            _store(table, rows, codes, scratch)
+            codes, scale = self._quantize(block, noise)
+            _store(getattr(module, self.scale_name), rows, scale)
+            _store(table, rows, codes)
             return
-        if self.kind == "bf16":
-            rounded = round_bf16_(block, noise)
-        else:
-            rounded = round_fp16_(block, noise, scratch)
-        _store(table, rows, rounded, scratch)
+        rounded = round_bf16_(block, noise) if self.kind == "bf16" else round_fp16_(block, noise)
+        _store(table, rows, rounded)
 
-    def _quantize(
-        self, block: Tensor, noise: Tensor | None, scratch: Scratch
-    ) -> tuple[Tensor, Tensor]:
-        """8-bit codes (in ``scratch``) and per-row scales of ``block`` (overwritten);
-        stochastic with noise."""
+    def _quantize(self, block: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+        """8-bit codes and per-row scales of ``block`` (overwritten); stochastic with noise."""
         if self.nonnegative:
             block.clamp_(min=0).sqrt_()
-        levels, shape = 255 if self.nonnegative else 127, tuple(block.shape)
-        magnitude = torch.abs(block, out=scratch.take("int8_magnitude", shape, block))
-        scale = magnitude.amax(dim=1).div_(levels)
+        levels = 255 if self.nonnegative else 127
+        scale = block.abs().amax(dim=1).div_(levels)
         block.div_(torch.where(scale > 0, scale, 1.0)[:, None])
         if noise is None:
             block.round_()
         else:  # floor(x / scale + u), u uniform in [0, 1)
-            uniform = scratch.take("int8_uniform", shape, block).copy_(noise)
-            block.add_(uniform.mul_(2.0**-NOISE_BITS)).floor_()
+            block.add_(noise.float().mul_(2.0**-NOISE_BITS)).floor_()
         lowest = 0 if self.nonnegative else -levels
-        codes = scratch.take(f"{self.name}_quantized", shape, block.new_empty(0, dtype=self.dtype))
-        return codes.copy_(block.clamp_(lowest, levels)), scale
+        codes = block.clamp_(lowest, levels).to(torch.uint8 if self.nonnegative else torch.int8)
+        return codes, scale
 
 
-def _store(table: Tensor, rows: Rows, values: Tensor, scratch: Scratch) -> None:
+def _store(table: Tensor, rows: Rows, values: Tensor) -> None:
     """``table[rows] = values``, converting to the table's dtype (exact for rounded values)."""
     if isinstance(rows, slice):
         table[rows].copy_(values)
-    elif values.dtype == table.dtype:
-        table.index_copy_(0, rows, values)
-    else:  # narrowed in a buffer per dtype
-        stored = scratch.take(f"narrowed_{table.dtype}", tuple(values.shape), table)
-        table.index_copy_(0, rows, stored.copy_(values))
+    else:
+        table.index_copy_(0, rows, values.to(table.dtype))
 
 
 def center_table(kind: str) -> RowTable:
