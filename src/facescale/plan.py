@@ -215,14 +215,15 @@ def optimizer_states(cfg: Config) -> int:
     return 1 if cfg.momentum else 0
 
 
-# Transient bytes per entry while a narrow table's rows are rounded and stored, ROUNDING_ROWS
-# rows at a time (heads/storage.py): fp16: the magnitudes, the subnormal offset and the
-# shifted noise; int8: the noise in fp32 and the codes.
+# Transient bytes per entry while a narrow table's rows are rounded and stored, a chunk at a
+# time (ROUNDING_ROWS rows on a CPU; heads/storage.py): fp16: the magnitudes, the subnormal
+# offset and the shifted noise; int8: the noise in fp32 and the codes.
 ROUNDING_BYTES = {"fp32": 0, "bf16": 0, "fp16": 12, "int8": 5}
 
 
-def head_memory(cfg: Config, world_size: int) -> HeadMemory:
-    """The head of rank 0 (which holds the largest shard) for ``cfg`` on ``world_size`` ranks."""
+def head_memory(cfg: Config, world_size: int, device: str = "cpu") -> HeadMemory:
+    """The head of rank 0 (which holds the largest shard) for ``cfg`` on ``world_size`` ranks
+    of ``device``."""
     from facescale.heads.partial_fc import DEFAULT_CHUNK_SIZE, ROUNDING_ROWS
     from facescale.heads.storage import row_bytes
 
@@ -281,7 +282,7 @@ def head_memory(cfg: Config, world_size: int) -> HeadMemory:
             n * rows * row_bytes(kinds[part], d) for part, n in copies.items() if narrow[part]
         )
     scratch += kept * probs
-    rounded_rows = min(rows, ROUNDING_ROWS)
+    rounded_rows = min(rows, ROUNDING_ROWS) if device == "cpu" else rows
     rounding = max(ROUNDING_BYTES[kind] for kind in kinds.values()) * rounded_rows * d
     batch = global_batch * d * FLOAT_BYTES  # one copy of the gathered embeddings
     sampler = 4 * local + 24 * computed if sampled else 0  # keys, top-k and sort buffers
@@ -358,7 +359,7 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
     trace = trace_backbone(cfg)
     if device_dtype(cfg.fp16, cfg.bf16, device) is not None:
         trace = _reduced_precision(trace)
-    head = head_memory(cfg, world_size)
+    head = head_memory(cfg, world_size, device)
     buckets = trace.parameters * FLOAT_BYTES if world_size > 1 else 0
     phases = {
         "backbone forward": trace.forward,

@@ -36,7 +36,7 @@ from .subcenters import rows_selection, subcenter_rows
 
 DEFAULT_CHUNK_SIZE = 4096  # classes: a chunk's buffers stay in a CPU's caches
 DEFAULT_CACHE_BYTES = 512 * 2**20
-ROUNDING_ROWS = 512  # rows narrow tables round at a time: their passes stay in L2 (512 KiB)
+ROUNDING_ROWS = 512  # CPU: rows narrow tables update and round at a time (1 MiB at 512-d: L2)
 GPU_CHUNK_BUDGET = 2**30  # bytes of a chunk's buffers on a GPU (at most 1/32 of its memory)
 
 
@@ -377,9 +377,10 @@ class LeanPartialFC(ShardedHead):
     def _update(
         self, rows: Rows, block: Tensor, grad: Tensor, optimizer: RowOptimizer, lr: float
     ) -> None:
-        """Apply the optimizer to a chunk's rows and store them. With narrow tables the update,
-        the rounding noise and the rounding go :data:`ROUNDING_ROWS` rows at a time, so that
-        their passes over a block stay in the CPU's caches."""
+        """Apply the optimizer to a chunk's rows and store them. With narrow tables on a CPU the
+        update, the rounding noise and the rounding go :data:`ROUNDING_ROWS` rows at a time,
+        so that their passes over a block stay in the core's cache (a GPU takes the chunk at
+        once: fewer kernel launches)."""
         tables = (self.center_table, *self.state_tables)
         state = {t.name: t.read(self, rows, self._scratch) for t in self.state_tables}
         if not any(t.narrow for t in tables):
@@ -389,8 +390,9 @@ class LeanPartialFC(ShardedHead):
             return
         row_terms, column_terms = self._noise_terms(rows, block)
         noise = self._scratch.take("noise", tuple(block.shape), row_terms)
-        for lo in range(0, len(block), ROUNDING_ROWS):
-            hi = min(lo + ROUNDING_ROWS, len(block))
+        span = ROUNDING_ROWS if block.device.type == "cpu" else len(block)
+        for lo in range(0, len(block), span):
+            hi = min(lo + span, len(block))
             part = {name: values[lo:hi] for name, values in state.items()}
             optimizer.update(block[lo:hi], part, grad[lo:hi], lr, self.optimizer_steps)
             combine_noise(row_terms[lo:hi], column_terms, noise[lo:hi])
