@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from facescale.failures import user_errors_stop_the_job
 from facescale.train import checkpoint as ckpt
 from facescale.train.build import Loader, build
 from facescale.train.evaluation import Evaluator
-from facescale.train.logger import RunLogger, log_file
-from facescale.train.schedule import lr_at
+from facescale.train.logger import RunLogger, format_duration, log_file
+from facescale.train.schedule import lr_at, lr_at_share
+from facescale.train.time_budget import TrainingTime
 from facescale.train.timing import PhaseClock
 
 log = logging.getLogger("facescale.train")
@@ -63,6 +65,7 @@ class Trainer:
         self.checkpointer = ckpt.Checkpointer(cfg, env)
         self.evaluator = Evaluator(cfg, env)
         self.clock = PhaseClock(self.device, TIMED_PHASES)
+        self.time = TrainingTime(cfg.time_budget, 0.0, self.device)
 
     def reset_timings(self) -> None:
         self.clock.reset()
@@ -83,7 +86,7 @@ class Trainer:
         return RunLogger(
             Path(self.cfg.output),
             self.env.rank,
-            self.schedule.total_steps,
+            None if self.cfg.time_budget else self.schedule.total_steps,
             self.progress.step,
             self.cfg,
         )
@@ -107,15 +110,22 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------
     def fit(self, logger: RunLogger, stop_step: int | None = None) -> dict[str, Any]:
-        """Train until the schedule ends, or ``stop_step`` (default: the config's)."""
+        """Train until the schedule ends, the time budget is spent, or ``stop_step`` (default:
+        the config's)."""
         cfg, progress, parts = self.cfg, self.progress, self.parts
-        total = self.schedule.total_steps
+        budgeted = cfg.time_budget > 0
+        total = sys.maxsize if budgeted else self.schedule.total_steps
         stop_at = min(total, stop_step or cfg.stop_step or total)
         end_of_epoch = self.schedule.steps_per_epoch * cfg.gradient_acc
+        self.time = TrainingTime(cfg.time_budget, progress.elapsed_s, self.device)
         loss_sum = torch.zeros((), device=self.device)
         last_record: dict[str, Any] = {}
         started, start_step = time.perf_counter(), progress.step
-        while progress.step < stop_at:
+
+        def finished() -> bool:
+            return progress.step >= stop_at or self.time.spent(progress.elapsed_s)
+
+        while not finished():
             if progress.micro_in_epoch == 0:
                 parts.loader.set_epoch(progress.epoch)
             t_data = time.perf_counter()
@@ -127,30 +137,41 @@ class Trainer:
                 if last:
                     values = self._optimizer_step(loss_sum / cfg.gradient_acc)
                     loss_sum.zero_()
-                    step = progress.step
+                    step, ending = progress.step, finished()
                     if values is not None:  # None: a skipped step, nothing to report
                         values["epoch"] = progress.epoch
-                        if step % cfg.frequent == 0 or step == stop_at:
+                        if step % cfg.frequent == 0 or ending:
                             samples = self.schedule.samples_per_step
                             last_record = logger.step(step, samples, values)
-                        if step % cfg.verbose == 0 and step < stop_at:
+                        if step % cfg.verbose == 0 and not ending:
                             self.evaluate(logger)
                         every = cfg.checkpoint_every
-                        if every and step % every == 0 and step < stop_at:
+                        if every and step % every == 0 and not ending:
                             self.checkpointer.save(progress, parts)
-                if progress.micro_in_epoch >= end_of_epoch or progress.step >= stop_at:
+                if progress.micro_in_epoch >= end_of_epoch or finished():
                     break
                 t_data = time.perf_counter()
-            if progress.step < stop_at or progress.micro_in_epoch >= end_of_epoch:
+            if not finished() or progress.micro_in_epoch >= end_of_epoch:
                 progress.epoch += 1
                 progress.micro_in_epoch = 0
                 self.checkpointer.save(progress, parts)
         self.checkpointer.save(progress, parts)  # at stop_step (a no-op after an epoch's end)
         steps = progress.step - start_step
         elapsed = max(time.perf_counter() - started, 1e-9)
+        epochs = progress.epoch + progress.micro_in_epoch / end_of_epoch
+        if budgeted and self.env.is_main:
+            log.info(
+                "time budget of %s: trained %s, %d steps, %.2f epochs",
+                format_duration(cfg.time_budget),
+                format_duration(progress.elapsed_s),
+                progress.step,
+                epochs,
+            )
         return {
             "steps": steps,
             "final_step": progress.step,
+            "epochs": epochs,
+            "elapsed_s": progress.elapsed_s,
             "samples_per_s": steps * self.schedule.samples_per_step / elapsed,
             "last": last_record,
             "timings": dict(self.timings),
@@ -199,9 +220,8 @@ class Trainer:
         """Clip, step and schedule; returns the logged values, or None for a skipped step."""
         t0 = self.clock.mark()
         optimizer, scaler, progress = self.parts.optimizer, self.parts.scaler, self.progress
-        lr = lr_at(
-            progress.step, self.cfg.lr, self.schedule.total_steps, self.schedule.warmup_steps
-        )
+        progress.elapsed_s = self.time.elapsed()
+        lr = self._learning_rate()
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_scale = 1.0
@@ -236,9 +256,20 @@ class Trainer:
         progress.step += 1
         self.clock.add("optimizer", t0, self.clock.mark())
         values = {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
+        if self.time.limited:
+            values["time_left_s"] = max(0.0, self.time.budget_s - progress.elapsed_s)
         if scaler is not None:
             values["loss_scale"] = loss_scale
         return values
+
+    def _learning_rate(self) -> float:
+        """This step's LR: from the step count, or from the elapsed share of the time budget
+        (warming up over the share of it that ``warmup_epoch`` is of ``num_epoch``)."""
+        cfg, schedule = self.cfg, self.schedule
+        if not self.time.limited:
+            return lr_at(self.progress.step, cfg.lr, schedule.total_steps, schedule.warmup_steps)
+        warmup_share = schedule.warmup_steps / schedule.total_steps
+        return lr_at_share(self.time.share(self.progress.elapsed_s), cfg.lr, warmup_share)
 
     def _skip_step(self, loss_value: float) -> None:
         self.parts.optimizer.zero_grad(set_to_none=True)
