@@ -109,10 +109,15 @@ class VerificationSet:
 
 
 def load_verification_set(path: str | Path) -> VerificationSet:
-    """Decode an InsightFace ``.bin`` verification set once (the file is never unpickled)."""
+    """Decode a verification set once: an InsightFace ``.bin`` (never unpickled), or a pairs
+    file of image paths (any other name, :mod:`facescale.eval.pairs_file`)."""
     from facescale.data import decode_image, load_verification_bin
 
     path = Path(path)
+    if path.suffix != ".bin":
+        from facescale.eval.pairs_file import load_pairs_set
+
+        return load_pairs_set(path)
     encoded, issame = load_verification_bin(path)
     images = np.empty((len(encoded), 3, FACE_SIZE, FACE_SIZE), dtype=np.uint8)
     for index, buffer in enumerate(encoded):

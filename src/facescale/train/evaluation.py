@@ -1,6 +1,7 @@
-"""Verification during training: the config's ``val_targets`` found beside the records,
-embedded by every rank's share and scored on rank 0, which says what it verifies (a progress
-bar when stderr is a terminal)."""
+"""Verification during training: the config's ``val_targets``, names of ``.bin`` sets found
+beside the records or paths of verification sets (a ``.bin`` or a pairs file), embedded by
+every rank's share and scored on rank 0, which says what it verifies (a progress bar when
+stderr is a terminal)."""
 
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ class Evaluator:
         self.env = env
         self.sets: list[Path] = []
         folder = data_folder(cfg.rec)
-        if not cfg.val_targets or folder is None:
-            return
         for name in cfg.val_targets:
-            path = folder / f"{name}.bin"
+            path = Path(name) if Path(name).suffix else folder and folder / f"{name}.bin"
+            if path is None:
+                continue
             if path.is_file():
                 self.sets.append(path)
             elif env.is_main:
