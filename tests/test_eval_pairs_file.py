@@ -11,9 +11,9 @@ from PIL import Image
 from test_export import run_cli, saved_model
 
 from facescale.config import load_config
+from facescale.data.pairs_file import read_pairs_file, write_pairs_file
 from facescale.distributed import DistEnv
 from facescale.eval import evaluate_verification, load_verification_set, verification_metrics
-from facescale.eval.pairs_file import read_pairs_file, write_pairs_file
 from facescale.export import embed_files
 from facescale.train.evaluation import Evaluator
 
@@ -79,8 +79,8 @@ def test_pairs_file_paths_are_relative_to_its_folder(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("line", "fragment"),
     [
-        ("a.jpg b.jpg yes", "is not PATH_A PATH_B SAME"),
-        ("a.jpg b.jpg", "is not PATH_A PATH_B SAME"),
+        ("a.jpg b.jpg yes", "expected 'image_a image_b same' with same 1/0 or true/false"),
+        ("a.jpg b.jpg", "got 'a.jpg b.jpg'"),
         ("a.jpg missing.jpg 1", "image {folder}/missing.jpg not found"),
     ],
 )
@@ -94,13 +94,14 @@ def test_bad_pairs_file_names_file_and_line(tmp_path, capsys, line, fragment):
         ["eval", "verification", str(weights), *MODEL_ARGS, str(listing)], capsys
     )
     assert code == 2
-    assert f"{listing}:4: " in err and fragment.format(folder=tmp_path) in err
+    assert f"{listing} line 4: " in err and fragment.format(folder=tmp_path) in err
 
 
 def test_empty_pairs_file_is_refused(tmp_path):
     (tmp_path / "pairs.txt").write_text("# nothing yet\n")
-    with pytest.raises(ValueError, match="no pairs; each line is PATH_A PATH_B SAME"):
-        read_pairs_file(tmp_path / "pairs.txt")
+    assert read_pairs_file(tmp_path / "pairs.txt").paths == []
+    with pytest.raises(ValueError, match=r"pairs\.txt: no pairs; each line is .image_a image_b"):
+        load_verification_set(tmp_path / "pairs.txt")
 
 
 def test_training_verifies_a_pairs_file_named_in_val_targets(tmp_path):

@@ -110,12 +110,12 @@ class VerificationSet:
 
 def load_verification_set(path: str | Path) -> VerificationSet:
     """Decode a verification set once: an InsightFace ``.bin`` (never unpickled), or a pairs
-    file of image paths (any other name, :mod:`facescale.eval.pairs_file`)."""
+    file of image paths (any other name, :mod:`facescale.data.pairs_file`)."""
     from facescale.data import decode_image, load_verification_bin
 
     path = Path(path)
     if path.suffix != ".bin":
-        from facescale.eval.pairs_file import load_pairs_set
+        from facescale.eval.pairs_set import load_pairs_set
 
         return load_pairs_set(path)
     encoded, issame = load_verification_bin(path)
