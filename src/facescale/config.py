@@ -101,7 +101,8 @@ class Config:
     dropout: float = field(default=0.0, metadata=_check(lambda v: 0 <= v < 1, "in [0, 1)"))
     # None: the network's default (on for r2060, vit_b, vit_l)
     gradient_checkpointing: bool | None = None
-    channels_last: bool = False
+    # None: on when training on a CPU (oneDNN's faster layout there), off on a GPU
+    channels_last: bool | None = None
     margin_list: tuple[float, float, float] = field(
         default=(1.0, 0.5, 0.0),
         metadata=_check(
