@@ -400,7 +400,10 @@ def _forced_overflow(device: torch.device, sizes: Sizes, precision: str, output:
     trainer = Trainer(cfg, DistEnv(0, 1, 0, device, None))
     batches = iter(trainer.parts.loader)
     images, labels = next(batches)
+    total = trainer.schedule.total_steps
+    trainer._count_from(0, total)
     trainer._optimizer_step(trainer._micro_batch(images, labels, sync=True))  # momentum > 0
+    trainer._look(total)
     state = {k: v.clone() for k, v in trainer.head.state_dict().items() if torch.is_tensor(v)}
     # parameters, not BatchNorm's running statistics: the forward updates those before the
     # step is known to overflow
@@ -414,7 +417,9 @@ def _forced_overflow(device: torch.device, sizes: Sizes, precision: str, output:
     images, labels = next(batches)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        values = trainer._optimizer_step(trainer._micro_batch(images, labels, sync=True))
+        trainer._optimizer_step(trainer._micro_batch(images, labels, sync=True))
+        taken = trainer.progress.step
+        trainer._look(total)
     if remove is not None:
         remove.remove()
     after = trainer.head.state_dict()
@@ -422,7 +427,7 @@ def _forced_overflow(device: torch.device, sizes: Sizes, precision: str, output:
     weights = dict(trainer.backbone.named_parameters())
     same_backbone = all(torch.equal(v, weights[k]) for k, v in backbone.items())
     return {
-        "skipped": values is None,
+        "skipped": trainer.progress.step == taken,
         "centers_and_state_identical": same_head,
         "backbone_parameters_identical": same_backbone,
         "loss_scale_after": None if scaler is None else scaler.get_scale(),

@@ -26,7 +26,7 @@ from .collectives import sum_across_ranks
 from .lean import ChunkedSoftmax, MicroBatch, lean_loss, raw_center_grad_, shard_rows
 from .margins import CombinedMargin
 from .options import check_head_args, resolve_logits_dtype
-from .row_optim import RowOptimizer, make_row_optimizer
+from .row_optim import RowOptimizer, fused_kwargs, make_row_optimizer
 from .rows import Rows, Scratch, write_rows
 from .sampling import ClassSampler, ShardSelection, select_classes
 from .shards import init_centers, shard_range
@@ -186,7 +186,7 @@ class LeanPartialFC(ShardedHead):
             raise ValueError(f"cache_bytes={cache_bytes} must be >= 0")
         super().__init__(num_classes, embedding_size, margin, sample_rate, **options)
         self.optimizer: RowOptimizer | None = None
-        self.optimizer_steps = 0
+        self._steps_done = torch.zeros(())  # optimizer steps taken, on the centers' device
         self.pending: list[MicroBatch] = []  # what each backward since the last step left
         self._scratch = Scratch()  # chunk buffers, kept from step to step
         self.cache_bytes = cache_bytes
@@ -237,7 +237,12 @@ class LeanPartialFC(ShardedHead):
         self.optimizer = make_row_optimizer(kind, lr, momentum, weight_decay, betas, eps)
         for name in self.optimizer.state_names:
             self.register_buffer(name, torch.zeros_like(self.weight))
-        self.optimizer_steps = 0
+        self._steps_done = torch.zeros((), device=self.weight.device)
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken (skipped ones not counted); reading it waits for the device."""
+        return int(self._steps_done)
 
     @torch.no_grad()
     def center_grad_chunks(self) -> Iterator[tuple[Rows, Tensor]]:
@@ -295,29 +300,41 @@ class LeanPartialFC(ShardedHead):
         return total.float()
 
     @torch.no_grad()
-    def step(self, lr: float | None = None, grad_scale: float = 1.0) -> None:
+    def step(
+        self,
+        lr: float | Tensor | None = None,
+        grad_scale: float | Tensor = 1.0,
+        skip: Tensor | None = None,
+    ) -> None:
         """Update the centers with the recorded gradient times ``grad_scale``, then forget it.
 
         Only rows some recorded micro-batch computed change, with their optimizer state;
-        ``lr`` defaults to the one given to :meth:`configure_optimizer`.
+        ``lr`` defaults to the one given to :meth:`configure_optimizer`. Where ``skip`` (a
+        0-d float tensor) is nonzero nothing changes; fused kernels read it on the device.
         """
         optimizer = self._require_optimizer()
         if not self.pending:
             self._forget()
             return
         lr = optimizer.lr if lr is None else lr
-        self.optimizer_steps += 1
+        if skip is not None and not fused_kwargs(self.weight.device.type):
+            if bool(skip):  # no fused kernel to skip on the device: read the flag here
+                self._forget()
+                return
+            skip = None
+        self._steps_done = self._steps_done.to(self.weight.device)
         tables = {name: getattr(self, name) for name in optimizer.state_names}
         for rows, block, grad in self._center_grads():
-            if grad_scale != 1.0:
+            if isinstance(grad_scale, Tensor) or grad_scale != 1.0:
                 grad.mul_(grad_scale)
             state = {
                 name: self._scratch.rows_of(name, table, rows) for name, table in tables.items()
             }
-            optimizer.update(block, state, grad, lr, self.optimizer_steps)
+            optimizer.update(block, state, grad, lr, self._steps_done, skip)
             write_rows(self.weight, rows, block)
             for name, table in tables.items():
                 write_rows(table, rows, state[name])
+        self._steps_done += 1.0 if skip is None else 1.0 - skip
         self._forget()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -345,7 +362,7 @@ class LeanPartialFC(ShardedHead):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
-        self.optimizer_steps = int(state["optimizer_steps"])
+        self._steps_done = torch.tensor(float(state["optimizer_steps"]), device=self.weight.device)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, cache_bytes={self.cache_bytes}"
