@@ -50,11 +50,17 @@ class DataParallelFC(nn.Module):
         self.num_local = num_classes
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Mean loss over the global batch (same value on every rank)."""
+    def forward(self, embeddings: Tensor, labels: Tensor, sizes: list[int] | None = None) -> Tensor:
+        """Mean loss over the global batch (same value on every rank); ``sizes`` as for
+        :func:`~facescale.heads.batch.gather_batch`."""
         with torch.autocast(embeddings.device.type, enabled=False):
             batch = gather_batch(
-                embeddings, labels, self.embedding_size, self.num_classes, gather_embeddings=False
+                embeddings,
+                labels,
+                self.embedding_size,
+                self.num_classes,
+                gather_embeddings=False,
+                sizes=sizes,
             )
             local = batch.embeddings
             rows = torch.arange(local.shape[0], device=local.device)

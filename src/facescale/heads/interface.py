@@ -15,7 +15,8 @@ class TrainableHead(Protocol):
     squared gradient norm (summed over ranks it is the global one), steps with the LR and the
     factor the gradient needs (clipping, loss-scale), and forgets the gradient. The LR, the
     factor and ``skip`` (nonzero: the step changes nothing) may be 0-d tensors on the head's
-    device, so that the loop never waits for the device to decide. The head's
+    device, so that the loop never waits for the device to decide; ``sizes`` (every rank's
+    rows) tell the head that the caller has checked the inputs. The head's
     classes are ``[class_start, class_start + num_local)``; ``checkpoint_state`` is None for a
     head that is not saved.
     """
@@ -23,7 +24,9 @@ class TrainableHead(Protocol):
     class_start: int
     num_local: int
 
-    def __call__(self, embeddings: Tensor, labels: Tensor) -> Tensor: ...
+    def __call__(
+        self, embeddings: Tensor, labels: Tensor, sizes: list[int] | None = None
+    ) -> Tensor: ...
 
     def configure_optimizer(
         self, kind: str, lr: float, momentum: float, weight_decay: float

@@ -47,7 +47,7 @@ class MicroBatch:
     selection: ShardSelection
     target_coef: Tensor  # per target (selection order): d(row loss) / d(target cosine)
     probs: Tensor | None  # [global_batch, computed classes] softmax, targets 0; or recompute
-    upstream: Tensor  # the loss's incoming gradient (0-d; read on the host when the head steps)
+    upstream: Tensor  # the loss's incoming gradient (0-d, on the device)
 
     @property
     def index(self) -> Tensor | None:
@@ -92,8 +92,9 @@ class ChunkedSoftmax:
             out = scratch.take("logits", (scaled.shape[0], block.shape[0]), inv_norm)
         logits = matmul_into(out, scaled, block.to(self.dtype).t(), 1.0, accumulate=False)
         drop_filtered_(logits.mul_(inv_norm), self.margin.s * self.threshold)
-        part = sel.target_slice(lo, lo + block.shape[0])
-        logits[sel.target_rows[part], sel.target_cols[part] - lo] = float("-inf")
+        inside, cols = sel.chunk_targets(lo, lo + block.shape[0])
+        at = (sel.target_rows, cols)  # distinct rows: no position is written twice
+        logits.index_put_(at, torch.where(inside, float("-inf"), logits[at]))
         return logits
 
     def _targets(
@@ -167,24 +168,24 @@ class ChunkedSoftmax:
         block: Tensor,
         inv_norm: Tensor,
         lo: int,
-        scale: float,
         out: Tensor,
-        accumulate: bool,
         scratch: Scratch,
     ) -> Tensor:
-        """Gradient of ``mb``'s loss, times ``scale`` (upstream / batch), to the normalised
-        centers ``block * inv_norm`` (columns [lo, lo + len(block)) of ``mb``) into ``out``,
-        added to it if ``accumulate``."""
+        """Gradient of ``mb``'s loss (times its upstream gradient, a device tensor) to the
+        normalised centers ``block * inv_norm`` (columns [lo, lo + len(block)) of ``mb``),
+        written into ``out``."""
         sel = mb.selection
         if mb.probs is not None:
             probs = mb.probs[:, lo : lo + block.shape[0]]
         else:
             logits = self._logits(mb.scaled, block, inv_norm, sel, lo, scratch)
             probs = logits.sub_(mb.lse[:, None]).exp_()
-        matmul_into(out, probs.t().to(self.dtype), mb.scaled, scale, accumulate)
-        part = sel.target_slice(lo, lo + block.shape[0])
-        coef = (mb.target_coef[part] * scale)[:, None] * mb.embeddings[sel.target_rows[part]]
-        return out.index_add_(0, sel.target_cols[part] - lo, coef)
+        scale = 1.0 / mb.embeddings.shape[0]
+        matmul_into(out, probs.t().to(self.dtype), mb.scaled, scale, accumulate=False)
+        inside, cols = sel.chunk_targets(lo, lo + block.shape[0])
+        coef = (mb.target_coef * scale)[:, None] * mb.embeddings[sel.target_rows]
+        out.index_add_(0, cols, torch.where(inside[:, None], coef, 0.0))  # outside: exact 0
+        return out.mul_(mb.upstream)
 
 
 def raw_center_grad_(grad: Tensor, block: Tensor, inv_norm: Tensor, scratch: Scratch) -> Tensor:

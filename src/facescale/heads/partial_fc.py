@@ -94,10 +94,11 @@ class ShardedHead(nn.Module):
         raise NotImplementedError
 
     def _gather_and_select(
-        self, embeddings: Tensor, labels: Tensor
+        self, embeddings: Tensor, labels: Tensor, sizes: list[int] | None = None
     ) -> tuple[Tensor, ShardSelection]:
-        """The global batch's normalised embeddings and this shard's selected classes."""
-        batch = gather_batch(embeddings, labels, self.embedding_size, self.num_classes)
+        """The global batch's normalised embeddings and this shard's selected classes;
+        ``sizes``: every rank's rows, from a caller that checked the inputs (see gather_batch)."""
+        batch = gather_batch(embeddings, labels, self.embedding_size, self.num_classes, sizes=sizes)
         sel = select_classes(batch.labels, self.class_start, self.num_local, self.sampler)
         self._last_index = sel.index
         return batch.embeddings, sel
@@ -195,10 +196,11 @@ class LeanPartialFC(ShardedHead):
     def _hold(self, centers: Tensor) -> None:
         self.register_buffer("weight", centers)
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Mean margin-softmax loss over the global batch (same value on every rank)."""
+    def forward(self, embeddings: Tensor, labels: Tensor, sizes: list[int] | None = None) -> Tensor:
+        """Mean margin-softmax loss over the global batch (same value on every rank); given
+        ``sizes`` (every rank's rows, inputs checked by the caller) nothing is checked here."""
         with torch.autocast(embeddings.device.type, enabled=False):
-            embeddings, sel = self._gather_and_select(embeddings, labels)
+            embeddings, sel = self._gather_and_select(embeddings, labels, sizes)
             return lean_loss(
                 embeddings,
                 self.weight,
@@ -256,36 +258,35 @@ class LeanPartialFC(ShardedHead):
             yield rows, grad.clone()
 
     def _center_grads(self) -> Iterator[tuple[Rows, Tensor, Tensor]]:
-        """``(rows, center rows, gradient)`` per chunk; the last two live in scratch buffers."""
+        """``(rows, center rows, gradient)`` per chunk; the last two live in scratch buffers.
+
+        One recorded micro-batch (no gradient accumulation) needs nothing from the host;
+        several under sampling read where each one's columns fall, once per step."""
         scratch, pending = self._scratch, self.pending
         index = _union([mb.index for mb in pending]) if pending else None
         count = 0 if not pending else self.num_local if index is None else index.numel()
         chunks = list(self.softmax.chunks(count))
-        # the host values of the whole update, read at once: no synchronisation per chunk
-        scales = [
-            u / len(mb.embeddings)
-            for u, mb in zip(_host(mb.upstream for mb in pending), pending, strict=True)
-        ]
         spans = _column_spans(pending, index, chunks)
         for k, (lo, hi) in enumerate(chunks):
             rows = shard_rows(index, lo, hi)
             block, inv_norm = self.softmax.centers(self.weight, rows, scratch)
             grad = scratch.take("grad", tuple(block.shape), block)
             filled = False
-            for mb, scale, span in zip(pending, scales, spans, strict=True):
+            for mb, span in zip(pending, spans, strict=True):
                 first, last = span[k]
                 if first == last:
                     continue
                 if last - first == hi - lo:
-                    self.softmax.add_center_grad(
-                        mb, block, inv_norm, first, scale, grad, filled, scratch
-                    )
+                    out = scratch.take("part", tuple(block.shape), block) if filled else grad
+                    self.softmax.add_center_grad(mb, block, inv_norm, first, out, scratch)
+                    if filled:
+                        grad.add_(out)
                 else:
                     # mb's columns are a sorted subset of the chunk's sorted rows
                     hit = torch.searchsorted(rows, mb.index[first:last])
                     part = scratch.take("part", (last - first, block.shape[1]), block)
                     self.softmax.add_center_grad(
-                        mb, block[hit], inv_norm[hit], first, scale, part, False, scratch
+                        mb, block[hit], inv_norm[hit], first, part, scratch
                     )
                     (grad if filled else grad.zero_()).index_add_(0, hit, part)
                 filled = True
@@ -375,18 +376,12 @@ def _union(indices: list[Tensor | None]) -> Tensor | None:
     return indices[0] if len(indices) == 1 else torch.unique(torch.cat(indices))
 
 
-def _host(values: Iterator[Tensor]) -> list[float]:
-    """0-d tensors as Python numbers, in one transfer."""
-    values = list(values)
-    return torch.stack(values).tolist() if values else []
-
-
 def _column_spans(
     pending: list[MicroBatch], index: Tensor | None, chunks: list[tuple[int, int]]
 ) -> list[list[tuple[int, int]]]:
     """Per micro-batch, per chunk of ``index`` (the union of their samples): the micro-batch's
     columns ``[first, last)`` there, all found with one transfer to the host."""
-    if index is None or not chunks:
+    if index is None or len(pending) == 1 or not chunks:  # the union is each one's columns
         return [list(chunks) for _ in pending]
     starts = torch.tensor([lo for lo, _ in chunks], device=index.device)
     lasts = torch.tensor([hi - 1 for _, hi in chunks], device=index.device)

@@ -71,6 +71,9 @@ class Trainer:
             lambda step: lr_at(step, cfg.lr, schedule.total_steps, schedule.warmup_steps),
         )
         self._event = 0  # the next step that reports, evaluates, saves or stops
+        # facescale's loader checks its labels and batch sizes: the head need not wait for that
+        rows = getattr(self.parts.loader, "checked_rows", None)
+        self._checked_sizes = None if rows is None else [rows] * env.world_size
 
     def reset_timings(self) -> None:
         self.clock.reset()
@@ -212,7 +215,7 @@ class Trainer:
                 embeddings = parts.model(images)
             embeddings = embeddings.float()
             t1 = clock.mark()
-            loss = parts.head(embeddings, labels)
+            loss = parts.head(embeddings, labels, sizes=self._checked_sizes)
             scaled = loss / self.cfg.gradient_acc
             if parts.scaler is not None:
                 scaled = parts.scaler.scale(scaled)
