@@ -15,7 +15,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -24,7 +23,6 @@ from facescale.data.order import EpochPlan, ReadOrder
 from facescale.data.recordio import RecordError
 from facescale.data.shard_source import ShardSource, is_shard_spec
 from facescale.data.sources import FolderSource, RecordSource, Source, SyntheticSource
-from facescale.errors import InputError
 from facescale.face import to_model_input
 
 log = logging.getLogger(__name__)
@@ -56,12 +54,9 @@ class TrainLoader:
         num_workers: int,
         device: torch.device,
         prefetch_factor: int = 2,
-        num_classes: int | None = None,
     ) -> None:
-        """``num_classes``: labels are checked against it on the host, batch by batch."""
         self.maker, self.order, self.num_workers = maker, order, num_workers
         self.device, self.prefetch_factor = torch.device(device), prefetch_factor
-        self.num_classes = num_classes
         self.epoch = 0
         self._start = 0
         self._position = 0
@@ -73,10 +68,10 @@ class TrainLoader:
         return self.order.num_batches
 
     @property
-    def checked_rows(self) -> int | None:
-        """The rows of every batch on every rank, when its labels are checked against
-        ``num_classes`` here (a head given the sizes then skips its own checks); else None."""
-        return None if self.num_classes is None else self.order.batch_size
+    def checked_rows(self) -> int:
+        """The rows of every batch on every rank; the sources check each label against
+        ``num_classes`` as they parse it, so a head given these sizes skips its own checks."""
+        return self.order.batch_size
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch to read; a restored mid-epoch position is kept for the same epoch."""
@@ -133,21 +128,8 @@ class TrainLoader:
                     "skipped %d bad records (%d so far): %s", len(skipped), self.skipped, skipped[0]
                 )
             mapped.append(images)  # keeps the worker buffers mapped here: no remapping
-            self._check_labels(labels, done - 1)
             yield images, torch.from_numpy(labels)
             self.maker.progress.publish(tasks.pass_id, done)  # the consumer has moved on
-
-    def _check_labels(self, labels: np.ndarray, batch: int) -> None:
-        if self.num_classes is None or not labels.size:
-            return
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= self.num_classes:
-            bad = low if low < 0 else high
-            raise InputError(
-                f"rank {self.order.rank}: label {bad} in batch {batch} of epoch {self.epoch} "
-                f"is outside [0, {self.num_classes}); set num_classes to the dataset's number "
-                "of identities"
-            )
 
     def close(self) -> None:
         """Stop the worker processes now; the next iteration starts new ones."""
@@ -311,6 +293,4 @@ def build_train_loader(
     prefetch = 2
     # a worker has at most `prefetch` batches in flight, plus one copied out and one on a stream
     maker = BatchMaker(source, cfg.augment, cfg.skip_bad_records, ring_size=prefetch + 3)
-    return TrainLoader(
-        maker, order, cfg.num_workers, torch.device(device), prefetch, cfg.num_classes
-    )
+    return TrainLoader(maker, order, cfg.num_workers, torch.device(device), prefetch)
