@@ -192,6 +192,8 @@ class LeanPartialFC(ShardedHead):
         self._scratch = Scratch()  # chunk buffers, kept from step to step
         self.cache_bytes = cache_bytes
         self._cached: list[int] = []  # bytes of each probability cache handed out this step
+        # the chunks' gradients grad_norm_sq formed, for step, with the micro-batches they cover
+        self._kept: tuple[int, list[tuple[Rows, Tensor]]] | None = None
 
     def _hold(self, centers: Tensor) -> None:
         self.register_buffer("weight", centers)
@@ -263,6 +265,10 @@ class LeanPartialFC(ShardedHead):
         One recorded micro-batch (no gradient accumulation) needs nothing from the host;
         several under sampling read where each one's columns fall, once per step."""
         scratch, pending = self._scratch, self.pending
+        if self._kept is not None and self._kept[0] == len(pending):
+            for rows, grad in self._kept[1]:
+                yield rows, self.softmax.centers(self.weight, rows, scratch)[0], grad
+            return
         index = _union([mb.index for mb in pending]) if pending else None
         count = 0 if not pending else self.num_local if index is None else index.numel()
         chunks = list(self.softmax.chunks(count))
@@ -294,10 +300,21 @@ class LeanPartialFC(ShardedHead):
 
     @torch.no_grad()
     def grad_norm_sq(self) -> Tensor:
-        """Squared L2 norm of this rank's accumulated center gradient (for global clipping)."""
+        """Squared L2 norm of this rank's accumulated center gradient (for global clipping).
+
+        While they fit what ``cache_bytes`` leaves after the probability caches, the chunks'
+        gradients are kept for :meth:`step`, which then does not form them again."""
         total = self.weight.new_zeros((), dtype=torch.float64)
-        for _, _, grad in self._center_grads():
+        room = self.cache_bytes - sum(self._cached)
+        kept: list[tuple[Rows, Tensor]] | None = []
+        for rows, _, grad in self._center_grads():
             total += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+            room -= grad.numel() * grad.element_size()
+            if room < 0:
+                kept = None
+            elif kept is not None:
+                kept.append((rows, grad.clone()))
+        self._kept = None if kept is None else (len(self.pending), kept)
         return total.float()
 
     @torch.no_grad()
@@ -345,6 +362,7 @@ class LeanPartialFC(ShardedHead):
     def _forget(self) -> None:
         self.pending.clear()
         self._cached.clear()
+        self._kept = None
 
     def _require_optimizer(self) -> RowOptimizer:
         if self.optimizer is None:
