@@ -25,17 +25,18 @@ def local_inputs(embeddings, labels, sizes, rank):
 
 
 def load_shard(head: PartialFC, weight: torch.Tensor) -> None:
-    """Give ``head`` this rank's rows of the full ``weight``."""
-    start, count = shard_range(weight.shape[0], head.rank, head.world_size)
+    """Give ``head`` this rank's rows of the full ``weight`` (``num_subcenters`` per class)."""
+    k = head.num_subcenters
+    start, count = shard_range(weight.shape[0] // k, head.rank, head.world_size)
     with torch.no_grad():
-        head.weight.copy_(weight[start : start + count])
+        head.weight.copy_(weight[start * k : (start + count) * k])
 
 
 def center_grad(head: PartialFC) -> torch.Tensor:
     """The head's gradient to its shard as a dense matrix (zero for rows not computed)."""
     if not head.lean:
         return head.weight.grad.clone()
-    dense = torch.zeros_like(head.weight)
+    dense = torch.zeros(head.weight.shape)
     for rows, grad in head.center_grad_chunks():
         dense[rows] = grad
     return dense

@@ -33,6 +33,14 @@ def test_modes_and_counts_parse_with_clear_errors():
     for bad in ("partial", "partial:0", "partial:1.5", "partial:x", "pipeline"):
         with pytest.raises(argparse.ArgumentTypeError, match="'partial:RATE'"):
             parse_mode(bad)
+    narrow = parse_mode("partial:0.1/bf16/int8")
+    assert (narrow.center_dtype, narrow.center_state_dtype) == ("bf16", "int8")
+    assert narrow.label == "Partial FC 0.1, bf16 centers, int8 state"
+    assert "center_state_dtype=int8" in narrow.overrides()
+    assert parse_mode("model/fp16").center_state_dtype == "fp32"
+    for bad in ("data/bf16", "model/int8", "partial:0.1/bf16/fp16", "model/bf16/bf16/bf16"):
+        with pytest.raises(argparse.ArgumentTypeError, match="/CENTERS/STATE"):
+            parse_mode(bad)
     counts = [parse_count(t) for t in ("10k", "1.1M", "93431")]
     assert counts == [10_000, 1_100_000, 93_431]
     for bad in ("0", "1.5", "ten", "-3k", "nan", "inf"):

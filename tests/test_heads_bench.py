@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from facescale.benchmarking.head import Options, summarize
+from facescale.benchmarking.head import Options, compare_losses, summarize
 from facescale.cli import main
 
 
@@ -34,6 +34,7 @@ def _rank(step_s, gflops, growth, state_mb=4.0):
         "sgemm_gflops": [{"wall": g, "cpu": g} for g in gflops],
         "rows": 256,
         "classes_computed": 500,
+        "subcenters": 1,
         "threads": 1,
         "memory_growth_mb": growth,
         "state_mb": state_mb,
@@ -72,3 +73,29 @@ def test_small_run_prints_one_json_object(capsys):
     assert report["floor_s_median"] > 0 and report["sgemm_gflops_median"] > 0
     assert report["centers_and_state_mb"] == [pytest.approx(2 * 1500 * 32 * 4 / 2**20)] * 2
     assert all(0 < g < 200 for g in report["memory_growth_mb"])
+
+
+def test_losses_are_compared_with_the_first():
+    floor = 6 * 256 * 500 * 512 / 100e9
+    arcface = summarize(_options(), [_rank([floor] * 3, [100] * 3, 100.0)] * 2)
+    adaface = summarize(_options(), [_rank([1.1 * floor] * 3, [100] * 3, 100.0)] * 2)
+    report = compare_losses(("arcface", "adaface"), [arcface, adaface])
+    assert report["loss"] == "arcface" and report["step_s_median"] == arcface["step_s_median"]
+    assert report["by_loss"]["arcface"]["step_over_first_loss"] == pytest.approx(1.0)
+    assert report["by_loss"]["adaface"]["step_over_first_loss"] == pytest.approx(1.1)
+    assert report["by_loss"]["adaface"]["cpu_step_over_first_loss"] == pytest.approx(1.1)
+    assert "by_loss" not in compare_losses(("arcface",), [arcface])
+
+
+def test_a_run_measures_each_loss_with_sub_centers(capsys):
+    args = ["bench", "head", "--classes", "600", "--batch", "8", "--dim", "16", "--world", "1"]
+    args += ["--chunk-size", "128", "--steps", "1", "--subcenters", "3", "--json"]
+    args += ["--loss", "arcface", "curricularface"]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["by_loss"]) == ["arcface", "curricularface"]
+    assert report["num_subcenters"] == 3 and report["classes_computed_per_rank"] == 600
+    assert report["centers_and_state_mb"] == [pytest.approx(2 * 1800 * 16 * 4 / 2**20)]
+    assert report["by_loss"]["curricularface"]["step_over_first_loss"] > 0

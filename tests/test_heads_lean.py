@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dist_utils import run_ranks
 from heads_cases import assert_close_scaled, center_grad, make_problem
 
-from facescale.heads import ArcFace, CombinedMargin, build_head
+from facescale.heads import AdaFace, ArcFace, CombinedMargin, CurricularFace, MagFace, build_head
 
 DIM = 8
 NUM_CLASSES = 13
@@ -30,6 +30,15 @@ CASES = [
     ("sgd", 0.0, 0.0, 0.5, 2, 0.5, 0),
     ("sgd", 0.9, 5e-4, 1.0, 2, 0.5, 300),
 ]
+# other losses and sub-centers, as (the case, the loss's margin, centers per class);
+# sampling without momentum and weight decay, which torch applies to unsampled rows too;
+# MagFace at s = 32: its norm terms make s = 64 magnify fp32 rounding past the tolerance
+LOSS_CASES = [
+    (("sgd", 0.0, 0.0, 0.5, 2, 0.5, 300), CurricularFace, 3),
+    (("sgd", 0.9, 5e-4, 1.0, 2, 0.0, 0), lambda: MagFace(32, l_a=2.0, u_a=4.0), 1),
+    (("adamw", 0.0, 5e-4, 1.0, 2, 0.0, None), AdaFace, 2),
+]
+CASES += [(*case, margin, k) for case, margin, k in LOSS_CASES]
 
 
 def _torch_optimizer(kind, params, momentum, weight_decay):
@@ -46,12 +55,14 @@ def _global_norm(local_sq: torch.Tensor) -> float:
 
 
 def _train_both(rank, world, case):
-    kind, momentum, weight_decay, rate, micro, max_norm, cache_bytes = case
+    kind, momentum, weight_decay, rate, micro, max_norm, cache_bytes, *loss = case
+    make_margin, k = loss if loss else (lambda: MARGIN, 1)
     cache = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
+    options = {"chunk_size": 3, "num_subcenters": k}
     heads = {
-        False: build_head("partial_fc", NUM_CLASSES, DIM, MARGIN, rate, chunk_size=3),
+        False: build_head("partial_fc", NUM_CLASSES, DIM, make_margin(), rate, **options),
         True: build_head(
-            "partial_fc", NUM_CLASSES, DIM, MARGIN, rate, lean=True, chunk_size=3, **cache
+            "partial_fc", NUM_CLASSES, DIM, make_margin(), rate, lean=True, **options, **cache
         ),
     }
     optimizer = _torch_optimizer(kind, heads[False].parameters(), momentum, weight_decay)
@@ -83,6 +94,8 @@ def _train_both(rank, world, case):
         heads[True].step(lr, grad_scale=coef)
         heads[True].zero_grad()
     torch_state = optimizer.state[heads[False].weight]
+    for name, value in heads[False].margin.state_dict().items():  # running state alike
+        torch.testing.assert_close(heads[True].margin.get_buffer(name), value)
     return record, heads[False].weight.detach(), heads[True].state_dict(), torch_state
 
 
@@ -102,7 +115,9 @@ def _assert_same_training(result, kind):
             assert_close_scaled(lean_state[name], torch_state[name], 1e-5, name)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-rate{c[3]}-micro{c[4]}-cache{c[6]}")
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"{c[0]}-rate{c[3]}-micro{c[4]}-cache{c[6]}-k{c[8:] or 1}"
+)
 def test_lean_equals_dropin_after_several_steps_single_process(case):
     _assert_same_training(_train_both(0, 1, case), case[0])
 

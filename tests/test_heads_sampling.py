@@ -13,16 +13,25 @@ from heads_cases import (
     reference_grads,
 )
 
-from facescale.heads import ArcFace, CombinedMargin, build_head
+from facescale.heads import AdaFace, ArcFace, CombinedMargin, CurricularFace, MagFace, build_head
 from facescale.heads.sampling import ClassSampler
 
 DIM = 8
 MARGIN = CombinedMargin(64, 0.9, 0.3, 0.1)
+# fresh margins (some keep running state) for the sampled exactness test
+LOSSES = {
+    "combined": lambda: MARGIN,
+    "adaface": AdaFace,
+    "magface": lambda: MagFace(64, l_a=2.0, u_a=4.0),
+    "curricularface": CurricularFace,
+    "subcenter": lambda: ArcFace(64, 0.5),
+}
+SUBCENTERS = {"subcenter": 3}  # centers per class; the others have one
 
 
-def _head(num_classes, rate, lean, seed=0, **kw):
+def _head(num_classes, rate, lean, seed=0, margin=MARGIN, **kw):
     head = build_head(
-        "partial_fc", num_classes, DIM, MARGIN, rate, lean=lean, chunk_size=4, seed=seed, **kw
+        "partial_fc", num_classes, DIM, margin, rate, lean=lean, chunk_size=4, seed=seed, **kw
     )
     if lean:
         head.configure_optimizer("sgd", lr=0.5, momentum=0.9, weight_decay=5e-4)
@@ -79,13 +88,31 @@ def test_rate_that_covers_the_shard_equals_model_parallel(lean):
         torch.testing.assert_close(sampled, full, rtol=1e-6, atol=1e-7)
 
 
-def _sampled_cases(rank, world):
+def _centers(loss_name, weight):
+    """The problem's centers, or K per class for sub-centers."""
+    k = SUBCENTERS.get(loss_name, 1)
+    if k == 1:
+        return weight
+    return torch.randn(len(weight) * k, DIM, generator=torch.Generator().manual_seed(9))
+
+
+def _sampled_cases(rank, world, loss_name):
     """Drop-in and lean heads at rate 0.2: loss, gradients and the classes each rank sampled."""
     sizes = [5, 3][:world]
     embeddings, labels, weight = make_problem(4, sum(sizes), 80, DIM)
+    weight = _centers(loss_name, weight)
     results = {}
     for lean in (False, True):
-        head = _head(80, 0.2, lean, seed=11)
+        margin = LOSSES[loss_name]()
+        head = _head(
+            80,
+            0.2,
+            lean,
+            seed=11,
+            margin=margin,
+            scale_embedding_grad=False,
+            num_subcenters=SUBCENTERS.get(loss_name, 1),
+        )
         load_shard(head, weight)
         x, y = local_inputs(embeddings, labels, sizes, rank)
         loss = head(x, y)
@@ -94,16 +121,23 @@ def _sampled_cases(rank, world):
     return results
 
 
+@pytest.mark.parametrize("loss_name", list(LOSSES))
 @pytest.mark.parametrize("world", [1, 2])
-def test_sampled_loss_equals_the_reference_restricted_to_the_sample(world):
+def test_sampled_loss_equals_the_reference_restricted_to_the_sample(world, loss_name):
     sizes = [5, 3][:world]
     embeddings, labels, weight = make_problem(4, sum(sizes), 80, DIM)
-    per_rank = [_sampled_cases(0, 1)] if world == 1 else run_ranks(_sampled_cases, 2)
+    if world == 1:
+        per_rank = [_sampled_cases(0, 1, loss_name)]
+    else:
+        per_rank = run_ranks(_sampled_cases, 2, loss_name)
     for lean in (False, True):
         results = [r[lean] for r in per_rank]
         classes = torch.cat([r[3] for r in results])
         assert len(classes) == 16 and set(labels.tolist()) <= set(classes.tolist())
-        loss, grad_x, grad_w = reference_grads(embeddings, labels, weight, MARGIN, classes=classes)
+        margin, k = LOSSES[loss_name](), SUBCENTERS.get(loss_name, 1)
+        loss, grad_x, grad_w = reference_grads(
+            embeddings, labels, _centers(loss_name, weight), margin, classes=classes, subcenters=k
+        )
         for result in results:
             assert result[0] == pytest.approx(loss.item(), rel=1e-5)
         assert_close_scaled(torch.cat([r[1] for r in results]), grad_x, 1e-4, "embeddings")

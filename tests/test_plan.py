@@ -121,6 +121,8 @@ def _head_step(rank: int, world: int, case: dict) -> dict[str, int]:
         head = build_head(
             cfg.head, cfg.num_classes, cfg.embedding_size, CombinedMargin(64, 1, 0.5, 0),
             sample_rate=cfg.sample_rate, lean=lean, cache_bytes=cfg.head_cache_mib * 2**20,
+            num_subcenters=cfg.num_subcenters,
+            center_dtype=cfg.center_dtype, center_state_dtype=cfg.center_state_dtype,
         )  # fmt: skip
         head.configure_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
         parts.update(head=head)
@@ -147,6 +149,10 @@ def _head_step(rank: int, world: int, case: dict) -> dict[str, int]:
     }
 
 
+def _storage(centers: str, state: str) -> dict[str, str]:
+    return {"center_dtype": centers, "center_state_dtype": state}
+
+
 HEAD_CASES = [
     {"head": "data_parallel"},
     {"head": "data_parallel", "optimizer": "adamw"},
@@ -156,6 +162,14 @@ HEAD_CASES = [
     {"head": "partial_fc", "batch_size": 256, "num_classes": 2000},
     {"head": "partial_fc", "head_cache_mib": 0},  # the softmax is recomputed, not kept
     {"head": "partial_fc", "batch_size": 256, "head_cache_mib": 8},  # over the budget
+    {"head": "partial_fc", "num_subcenters": 3},
+    {"head": "partial_fc", "num_subcenters": 3, "sample_rate": 0.1, "head_cache_mib": 0},
+    {"head": "data_parallel", "num_subcenters": 3},
+    # narrow storage of the centers and of their optimizer state
+    {"head": "partial_fc", **_storage("bf16", "bf16")},
+    {"head": "partial_fc", **_storage("fp16", "int8")},
+    {"head": "partial_fc", "sample_rate": 0.1, **_storage("bf16", "int8")},
+    {"head": "partial_fc", "sample_rate": 0.1, "optimizer": "adamw", **_storage("fp16", "bf16")},
 ]
 
 
@@ -248,6 +262,34 @@ def test_plan_command_prints_one_json_object(capsys):
     assert report["estimate"]["head_state"] == centers_and_scratch + kept_softmax
     assert report["largest_num_classes"] > 2_000_000
     assert report["largest_batch_size"] >= 32
+    by_storage = report["largest_num_classes_by_storage"]
+    assert by_storage["fp32/fp32"] == report["largest_num_classes"]
+    assert by_storage["fp32/fp32"] < by_storage["bf16/bf16"] < by_storage["bf16/int8"]
+
+
+def test_narrow_storage_counts_its_bytes_per_identity():
+    cfg = Config(network="mbf", batch_size=8, num_classes=1_000_000, head="partial_fc")
+    wide = plan.head_memory(cfg, 2)
+    rows = 500_000
+    for centers, state, per_identity in [
+        ("bf16", "bf16", 2 * 1024),
+        ("fp16", "int8", 1024 + 512 + 4),  # 8-bit entries and one fp32 scale per class
+        ("fp32", "int8", 2048 + 512 + 4),
+    ]:
+        narrow = plan.head_memory(dataclasses.replace(cfg, **_storage(centers, state)), 2)
+        # the stored rows, and the chunk's widened copies and rounding noise (fp32 blocks)
+        copies = (centers != "fp32") + (state != "fp32") + 1
+        assert narrow.state - wide.state == rows * (per_identity - 4096) + copies * 4096 * 2048
+    # the most identities that fit grow as the bytes per identity shrink (4096 at fp32 with
+    # momentum), the centers being most of the memory
+    memory, most = 16 * 2**30, {}
+    for centers, state in [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "int8")]:
+        narrow = dataclasses.replace(cfg, **_storage(centers, state))
+        most[centers, state] = plan.largest_num_classes(narrow, 2, "cuda", memory)
+    assert most["bf16", "bf16"] == pytest.approx(2 * most["fp32", "fp32"], rel=0.1)
+    assert most["bf16", "int8"] == pytest.approx(
+        most["fp32", "fp32"] * 4096 / (1024 + 516), rel=0.1
+    )
 
 
 def test_plan_command_explains_bad_memory_sizes(capsys):

@@ -24,9 +24,12 @@ from facescale.distributed import init_distributed
 from facescale.train.schedule import lr_at
 from facescale.train.trainer import Trainer, train
 
+NARROW = {"center_dtype": "bf16", "center_state_dtype": "int8"}  # centers and momentum stored
 
-def test_two_ranks_learn(tmp_path):
-    results = run_ranks(train_rank, 2, tmp_path, {"num_epoch": 6, "lr": 0.05}, 16)
+
+@pytest.mark.parametrize("storage", [{}, NARROW], ids=["fp32", "narrow"])
+def test_two_ranks_learn(tmp_path, storage):
+    results = run_ranks(train_rank, 2, tmp_path, {"num_epoch": 6, "lr": 0.05, **storage}, 16)
     losses = [
         float(line.split('"loss": ')[1].split(",")[0])
         for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -48,10 +51,11 @@ def test_one_and_two_ranks_give_the_same_weights(tmp_path):
     assert_same_model(one, two, rtol=1e-4, atol=1e-5)
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = run_ranks(train_rank, 2, tmp_path / "straight", {}, 16)
-    run_ranks(train_rank, 2, tmp_path / "split", {"stop_step": 5}, 16)
-    resumed = run_ranks(train_rank, 2, tmp_path / "split", {}, 16, True)
+@pytest.mark.parametrize("storage", [{}, NARROW], ids=["fp32", "narrow"])
+def test_resume_continues_exactly(tmp_path, storage):
+    straight = run_ranks(train_rank, 2, tmp_path / "straight", storage, 16)
+    run_ranks(train_rank, 2, tmp_path / "split", {"stop_step": 5, **storage}, 16)
+    resumed = run_ranks(train_rank, 2, tmp_path / "split", storage, 16, True)
     assert resumed[0]["summary"]["steps"] == straight[0]["summary"]["final_step"] - 5
     assert_same_model(straight, resumed, rtol=0, atol=0)
 
@@ -71,15 +75,30 @@ def test_checkpoints_without_manifest_or_samples_still_resume(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 3)])
-def test_resume_on_another_number_of_ranks(tmp_path, before, after):
-    straight = run_ranks(train_rank, after, tmp_path / "straight", {}, 24)
-    stopped = run_ranks(train_rank, before, tmp_path / "split", {"stop_step": 3}, 24)
+@pytest.mark.parametrize(
+    ("before", "after", "storage"), [(2, 1, {}), (1, 3, {}), (2, 3, NARROW)], ids=str
+)
+def test_resume_on_another_number_of_ranks(tmp_path, before, after, storage):
+    straight = run_ranks(train_rank, after, tmp_path / "straight", storage, 24)
+    stopped = run_ranks(train_rank, before, tmp_path / "split", {"stop_step": 3, **storage}, 24)
     # the re-partitioned centers equal the saved ones before any further step
-    reloaded = run_ranks(train_rank, after, tmp_path / "split", {"stop_step": 3}, 24, True)
+    reloaded = run_ranks(
+        train_rank, after, tmp_path / "split", {"stop_step": 3, **storage}, 24, True
+    )
     assert torch.equal(full_head(reloaded), full_head(stopped))
-    resumed = run_ranks(train_rank, after, tmp_path / "split", {}, 24, True)
+    resumed = run_ranks(train_rank, after, tmp_path / "split", storage, 24, True)
     assert_same_model(straight, resumed, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sub_centers_and_running_state_resume_on_another_number_of_ranks(tmp_path):
+    values = {"loss": "curricularface", "num_subcenters": 3, "stop_step": 3}
+    stopped = run_ranks(train_rank, 2, tmp_path, values, 24)
+    reloaded = run_ranks(train_rank, 1, tmp_path, values, 24, True)
+    assert full_head(stopped).shape[0] == 3 * NUM_CLASSES
+    assert torch.equal(full_head(reloaded), full_head(stopped))
+    (t,) = {r["margin"]["t"].item() for r in stopped}  # the same on every rank
+    assert t != 0 and reloaded[0]["margin"]["t"].item() == t
 
 
 def test_mismatched_checkpoint_is_refused(tmp_path):

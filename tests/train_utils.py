@@ -112,6 +112,7 @@ def train_rank(rank, world, output, values, global_batch, resume=False):
         "summary": summary,
         "backbone": backbone if rank == 0 else None,
         "head": trainer.head.weight.detach().clone(),
+        "margin": {k: v.clone() for k, v in trainer.head.margin.state_dict().items()},
     }
 
 

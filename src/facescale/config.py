@@ -48,6 +48,12 @@ def _backbone_names() -> list[str]:
     return list_models()
 
 
+def _loss_names() -> tuple[str, ...]:
+    from facescale.heads.losses import LOSS_NAMES  # imported on first use: it loads torch
+
+    return LOSS_NAMES
+
+
 def _positive(v: Any) -> bool:
     return v > 0
 
@@ -111,6 +117,16 @@ class Config:
         ),
     )
     scale: float = field(default=64.0, metadata=_check(_positive, "a number > 0"))
+    # the margin softmax: 'combined' is margin_list's cos(m1*theta + m2) - m3 ('arcface' and
+    # 'cosface' take margin_list of their shape); the others use their papers' defaults
+    loss: str = field(
+        default="combined",
+        metadata=_check(lambda v: v in _loss_names(), lambda: "one of " + ", ".join(_loss_names())),
+    )
+    # sub-center ArcFace: K centers per class, a class's logit its best one's (the paper: 3)
+    num_subcenters: int = field(
+        default=1, metadata=_check(_positive, "an integer >= 1 (1: one center per class)")
+    )
     interclass_filtering_threshold: float = field(
         default=0.0, metadata=_check(lambda v: 0 <= v < 1, "a number in [0, 1); 0 disables")
     )
@@ -134,6 +150,19 @@ class Config:
         default="auto",
         metadata=_check(
             lambda v: v in ("auto", "fp32", "fp16", "bf16"), "'auto', 'fp32', 'fp16' or 'bf16'"
+        ),
+    )
+    # storage of the Partial FC head's class centers and of their optimizer state (momentum,
+    # Adam's moments); every chunk computes in float32, writes round stochastically
+    center_dtype: str = field(
+        default="fp32",
+        metadata=_check(lambda v: v in ("fp32", "bf16", "fp16"), "'fp32', 'bf16' or 'fp16'"),
+    )
+    center_state_dtype: str = field(
+        default="fp32",
+        metadata=_check(
+            lambda v: v in ("fp32", "bf16", "int8"),
+            "'fp32', 'bf16' or 'int8' (one byte per entry and a float32 scale per class)",
         ),
     )
     # classes per chunk of the head's softmax; 0: sized from the device (4096 on CPU, from a
@@ -551,7 +580,16 @@ def load_config(name: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def check_combinations(cfg: Config) -> None:
-    """Refuse keys that are valid one by one but not together (fp16 with bf16)."""
-    from facescale.precision import check_exclusive  # imported on first use: it loads torch
+    """Refuse keys that are valid one by one but not together (fp16 with bf16, a loss with
+    a margin_list of another shape or with a head that cannot keep its running state)."""
+    # imported on first use: they load torch
+    from facescale.heads.losses import build_margin
+    from facescale.precision import check_exclusive
 
     check_exclusive(cfg.fp16, cfg.bf16)
+    margin = build_margin(cfg.loss, cfg.scale, cfg.margin_list)
+    if cfg.head == "data_parallel" and margin.running_state:
+        raise ConfigError(
+            f"loss={cfg.loss!r} keeps running state over the global batch, which "
+            "head='data_parallel' does not; use head='partial_fc'"
+        )

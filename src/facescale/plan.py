@@ -38,7 +38,7 @@ from facescale.errors import InputError
 from facescale.face import FACE_SIZE
 from facescale.precision import device_dtype
 
-FLOAT_BYTES = 4  # centers, their optimizer state and backbone parameters are float32
+FLOAT_BYTES = 4  # backbone parameters and every computation are float32
 # CPU: resident memory above the live tensors. The runtime (threads, oneDNN scratch, gloo
 # buffers) adds a fixed amount; from the backbone's backward on, glibc also keeps freed
 # blocks of activations and of parameter-sized tensors (gradients, buckets) resident.
@@ -215,22 +215,33 @@ def optimizer_states(cfg: Config) -> int:
     return 1 if cfg.momentum else 0
 
 
+# Transient bytes per entry of a chunk while a narrow table's block is rounded and stored
+# (heads/storage.py): fp16: the magnitudes, the subnormal offset and the shifted noise;
+# int8: the noise in fp32 and the codes.
+ROUNDING_BYTES = {"fp32": 0, "bf16": 0, "fp16": 12, "int8": 5}
+
+
 def head_memory(cfg: Config, world_size: int) -> HeadMemory:
     """The head of rank 0 (which holds the largest shard) for ``cfg`` on ``world_size`` ranks."""
     from facescale.heads.partial_fc import DEFAULT_CHUNK_SIZE
+    from facescale.heads.storage import row_bytes
 
     d, k = cfg.embedding_size, optimizer_states(cfg)
+    per_class = cfg.num_subcenters  # center rows of one class (sub-center ArcFace)
     if cfg.head == "data_parallel":
         # Every rank: all centers. Forward holds a few [batch x classes] logit tensors;
         # backward two center-sized ones at its peak (the gradient of the raw centers and
         # a term of the normalisation's) and the logits' gradient; the dense gradient lives
         # on to the update, which adds one temporary (two for AdamW).
-        copy = cfg.num_classes * d * FLOAT_BYTES
+        copy = cfg.num_classes * per_class * d * FLOAT_BYTES
         logits = cfg.batch_size * cfg.num_classes * FLOAT_BYTES
+        # sub-centers: the rows' logits and their scaled copy before each class's best, and
+        # backward's gradient of the rows' logits
+        rows_logits = 2 * per_class * logits if per_class > 1 else 0
         return HeadMemory(
             state=(1 + k) * copy,
-            forward=4 * logits,
-            backward=2 * copy + logits,
+            forward=4 * logits + rows_logits,
+            backward=2 * copy + per_class * logits,
             retained=copy,
             step=(2 if k < 2 else 3) * copy,
         )
@@ -242,28 +253,48 @@ def head_memory(cfg: Config, world_size: int) -> HeadMemory:
     # the global batch, and the sampler's key per class. The softmax of each micro-batch
     # whose [batch x computed] probabilities fit the cache budget is kept too (the chunk of
     # logits then holds probabilities; both exist when some micro-batches are kept and
-    # others recomputed).
+    # others recomputed). Sub-centers multiply the rows of a class and add a chunk that
+    # spreads the classes' probabilities onto their rows; forward then also holds each
+    # class's best logit and sub-center (fp32 and int64) and, when the softmax is kept, the
+    # chunk's row logits on their way into the kept columns.
+    # Narrow storage (center_dtype, center_state_dtype) keeps each row in fewer bytes; its
+    # chunks are widened to fp32 copies, under sampling gathered first in their stored form,
+    # and its writes take a chunk of rounding noise (int32).
     local = math.ceil(cfg.num_classes / world_size)
     sampled = cfg.sample_rate < 1
     computed = min(local, math.ceil(cfg.sample_rate * local)) if sampled else local
-    rows = min(DEFAULT_CHUNK_SIZE, computed)
+    rows = min(DEFAULT_CHUNK_SIZE, computed) * per_class
     global_batch = cfg.batch_size * world_size
-    probs = global_batch * computed * FLOAT_BYTES
+    probs = global_batch * computed * per_class * FLOAT_BYTES
     kept = min(cfg.gradient_acc, cfg.head_cache_mib * 2**20 // probs)
-    scratch_blocks = 2 + (1 + k if sampled else 0)
-    logit_chunks = 2 if 0 < kept < cfg.gradient_acc else 1
+    kinds = {"centers": cfg.center_dtype, "state": cfg.center_state_dtype if k else "fp32"}
+    narrow = {part: kind != "fp32" for part, kind in kinds.items()}
+    copies = {"centers": 1, "state": k}
+    scratch_blocks = 2 + sum(n for part, n in copies.items() if sampled or narrow[part])
+    scratch_blocks += any(narrow.values())  # the rounding noise
+    logit_chunks = (2 if 0 < kept < cfg.gradient_acc else 1) + (per_class > 1)
     scratch = (
         scratch_blocks * rows * d * FLOAT_BYTES + logit_chunks * global_batch * rows * FLOAT_BYTES
     )
+    if sampled:  # the gathered rows in their stored form
+        scratch += sum(
+            n * rows * row_bytes(kinds[part], d) for part, n in copies.items() if narrow[part]
+        )
     scratch += kept * probs
+    rounding = max(ROUNDING_BYTES[kind] for kind in kinds.values()) * rows * d
     batch = global_batch * d * FLOAT_BYTES  # one copy of the gathered embeddings
     sampler = 4 * local + 24 * computed if sampled else 0  # keys, top-k and sort buffers
+    best = 0
+    if per_class > 1:
+        best = global_batch * rows // per_class * 12
+        best += global_batch * rows * FLOAT_BYTES if kept else 0
+    stored = row_bytes(kinds["centers"], d) + k * row_bytes(cfg.center_state_dtype, d)
     return HeadMemory(
-        state=(1 + k) * local * d * FLOAT_BYTES + scratch,
-        forward=max(5 * batch, sampler),
+        state=local * per_class * stored + scratch,
+        forward=max(5 * batch, sampler) + best,
         backward=8 * batch,
         retained=3 * batch,
-        step=2 * rows * d * FLOAT_BYTES + 3 * batch,
+        step=max(2 * rows * d * FLOAT_BYTES, rounding) + 3 * batch,
     )
 
 

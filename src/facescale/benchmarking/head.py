@@ -1,8 +1,10 @@
 """`facescale bench head`: one training step of the classification layer alone, on N ranks.
 
 Each step is forward, backward and the centers' update (SGD, momentum 0.9, weight decay
-5e-4) on random embeddings and labels. Reported against two references measured in the
-same run: the matmul floor, ``3 x 2 x rows x classes_computed x dim`` FLOPs (logits,
+5e-4) on random embeddings and labels, for each loss asked for in turn (ArcFace by default;
+the report compares the others' step times with the first's). Reported against two
+references measured in the same run: the matmul floor, ``3 x 2 x rows x classes_computed x
+subcenters x dim`` FLOPs (logits,
 gradient to the embeddings, gradient to the centers) at the sgemm rate each rank gets
 right after each step with its own thread count, and the memory budget, 1.15 x (centers +
 optimizer state) + 512 MB of peak resident memory growth from before the head is built.
@@ -45,9 +47,14 @@ class Options:
     warmup: int
     threads: int
     lr: float
+    losses: tuple[str, ...] = ("arcface",)
+    num_subcenters: int = 1
+    center_dtype: str = "fp32"  # storage of the lean head's centers and momentum
+    center_state_dtype: str = "fp32"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from facescale.heads.losses import LOSS_NAMES
     from facescale.heads.partial_fc import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_SIZE
 
     parser.add_argument(
@@ -84,12 +91,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of the logits"
     )
+    parser.add_argument(
+        "--center-dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="storage of the lean head's centers (its math stays fp32)",
+    )
+    parser.add_argument(
+        "--center-state-dtype",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="storage of the lean head's momentum",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument(
         "--threads", type=int, default=0, help="threads per rank (default: CPU cores / ranks)"
     )
     parser.add_argument("--lr", type=float, default=0.1, help="learning rate of the head's SGD")
+    parser.add_argument(
+        "--loss",
+        nargs="+",
+        choices=LOSS_NAMES,
+        default=["arcface"],
+        help="the loss, or several measured one after another in the same run (their step "
+        "times are compared with the first's)",
+    )
+    parser.add_argument(
+        "--subcenters", type=int, default=1, help="centers per class (sub-center ArcFace)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -98,8 +128,14 @@ def run(args: argparse.Namespace) -> int:
     problem = None
     if args.world < 1 or args.steps < 1 or args.warmup < 0 or args.cache_mib < 0:
         problem = "--world and --steps must be >= 1, --warmup and --cache-mib >= 0"
+    elif args.subcenters < 1:
+        problem = "--subcenters must be >= 1"
+    elif args.kind == "data_parallel" and {"adaface", "curricularface"} & set(args.loss):
+        problem = "--kind data_parallel does not keep AdaFace's or CurricularFace's state"
     elif args.kind == "data_parallel" and (lean or args.sample_rate != 1):
         problem = "--kind data_parallel takes --mode dropin and --sample-rate 1"
+    elif not lean and (args.center_dtype, args.center_state_dtype) != ("fp32", "fp32"):
+        problem = "--center-dtype and --center-state-dtype other than fp32 need --mode lean"
     if problem:
         print(f"facescale bench head: error: {problem}", file=sys.stderr)
         return 2
@@ -118,13 +154,18 @@ def run(args: argparse.Namespace) -> int:
         args.warmup,
         args.threads,
         args.lr,
+        tuple(args.loss),
+        args.subcenters,
+        args.center_dtype,
+        args.center_state_dtype,
     )
     ranks = spawn_ranks(_measure_on_rank, args.world, options)
-    print_report(summarize(options, ranks), args.json)
+    by_loss = [summarize(options, [r[i] for r in ranks]) for i in range(len(options.losses))]
+    print_report(compare_losses(options.losses, by_loss), args.json)
     return 0
 
 
-def _measure_on_rank(rank: int, world: int, options: Options) -> dict[str, Any]:
+def _measure_on_rank(rank: int, world: int, options: Options) -> list[dict[str, Any]]:
     import torch
 
     from facescale.distributed import init_distributed
@@ -132,7 +173,7 @@ def _measure_on_rank(rank: int, world: int, options: Options) -> dict[str, Any]:
     env = init_distributed()  # the group spawn_ranks set up: this rank's device
     if options.threads:
         torch.set_num_threads(options.threads)
-    return measure_rank(options, env.device)
+    return [measure_rank(options, env.device, loss) for loss in options.losses]
 
 
 # ---- one rank --------------------------------------------------------------------------
@@ -182,19 +223,27 @@ def sgemm_gflops(
     return best
 
 
-def measure_rank(options: Options, device: Any) -> dict[str, Any]:
-    """Build the head on this rank, run warm-up and timed steps, and measure them."""
+def measure_rank(options: Options, device: Any, loss: str = "arcface") -> dict[str, Any]:
+    """Build the head with ``loss`` on this rank, run warm-up and timed steps, and measure
+    them."""
     import gc
 
     import torch
 
     from facescale.distributed import barrier, get_rank, get_world_size
-    from facescale.heads import ArcFace, build_head
+    from facescale.heads import build_head
+    from facescale.heads.losses import build_margin
     from facescale.heads.options import resolve_logits_dtype
     from facescale.memory import PeakMemory
     from facescale.seeding import rank_seed
 
     dtype = resolve_logits_dtype(options.dtype)
+    storage = {}
+    if options.lean:
+        storage = {
+            "center_dtype": options.center_dtype,
+            "center_state_dtype": options.center_state_dtype,
+        }
     gc.collect()
     memory = PeakMemory(device)
     memory.start()
@@ -202,13 +251,16 @@ def measure_rank(options: Options, device: Any) -> dict[str, Any]:
         options.kind,
         options.classes,
         options.dim,
-        ArcFace(),
+        build_margin(loss, 64.0, (1.0, 0.0, 0.4) if loss == "cosface" else (1.0, 0.5, 0.0)),
         options.sample_rate,
         lean=options.lean,
+        num_subcenters=options.num_subcenters,
         chunk_size=options.chunk_size,
         cache_bytes=options.cache_mib * 2**20,
         logits_dtype=dtype,
         seed=0,
+        device=device,
+        **storage,
     ).to(device)
     optimizer = None
     if options.lean:
@@ -242,7 +294,7 @@ def measure_rank(options: Options, device: Any) -> dict[str, Any]:
             steps.append({"wall": clock.wall, "cpu": clock.cpu})
             rates.append(rate)
             sampled = getattr(head, "sampled_classes", None)
-            computed.append(head.weight.shape[0] if sampled is None else len(sampled))
+            computed.append(head.num_local if sampled is None else len(sampled))
     growth = memory.peak()["peak_bytes"]
     state = [t for t in head.state_dict().values() if torch.is_tensor(t)]
     if optimizer is not None:
@@ -252,6 +304,7 @@ def measure_rank(options: Options, device: Any) -> dict[str, Any]:
         "sgemm_gflops": rates,
         "rows": rows,
         "classes_computed": max(computed),
+        "subcenters": options.num_subcenters,
         "threads": torch.get_num_threads(),
         "memory_growth_mb": growth / 2**20,
         "state_mb": sum(t.numel() * t.element_size() for t in state) / 2**20,
@@ -263,7 +316,7 @@ def measure_rank(options: Options, device: Any) -> dict[str, Any]:
 def _against_floor(ranks: list[dict[str, Any]], dim: int, clock: str) -> dict[str, Any]:
     """Per step: the slowest rank's time, the floor at that step's sgemm rates, their ratio."""
     steps = range(len(ranks[0]["steps"]))
-    flops = [6 * r["rows"] * r["classes_computed"] * dim for r in ranks]
+    flops = [6 * r["rows"] * r["classes_computed"] * r["subcenters"] * dim for r in ranks]
     slowest = [max(r["steps"][i][clock] for r in ranks) for i in steps]
     floors = [
         max(f / (r["sgemm_gflops"][i][clock] * 1e9) for f, r in zip(flops, ranks, strict=True))
@@ -310,4 +363,29 @@ def summarize(options: Options, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         "centers_and_state_mb": [r["state_mb"] for r in ranks],
         "memory_budget_mb": budget,
         "memory_ok": all(g <= b for g, b in zip(growth, budget, strict=True)),
+    }
+
+
+def compare_losses(losses: tuple[str, ...], reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first loss's report with its name; with more losses, each one's report and its
+    median step time over the first's (wall clock, and process CPU time on CPU)."""
+    first = {**reports[0], "loss": losses[0]}
+    if len(losses) == 1:
+        return first
+
+    def ratio(report: dict[str, Any], clock: str) -> float | None:
+        mine = report if clock == "wall" else report["cpu_time"]
+        base = reports[0] if clock == "wall" else reports[0]["cpu_time"]
+        return None if mine is None else mine["step_s_median"] / base["step_s_median"]
+
+    return {
+        **first,
+        "by_loss": {
+            name: {
+                **report,
+                "step_over_first_loss": ratio(report, "wall"),
+                "cpu_step_over_first_loss": ratio(report, "cpu"),
+            }
+            for name, report in zip(losses, reports, strict=True)
+        },
     }

@@ -45,24 +45,48 @@ class Mode:
     name: str
     head: str
     sample_rate: float
+    center_dtype: str = "fp32"
+    center_state_dtype: str = "fp32"
 
     @property
     def label(self) -> str:
         if self.head == "data_parallel":
             return "data parallel"
-        return "model parallel" if self.sample_rate == 1 else f"Partial FC {self.sample_rate:g}"
+        label = "model parallel" if self.sample_rate == 1 else f"Partial FC {self.sample_rate:g}"
+        if (self.center_dtype, self.center_state_dtype) != ("fp32", "fp32"):
+            label += f", {self.center_dtype} centers, {self.center_state_dtype} state"
+        return label
 
     def overrides(self) -> list[str]:
-        return [f"head={self.head}", f"sample_rate={self.sample_rate!r}"]
+        return [
+            f"head={self.head}",
+            f"sample_rate={self.sample_rate!r}",
+            f"center_dtype={self.center_dtype}",
+            f"center_state_dtype={self.center_state_dtype}",
+        ]
+
+
+STORAGE = {"center_dtype": ("fp32", "bf16", "fp16"), "center_state_dtype": ("fp32", "bf16", "int8")}
 
 
 def parse_mode(text: str) -> Mode:
-    """``data``, ``model`` or ``partial:RATE`` (Partial FC sampling RATE of each shard)."""
-    if text == "data":
+    """``data``, ``model`` or ``partial:RATE`` (Partial FC sampling RATE of each shard); the
+    last two may add the storage of the centers and of their state, ``/CENTERS/STATE``
+    (e.g. ``partial:0.1/bf16/int8``; fp32 by default)."""
+    head, *storage = text.split("/")
+    kinds = dict(zip(STORAGE, storage, strict=False))
+    wrong = any(kind not in STORAGE[key] for key, kind in kinds.items())
+    if len(storage) > 2 or (storage and head == "data") or wrong:
+        raise argparse.ArgumentTypeError(
+            f"parallel mode {text!r}: storage after 'model' or 'partial:RATE' is "
+            f"/CENTERS/STATE, CENTERS one of {', '.join(STORAGE['center_dtype'])} and "
+            f"STATE one of {', '.join(STORAGE['center_state_dtype'])}"
+        )
+    if head == "data":
         return Mode(text, "data_parallel", 1.0)
-    if text == "model":
-        return Mode(text, "partial_fc", 1.0)
-    kind, _, rate = text.partition(":")
+    if head == "model":
+        return Mode(text, "partial_fc", 1.0, **kinds)
+    kind, _, rate = head.partition(":")
     try:
         value = float(rate)
     except ValueError:
@@ -71,7 +95,7 @@ def parse_mode(text: str) -> Mode:
         raise argparse.ArgumentTypeError(
             f"parallel mode {text!r}: use 'data', 'model' or 'partial:RATE' with RATE in (0, 1]"
         )
-    return Mode(text, "partial_fc", value)
+    return Mode(text, "partial_fc", value, **kinds)
 
 
 def parse_count(text: str) -> int:
@@ -109,7 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_mode,
         nargs="+",
         default=[parse_mode(m) for m in ("data", "model", "partial:0.1")],
-        help="modes: data, model, partial:RATE (default: data model partial:0.1)",
+        help="modes: data, model, partial:RATE; the last two may add /CENTERS/STATE storage, "
+        "e.g. partial:0.1/bf16/int8 (default: data model partial:0.1)",
     )
     parser.add_argument(
         "--ranks", type=int, default=0, help="processes (default: GPUs, or 2 on CPU)"
@@ -223,7 +248,7 @@ def run_config(
     from facescale.memory import available_memory
     from facescale.plan import estimate
 
-    folder = root / f"{mode.name.replace(':', '_')}_{classes}"
+    folder = root / f"{mode.name.replace(':', '_').replace('/', '_')}_{classes}"
     folder.mkdir(parents=True)
     overrides = config_overrides(args, mode, classes, folder / "output")
     limit = None

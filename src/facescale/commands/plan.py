@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
 from facescale.commands.config import add_config_arguments
 from facescale.errors import InputError
+
+# (center_dtype, center_state_dtype) pairs whose identity counts the plan compares
+STORAGE_MODES = (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "int8"))
 
 HELP = "predict peak memory per rank of a config; the most identities, batch, sample rate that fit"
 
@@ -49,10 +53,25 @@ def answers(cfg: Any, devices: int, device: str, memory: int) -> dict[str, Any]:
     rate = None
     if cfg.head == "partial_fc" or not found.required <= memory:
         rate = plan.largest_sample_rate(cfg, devices, device, memory)
+    by_storage = {}
+    if cfg.head == "partial_fc":
+        for centers, state in STORAGE_MODES:
+            narrow = dataclasses.replace(cfg, center_dtype=centers, center_state_dtype=state)
+            found_count = plan.largest_num_classes(narrow, devices, device, memory)
+            by_storage[f"{centers}/{state}"] = found_count
     return {
         "config": {
             k: getattr(cfg, k)
-            for k in ("network", "num_classes", "batch_size", "head", "sample_rate", "optimizer")
+            for k in (
+                "network",
+                "num_classes",
+                "batch_size",
+                "head",
+                "sample_rate",
+                "optimizer",
+                "center_dtype",
+                "center_state_dtype",
+            )
         }
         | {"precision": "fp16" if cfg.fp16 else "bf16" if cfg.bf16 else "fp32"},
         "devices": devices,
@@ -63,6 +82,7 @@ def answers(cfg: Any, devices: int, device: str, memory: int) -> dict[str, Any]:
         "largest_num_classes": plan.largest_num_classes(cfg, devices, device, memory),
         "largest_batch_size": plan.largest_batch_size(cfg, devices, device, memory),
         "largest_partial_fc_sample_rate": rate,
+        "largest_num_classes_by_storage": by_storage,
     }
 
 
@@ -75,8 +95,8 @@ def _describe(report: dict[str, Any]) -> str:
         f"rank, {cfg['precision']}, head {cfg['head']} (sample_rate {cfg['sample_rate']}), "
         f"{report['devices']} x {report['device']} of {format_size(report['device_memory'])}",
         f"  backbone state    {format_size(est['backbone_state'])}",
-        f"  head state        {format_size(est['head_state'])}  (this rank's centers + "
-        f"{cfg['optimizer']} state)",
+        f"  head state        {format_size(est['head_state'])}  (this rank's centers in "
+        f"{cfg['center_dtype']} + {cfg['optimizer']} state in {cfg['center_state_dtype']})",
         f"  step transient    {format_size(est['step_transient'])}  (largest phase: "
         f"{est['peak_phase']})",
         f"  runtime           {format_size(est['runtime'])}",
@@ -87,6 +107,10 @@ def _describe(report: dict[str, Any]) -> str:
     ]
     largest = report["largest_num_classes"]
     lines.append(f"most identities that fit: {largest:,}" if largest else "no identity count fits")
+    for storage, count in report["largest_num_classes_by_storage"].items():
+        centers, state = storage.split("/")
+        fitting = f"{count:,}" if count else "none"
+        lines.append(f"  with {centers} centers and {state} optimizer state: {fitting}")
     batch = report["largest_batch_size"]
     lines.append(f"largest batch per rank that fits: {batch}" if batch else "no batch size fits")
     rate = report["largest_partial_fc_sample_rate"]

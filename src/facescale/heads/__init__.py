@@ -7,9 +7,12 @@ from typing import Any
 
 from torch import nn
 
+from .adaface import AdaFace
+from .curricularface import CurricularFace
 from .data_parallel import DataParallelFC
 from .interface import TrainableHead
-from .margins import ArcFace, CombinedMargin, CosFace, monotone_cos
+from .magface import MagFace
+from .margins import ArcFace, CombinedMargin, CosFace, Margin, monotone_cos
 from .partial_fc import LeanPartialFC, PartialFC
 from .shards import shard_range
 
@@ -20,7 +23,7 @@ def build_head(
     kind: str,
     num_classes: int,
     embedding_size: int,
-    margin: CombinedMargin,
+    margin: Margin,
     sample_rate: float = 1.0,
     **options: Any,
 ) -> nn.Module:
@@ -28,19 +31,24 @@ def build_head(
     or 'data_parallel' (the replicated baseline: sample_rate 1, drop-in only).
 
     ``options`` are the heads' keywords: ``lean`` (:class:`LeanPartialFC` instead of the
-    drop-in :class:`PartialFC`), ``chunk_size``, ``cache_bytes`` (lean only),
-    ``interclass_filtering_threshold``, ``logits_dtype``, ``seed``; the data-parallel head
-    takes the last three.
+    drop-in :class:`PartialFC`), ``chunk_size``, ``cache_bytes``, ``center_dtype`` and
+    ``center_state_dtype`` (lean only: narrow storage, :mod:`facescale.heads.storage`),
+    ``device`` (where the centers are made), ``interclass_filtering_threshold``,
+    ``logits_dtype``, ``seed``, ``scale_embedding_grad``, ``num_subcenters``; the
+    data-parallel head takes the last five.
     """
     if kind == "partial_fc":
         if options.pop("lean", False):
             return LeanPartialFC(num_classes, embedding_size, margin, sample_rate, **options)
         options.pop("cache_bytes", None)  # the drop-in head keeps nothing between steps
+        _refuse_narrow(kind, options, "center_state_dtype")
         return PartialFC(num_classes, embedding_size, margin, sample_rate, **options)
     if kind == "data_parallel":
         lean = options.pop("lean", False)
         options.pop("chunk_size", None)
         options.pop("cache_bytes", None)
+        options.pop("device", None)
+        _refuse_narrow(kind, options, "center_dtype", "center_state_dtype")
         if sample_rate != 1.0 or lean:
             raise ValueError(
                 f"head 'data_parallel' computes every class with a torch optimizer: it takes "
@@ -51,13 +59,28 @@ def build_head(
     raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEAD_KINDS)}")
 
 
+def _refuse_narrow(kind: str, options: dict[str, Any], *names: str) -> None:
+    """Take storage options a head without its own update cannot honour: fp32 only."""
+    for name in names:
+        value = options.pop(name, "fp32")
+        if value != "fp32":
+            raise ValueError(
+                f"{name}={value!r}: head {kind!r} is stepped by a torch optimizer and keeps "
+                "fp32; narrow storage needs the lean Partial FC head (lean=True)"
+            )
+
+
 __all__ = [
     "HEAD_KINDS",
+    "AdaFace",
     "ArcFace",
     "CombinedMargin",
     "CosFace",
+    "CurricularFace",
     "DataParallelFC",
     "LeanPartialFC",
+    "MagFace",
+    "Margin",
     "PartialFC",
     "TrainableHead",
     "build_head",

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .collectives import gather_counts, gather_rows
+from facescale.distributed import get_rank
+
+from .collectives import gather_counts, gather_rows, scale_grad
 
 
 @dataclass
@@ -23,10 +25,17 @@ class GlobalBatch:
     embeddings: Tensor  # [global_batch, d] fp32, L2-normalised; gradient returns to its rank
     labels: Tensor  # [global_batch] int64 global class ids
     sizes: list[int]  # rows contributed by each rank
+    norms: Tensor | None = None  # [global_batch] fp32 feature norms, when asked for
 
     @property
     def size(self) -> int:
         return sum(self.sizes)
+
+    @property
+    def own_rows(self) -> slice:
+        """This rank's rows of the gathered batch."""
+        start = sum(self.sizes[: get_rank()])
+        return slice(start, start + self.sizes[get_rank()])
 
 
 def _describe(embeddings: Tensor, labels: Tensor) -> list[int]:
@@ -79,18 +88,35 @@ def gather_batch(
     num_classes: int,
     *,
     gather_embeddings: bool = True,
+    grad_scale: float = 1.0,
+    norms: bool = False,
+    norm_grad: bool = False,
+    sizes: list[int] | None = None,
 ) -> GlobalBatch:
     """Check this rank's inputs, normalise the embeddings and gather both from every rank.
 
     With ``gather_embeddings=False`` only the labels are gathered (every rank's inputs are
-    still checked) and ``embeddings`` holds this rank's normalised rows alone.
+    still checked) and ``embeddings`` holds this rank's normalised rows alone. ``sizes``
+    (every rank's rows) come from a caller that has checked the shapes and labels where
+    they were made: then nothing is checked here and the host never waits for the device.
+    The gradient that returns to this rank's ``embeddings`` is multiplied by
+    ``grad_scale``. ``norms`` adds the rows' feature norms (gathered alike), with gradient
+    if ``norm_grad``.
     """
-    table = gather_counts(_describe(embeddings, labels), embeddings.device)
-    _check_shapes(table, embedding_size)
-    sizes = table[:, 1].tolist()
-    all_labels = gather_rows(labels.to(torch.int64), sizes)
-    _check_labels(all_labels, sizes, num_classes)
-    normalised = F.normalize(embeddings.float(), dim=1)
+    if sizes is None:
+        table = gather_counts(_describe(embeddings, labels), embeddings.device)
+        _check_shapes(table, embedding_size)
+        sizes = table[:, 1].tolist()
+        all_labels = gather_rows(labels.to(torch.int64), sizes)
+        _check_labels(all_labels, sizes, num_classes)
+    else:
+        all_labels = gather_rows(labels.to(torch.int64), sizes)
+    features = scale_grad(embeddings.float(), grad_scale)
+    normalised = F.normalize(features, dim=1)
+    row_norms = None
+    if norms:
+        row_norms = torch.linalg.vector_norm(features if norm_grad else features.detach(), dim=1)
     if gather_embeddings:
         normalised = gather_rows(normalised, sizes)
-    return GlobalBatch(normalised, all_labels, sizes)
+        row_norms = None if row_norms is None else gather_rows(row_norms, sizes)
+    return GlobalBatch(normalised, all_labels, sizes, row_norms)

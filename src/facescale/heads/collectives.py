@@ -82,6 +82,24 @@ def sum_across_ranks(x: Tensor) -> Tensor:
     return _SumAcrossRanks.apply(x)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """``x`` itself, whose gradient is multiplied by ``factor`` on its way back."""
+    if factor == 1.0 or not x.requires_grad:
+        return x
+    return _ScaleGrad.apply(x, factor)
+
+
 def max_across_ranks(x: Tensor) -> Tensor:
     """Elementwise maximum over ranks (no gradient: the head uses it only as a shift)."""
     if get_world_size() == 1:

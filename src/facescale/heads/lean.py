@@ -23,10 +23,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .collectives import sum_across_ranks
-from .margins import CombinedMargin
+from .margins import Margin
 from .rows import Rows, Scratch
 from .sampling import ShardSelection
-from .softmax import drop_filtered_, finite_or_zero, inverse_norms, log_sum_exp, target_cosine
+from .softmax import (
+    drop_filtered_,
+    finite_or_zero,
+    inverse_norms,
+    log_sum_exp,
+    observe_batch,
+    target_cosine,
+)
+from .subcenters import best_of, pick_subcenters, spread
 
 
 def matmul_into(out: Tensor, a: Tensor, b: Tensor, alpha: float, accumulate: bool) -> Tensor:
@@ -35,6 +43,15 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, alpha: float, accumulate: boo
         return out.addmm_(a, b, beta=1.0 if accumulate else 0.0, alpha=alpha)
     product = torch.mm(a, b).float()
     return out.add_(product, alpha=alpha) if accumulate else torch.mul(product, alpha, out=out)
+
+
+@dataclass(frozen=True)
+class Negatives:
+    """What modulated a forward's negative logits: every row's target logit and the
+    margin's state then (so a later recompute modulates them alike)."""
+
+    target: Tensor  # [global_batch]
+    state: Tensor
 
 
 @dataclass
@@ -47,33 +64,53 @@ class MicroBatch:
     selection: ShardSelection
     target_coef: Tensor  # per target (selection order): d(row loss) / d(target cosine)
     probs: Tensor | None  # [global_batch, computed classes] softmax, targets 0; or recompute
-    upstream: Tensor  # the loss's incoming gradient (0-d; read on the host when the head steps)
+    negatives: Negatives | None  # how the negative logits were modulated (None: not at all)
+    upstream: Tensor  # the loss's incoming gradient (0-d, on the device)
 
     @property
     def index(self) -> Tensor | None:
         return self.selection.index
 
 
+@dataclass
+class ChunkedResult:
+    """What a chunked forward gives: the loss, what the update needs, and the gradients."""
+
+    loss: Tensor
+    lse: Tensor  # [global_batch] log-sum-exp over all ranks' classes
+    selection: ShardSelection  # the targets' sub-centers chosen
+    target_coef: Tensor
+    negatives: Negatives | None
+    grad: Tensor | None = None  # to this shard's part of the normalised embeddings
+    norm_grad: Tensor | None = None  # to this shard's part of the feature norms
+
+
 @dataclass(frozen=True)
 class ChunkedSoftmax:
-    """The margin softmax of one shard, computed ``chunk_size`` classes at a time."""
+    """The margin softmax of one shard, computed ``chunk_size`` classes at a time.
 
-    margin: CombinedMargin
+    Columns are center rows: ``subcenters`` consecutive rows per class (a class's logit is
+    its best sub-center's), so a chunk is ``chunk_size * subcenters`` rows."""
+
+    margin: Margin
     threshold: float
     dtype: torch.dtype
     chunk_size: int
+    subcenters: int = 1
 
     def chunks(self, count: int) -> Iterator[tuple[int, int]]:
-        for lo in range(0, count, self.chunk_size):
-            yield lo, min(lo + self.chunk_size, count)
+        """Row ranges of ``chunk_size`` whole classes over ``count`` computed rows."""
+        step = self.chunk_size * self.subcenters
+        for lo in range(0, count, step):
+            yield lo, min(lo + step, count)
 
     def scale(self, embeddings: Tensor) -> Tensor:
         """``s * embeddings`` in the logits dtype: one matmul with it gives the logits."""
         return (embeddings * self.margin.s).to(self.dtype)
 
     def centers(self, weight: Tensor, rows: Rows, scratch: Scratch) -> tuple[Tensor, Tensor]:
-        """Raw center rows (a view, or a copy in ``scratch``) and their inverse norms."""
-        block = scratch.rows_of("rows", weight, rows)
+        """Raw fp32 center rows (a view, or a copy in ``scratch``) and their inverse norms."""
+        block = scratch.wide_rows("rows", weight, rows)
         return block, inverse_norms(block)
 
     def _logits(
@@ -85,46 +122,88 @@ class ChunkedSoftmax:
         lo: int,
         scratch: Scratch,
         out: Tensor | None = None,
-    ) -> Tensor:
-        """Non-target logits of columns [lo, lo + len(block)), in ``out`` or scratch; targets
-        are -inf."""
+        negatives: Negatives | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Non-target logits of the classes of rows [lo, lo + len(block)), in ``out`` or
+        scratch (with sub-centers: in a new tensor, the best sub-center of each class third,
+        else None); targets are -inf. With ``negatives`` they are modulated in place, and
+        the derivative of the modulated logits to the plain ones comes second (else None)."""
         if out is None:
             out = scratch.take("logits", (scaled.shape[0], block.shape[0]), inv_norm)
         logits = matmul_into(out, scaled, block.to(self.dtype).t(), 1.0, accumulate=False)
-        drop_filtered_(logits.mul_(inv_norm), self.margin.s * self.threshold)
-        part = sel.target_slice(lo, lo + block.shape[0])
-        logits[sel.target_rows[part], sel.target_cols[part] - lo] = float("-inf")
-        return logits
+        logits.mul_(inv_norm)
+        k, best = self.subcenters, None
+        if k > 1:
+            logits, best = best_of(logits, k)
+        drop_filtered_(logits, self.margin.s * self.threshold)
+        inside, cols = sel.chunk_targets(lo, lo + block.shape[0])
+        at = (sel.target_rows, cols // k)  # distinct rows: no position is written twice
+        logits.index_put_(at, torch.where(inside, float("-inf"), logits[at]))
+        if negatives is None:
+            return logits, None, best
+        slope = scratch.take("slope", tuple(logits.shape), logits)
+        work = scratch.take("modulation", tuple(logits.shape), logits)
+        self.margin.modulate_(logits, negatives.target, negatives.state, slope, work)
+        return logits, slope, best
 
     def _targets(
-        self, weight: Tensor, embeddings: Tensor, sel: ShardSelection
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Normalised target centers, their margin logits and the margin's derivative."""
-        centers = F.normalize(weight[sel.target_local], dim=1)
+        self,
+        weight: Tensor,
+        embeddings: Tensor,
+        norms: Tensor | None,
+        sel: ShardSelection,
+        training: bool,
+    ) -> tuple[ShardSelection, Tensor, Tensor, Tensor, Tensor | None]:
+        """``sel`` with each target's best sub-center chosen, the normalised target centers,
+        their margin logits and the margin's derivatives to the target cosines and (when it
+        differentiates through them) the feature norms; a ``training`` forward first lets
+        the margin observe the batch."""
+        if self.subcenters > 1:
+            group = sel.target_local[:, None] + torch.arange(self.subcenters, device=weight.device)
+            candidates = F.normalize(weight[group].float(), dim=2)
+            cosines = (candidates * embeddings[sel.target_rows][:, None, :].float()).sum(dim=2)
+            sel = pick_subcenters(sel, cosines.argmax(dim=1))
+        centers = F.normalize(weight[sel.target_local].float(), dim=1)
+        cosine = target_cosine(embeddings[sel.target_rows], centers)
+        rows, batch = sel.target_rows, embeddings.shape[0]
+        observe_batch(self.margin, norms, cosine, rows, batch, training)
+        row_norms = None if norms is None else norms[sel.target_rows].detach()
         with torch.enable_grad():
-            cosine = target_cosine(embeddings[sel.target_rows], centers).requires_grad_()
-            logits = self.margin(cosine)
-            (slope,) = torch.autograd.grad(logits.sum(), cosine)
-        return centers, logits.detach(), slope
+            inputs = [cosine.requires_grad_()]
+            if self.margin.norm_grad:
+                inputs.append(row_norms.requires_grad_())
+            logits = self.margin.target_logit(cosine, row_norms)
+            slopes = torch.autograd.grad(logits.sum(), inputs)
+        norm_slope = slopes[1] if self.margin.norm_grad else None
+        return sel, centers, logits.detach(), slopes[0], norm_slope
 
     def forward(
         self,
         weight: Tensor,
         embeddings: Tensor,
+        norms: Tensor | None,
         sel: ShardSelection,
         embedding_grad: bool,
         scratch: Scratch,
         cache: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``(loss, lse, target_coef, grad)``: the mean loss over the global batch and, with
-        ``embedding_grad``, its gradient to this shard's part of ``embeddings``. A ``cache``
-        of shape [batch, sel.count] receives the softmax probabilities of the columns."""
-        rows, batch = sel.target_rows, embeddings.shape[0]
+        training: bool = False,
+    ) -> ChunkedResult:
+        """The mean loss over the global batch of a ``training`` forward (or not: the
+        margin's running state stays as it is) and, with ``embedding_grad``, its gradient to
+        this shard's part of ``embeddings`` (and of ``norms``, the feature norms, for a margin
+        that differentiates through them). A ``cache`` of shape [batch, sel.count] receives
+        the softmax probabilities of the columns (times the negatives' modulation slope)."""
+        batch = embeddings.shape[0]
         scaled = self.scale(embeddings)
-        target_centers, local_target, slope = self._targets(weight, embeddings, sel)
+        sel, target_centers, local_target, slope, norm_slope = self._targets(
+            weight, embeddings, norms, sel, training
+        )
+        rows = sel.target_rows
         # distinct rows: index_add_ into zeros places them exactly, and has a deterministic
         # CUDA kernel (index_copy_ has none)
         target = sum_across_ranks(embeddings.new_zeros(batch).index_add_(0, rows, local_target))
+        state = self.margin.negative_state()
+        negatives = None if state is None else Negatives(target, state)
         top = embeddings.new_full((batch,), float("-inf"))
         sumexp = embeddings.new_zeros(batch)
         weighted = torch.zeros_like(embeddings) if embedding_grad else None
@@ -132,12 +211,20 @@ class ChunkedSoftmax:
         for lo, hi in self.chunks(sel.count):
             block, inv_norm = self.centers(weight, shard_rows(sel.index, lo, hi), scratch)
             out = None if cache is None else cache[:, lo:hi]
-            logits = self._logits(scaled, block, inv_norm, sel, lo, scratch, out)
+            logits, slopes, best = self._logits(
+                scaled, block, inv_norm, sel, lo, scratch, out, negatives
+            )
             new_top = torch.maximum(top, logits.amax(dim=1))
             shift = finite_or_zero(new_top)
             rescale = torch.exp(top - shift)
             probs = logits.sub_(shift[:, None]).exp_()  # relative to this chunk's shift
             sumexp.mul_(rescale).add_(probs.sum(dim=1))
+            if slopes is not None:
+                probs.mul_(slopes)  # from here on: d(loss) / d(plain logit), unnormalised
+            if best is not None:  # onto the rows: each class's best sub-center
+                if out is None:
+                    out = scratch.take("spread", (batch, block.shape[0]), probs)
+                probs = spread(probs, best, self.subcenters, out)
             if weighted is not None:
                 if cache is None:
                     scaled_probs = probs.mul_(inv_norm)
@@ -154,12 +241,18 @@ class ChunkedSoftmax:
             for (lo, hi), chunk_top in zip(self.chunks(sel.count), tops, strict=True):
                 cache[:, lo:hi].mul_(torch.exp(chunk_top - lse)[:, None])
         loss = (lse - target).sum() / batch
-        target_coef = (torch.exp(local_target - lse[rows]) - 1.0) * slope
+        target_weight = torch.exp(local_target - lse[rows]) - 1.0
+        target_coef = target_weight * slope
+        result = ChunkedResult(loss, lse, sel, target_coef, negatives)
         if weighted is None:
-            return loss, lse, target_coef, None
+            return result
         grad = weighted.mul_((self.margin.s * torch.exp(top - lse))[:, None])
         grad.index_add_(0, rows, target_coef[:, None] * target_centers)
-        return loss, lse, target_coef, grad.div_(batch)
+        result.grad = grad.div_(batch)
+        if norm_slope is not None:
+            coef = target_weight * norm_slope / batch
+            result.norm_grad = embeddings.new_zeros(batch).index_add_(0, rows, coef)
+        return result
 
     def add_center_grad(
         self,
@@ -167,24 +260,31 @@ class ChunkedSoftmax:
         block: Tensor,
         inv_norm: Tensor,
         lo: int,
-        scale: float,
         out: Tensor,
-        accumulate: bool,
         scratch: Scratch,
     ) -> Tensor:
-        """Gradient of ``mb``'s loss, times ``scale`` (upstream / batch), to the normalised
-        centers ``block * inv_norm`` (columns [lo, lo + len(block)) of ``mb``) into ``out``,
-        added to it if ``accumulate``."""
+        """Gradient of ``mb``'s loss (times its upstream gradient, a device tensor) to the
+        normalised centers ``block * inv_norm`` (columns [lo, lo + len(block)) of ``mb``),
+        written into ``out``."""
         sel = mb.selection
         if mb.probs is not None:
             probs = mb.probs[:, lo : lo + block.shape[0]]
         else:
-            logits = self._logits(mb.scaled, block, inv_norm, sel, lo, scratch)
+            logits, slopes, best = self._logits(
+                mb.scaled, block, inv_norm, sel, lo, scratch, negatives=mb.negatives
+            )
             probs = logits.sub_(mb.lse[:, None]).exp_()
-        matmul_into(out, probs.t().to(self.dtype), mb.scaled, scale, accumulate)
-        part = sel.target_slice(lo, lo + block.shape[0])
-        coef = (mb.target_coef[part] * scale)[:, None] * mb.embeddings[sel.target_rows[part]]
-        return out.index_add_(0, sel.target_cols[part] - lo, coef)
+            if slopes is not None:
+                probs.mul_(slopes)
+            if best is not None:
+                shape = (probs.shape[0], block.shape[0])
+                probs = spread(probs, best, self.subcenters, scratch.take("spread", shape, probs))
+        scale = 1.0 / mb.embeddings.shape[0]
+        matmul_into(out, probs.t().to(self.dtype), mb.scaled, scale, accumulate=False)
+        inside, cols = sel.chunk_targets(lo, lo + block.shape[0])
+        coef = (mb.target_coef * scale)[:, None] * mb.embeddings[sel.target_rows]
+        out.index_add_(0, cols, torch.where(inside[:, None], coef, 0.0))  # outside: exact 0
+        return out.mul_(mb.upstream)
 
 
 def raw_center_grad_(grad: Tensor, block: Tensor, inv_norm: Tensor, scratch: Scratch) -> Tensor:
@@ -202,24 +302,36 @@ def shard_rows(index: Tensor | None, lo: int, hi: int) -> Rows:
 
 class _LeanLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, embeddings, weight, sel, softmax, pending, embedding_grad, scratch, cache):
-        loss, lse, target_coef, grad = softmax.forward(
-            weight, embeddings, sel, embedding_grad, scratch, cache
+    def forward(
+        ctx, embeddings, norms, weight, sel, softmax, pending, embedding_grad, scratch, cache
+    ):
+        result = softmax.forward(
+            weight, embeddings, norms, sel, embedding_grad, scratch, cache, training=True
         )
-        ctx.grad, ctx.pending = grad, pending
+        ctx.grad, ctx.norm_grad, ctx.pending = result.grad, result.norm_grad, pending
         scaled = softmax.scale(embeddings)
-        ctx.micro_batch = (embeddings.detach(), scaled, lse, sel, target_coef, cache)
-        return loss
+        ctx.micro_batch = (
+            embeddings.detach(),
+            scaled,
+            result.lse,
+            result.selection,
+            result.target_coef,
+            cache,
+            result.negatives,
+        )
+        return result.loss
 
     @staticmethod
     def backward(ctx, upstream):
         ctx.pending.append(MicroBatch(*ctx.micro_batch, upstream=upstream.detach()))
         grad = None if ctx.grad is None else ctx.grad * upstream
-        return grad, None, None, None, None, None, None, None
+        norm_grad = None if ctx.norm_grad is None else ctx.norm_grad * upstream
+        return grad, norm_grad, None, None, None, None, None, None, None
 
 
 def lean_loss(
     embeddings: Tensor,
+    norms: Tensor | None,
     weight: Tensor,
     sel: ShardSelection,
     softmax: ChunkedSoftmax,
@@ -229,15 +341,16 @@ def lean_loss(
 ) -> Tensor:
     """Mean loss over the global batch; its backward appends a :class:`MicroBatch` to ``pending``.
 
-    ``embeddings`` are the gathered, normalised global batch. Without grad mode nothing is
-    recorded; embeddings that do not require grad still let the centers learn. ``cache``
-    ([batch, sel.count], fp32) keeps the probabilities for the update.
+    ``embeddings`` are the gathered, normalised global batch, ``norms`` their feature norms
+    (None when the margin reads none). Without grad mode nothing is recorded; embeddings
+    that do not require grad still let the centers learn. ``cache`` ([batch, sel.count],
+    fp32) keeps the probabilities for the update.
     """
     if not torch.is_grad_enabled():
-        return softmax.forward(weight, embeddings, sel, False, scratch)[0]
+        return softmax.forward(weight, embeddings, norms, sel, False, scratch).loss
     embedding_grad = embeddings.requires_grad
     if not embedding_grad:
         embeddings = embeddings.detach().requires_grad_()
     return _LeanLoss.apply(
-        embeddings, weight, sel, softmax, pending, embedding_grad, scratch, cache
+        embeddings, norms, weight, sel, softmax, pending, embedding_grad, scratch, cache
     )

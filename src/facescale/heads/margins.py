@@ -1,8 +1,10 @@
-"""Margins of the ArcFace family: the target logit ``s * (cos(m1 * theta + m2) - m3)``.
+"""Margins: what a margin-softmax head asks of its loss (:class:`Margin`), and the ArcFace
+family's target logit ``s * (cos(m1 * theta + m2) - m3)``.
 
-Only the target class of each sample gets the margin; every other class keeps ``s * cos``.
-The gradient is the true derivative of the target logit, unless ``straight_through`` asks
-for the no-grad margin of arcface_torch (value with margin, gradient of ``s * cos``).
+Only the target class of each sample gets the margin; every other class keeps ``s * cos``
+unless the loss modulates negatives (CurricularFace). The gradient is the true derivative
+of the target logit, unless ``straight_through`` asks for the no-grad margin of
+arcface_torch (value with margin, gradient of ``s * cos``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,49 @@ def monotone_cos(psi: Tensor) -> Tensor:
     return sign * torch.cos(psi) - 2.0 * k
 
 
-class CombinedMargin(nn.Module):
+class Margin(nn.Module):
+    """A margin-softmax loss as the heads compute it: scale ``s``, each sample's target logit
+    from its target cosine and feature norm, and optionally running state, modulated
+    negatives and a per-sample regulariser. The base class is the plain margin of ``forward``.
+
+    ``uses_norms``: it reads the feature norms; ``norm_grad``: its target logit or regulariser
+    differentiates through them. ``running_state``: :meth:`observe` updates state kept in
+    the head's ``state_dict``; ``observes_targets``: it needs the batch's target cosines.
+    """
+
+    s: float
+    uses_norms = False
+    norm_grad = False
+    running_state = False
+    observes_targets = False
+
+    def target_logit(self, cosine: Tensor, norms: Tensor | None) -> Tensor:
+        """Margin logits of target cosines, given the samples' feature norms (same shape)."""
+        return self(cosine)
+
+    def observe(self, norms: Tensor, target_cosine: Tensor | None) -> None:
+        """Update running state from the global batch's detached feature norms and (when
+        ``observes_targets``) target cosines; called by training forwards before any logit."""
+
+    def negative_state(self) -> Tensor | None:
+        """A copy of the state that modulates negative logits (None: they stay ``s * cos``)."""
+        return None
+
+    def modulate_(
+        self, logits: Tensor, target: Tensor, state: Tensor, slope: Tensor, work: Tensor
+    ) -> None:
+        """Modulate the negative logits ``[rows, classes]`` in place (-inf: no class), given
+        the rows' target logits and :meth:`negative_state`; write the derivative of the new
+        logits to the old ones into ``slope``. ``work`` is a buffer of the same shape to use.
+        No autograd."""
+        raise NotImplementedError
+
+    def regulariser(self, norms: Tensor) -> Tensor | None:
+        """A per-sample term added to the loss (None: none)."""
+        return None
+
+
+class CombinedMargin(Margin):
     """Target logit ``s * (cos(m1 * theta + m2) - m3)`` with ``theta = acos(cos)``.
 
     ``cos`` is clamped into (-1, 1) so theta and its derivative stay finite; past

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .margins import CombinedMargin
+from .margins import Margin
 
 LOGITS_DTYPES = {
     "fp32": torch.float32,
@@ -28,17 +28,19 @@ def resolve_logits_dtype(value: torch.dtype | str | None) -> torch.dtype:
 
 
 def check_head_args(
-    num_classes: int, embedding_size: int, margin: CombinedMargin, threshold: float
+    num_classes: int, embedding_size: int, margin: Margin, threshold: float, subcenters: int = 1
 ) -> None:
     """Raise ValueError naming the first argument out of range."""
     if num_classes <= 0 or embedding_size <= 0:
         raise ValueError(
             f"num_classes={num_classes} and embedding_size={embedding_size} must be > 0"
         )
-    if not isinstance(margin, CombinedMargin):
+    if not isinstance(margin, Margin):
         raise TypeError(
-            f"margin must be a CombinedMargin (ArcFace, CosFace, ...), not {type(margin).__name__}"
+            f"margin must be a Margin (ArcFace, CosFace, AdaFace, ...), not {type(margin).__name__}"
         )
+    if subcenters < 1:
+        raise ValueError(f"num_subcenters={subcenters} must be >= 1 (1: one center per class)")
     if not 0 <= threshold < 1:
         raise ValueError(
             f"interclass_filtering_threshold={threshold} must be in [0, 1); 0 turns it off"

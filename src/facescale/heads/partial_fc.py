@@ -21,16 +21,18 @@ from torch import Tensor, nn
 
 from facescale.distributed import get_rank, get_world_size
 
-from .batch import gather_batch
+from .batch import GlobalBatch, gather_batch
 from .collectives import sum_across_ranks
 from .lean import ChunkedSoftmax, MicroBatch, lean_loss, raw_center_grad_, shard_rows
-from .margins import CombinedMargin
+from .margins import Margin
 from .options import check_head_args, resolve_logits_dtype
-from .row_optim import RowOptimizer, make_row_optimizer
-from .rows import Rows, Scratch, write_rows
+from .row_optim import RowOptimizer, fused_kwargs, make_row_optimizer
+from .rows import Rows, Scratch
 from .sampling import ClassSampler, ShardSelection, select_classes
 from .shards import init_centers, shard_range
 from .softmax import dense_shard_terms, log_sum_exp
+from .storage import RowTable, center_table, rounding_noise, state_tables
+from .subcenters import rows_selection, subcenter_rows
 
 DEFAULT_CHUNK_SIZE = 4096  # classes: a chunk's buffers stay in a CPU's caches
 DEFAULT_CACHE_BYTES = 512 * 2**20
@@ -61,16 +63,22 @@ class ShardedHead(nn.Module):
         self,
         num_classes: int,
         embedding_size: int,
-        margin: CombinedMargin,
+        margin: Margin,
         sample_rate: float = 1.0,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         interclass_filtering_threshold: float = 0.0,
         logits_dtype: torch.dtype | str | None = None,
         seed: int = 0,
+        scale_embedding_grad: bool = True,
+        num_subcenters: int = 1,
+        center_dtype: str = "fp32",
+        device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
-        check_head_args(num_classes, embedding_size, margin, interclass_filtering_threshold)
+        check_head_args(
+            num_classes, embedding_size, margin, interclass_filtering_threshold, num_subcenters
+        )
         if not 0 < sample_rate <= 1 or chunk_size <= 0:
             raise ValueError(
                 f"sample_rate={sample_rate} must be in (0, 1] and chunk_size={chunk_size} > 0"
@@ -78,29 +86,68 @@ class ShardedHead(nn.Module):
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.sample_rate = sample_rate
         self.rank, self.world_size = get_rank(), get_world_size()
+        # DDP averages the backbone's gradients over ranks: world_size x the embeddings'
+        # gradient leaves the global-mean loss's gradient after that averaging
+        self.embedding_grad_scale = float(self.world_size) if scale_embedding_grad else 1.0
         self.class_start, self.num_local = shard_range(num_classes, self.rank, self.world_size)
+        # sub-center ArcFace: rows c * K ... c * K + K - 1 of the shard are class c's
+        self.num_subcenters = num_subcenters
+        self.num_rows = self.num_local * num_subcenters
         self.margin = margin
         self.softmax = ChunkedSoftmax(
-            margin, interclass_filtering_threshold, resolve_logits_dtype(logits_dtype), chunk_size
+            margin,
+            interclass_filtering_threshold,
+            resolve_logits_dtype(logits_dtype),
+            chunk_size,
+            num_subcenters,
         )
         self.sampler = (
             ClassSampler(self.num_local, sample_rate, seed, self.rank) if sample_rate < 1 else None
         )
         self._last_index: Tensor | None = None
-        self._hold(init_centers(self.class_start, self.num_local, embedding_size, seed))
+        if center_dtype != "fp32" and not self.lean:
+            raise ValueError(
+                f"center_dtype={center_dtype!r} needs the lean head (lean=True), which updates "
+                "its own centers; a torch optimizer steps the drop-in head's fp32 parameter"
+            )
+        self.seed = seed
+        self.center_table = center_table(center_dtype)
+        dtype = self.center_table.dtype
+        start, count = self.class_start * num_subcenters, self.num_rows
+        self._hold(init_centers(start, count, embedding_size, seed, device, dtype))
 
     def _hold(self, centers: Tensor) -> None:
         """Keep the shard's initial centers as ``self.weight`` (a parameter or a buffer)."""
         raise NotImplementedError
 
     def _gather_and_select(
-        self, embeddings: Tensor, labels: Tensor
-    ) -> tuple[Tensor, ShardSelection]:
-        """The global batch's normalised embeddings and this shard's selected classes."""
-        batch = gather_batch(embeddings, labels, self.embedding_size, self.num_classes)
+        self, embeddings: Tensor, labels: Tensor, sizes: list[int] | None = None
+    ) -> tuple[GlobalBatch, ShardSelection]:
+        """The global batch (normalised embeddings, feature norms for the losses that read
+        them) and this shard's selected classes; ``sizes``: every rank's rows, from a caller
+        that checked the inputs (see gather_batch)."""
+        batch = gather_batch(
+            embeddings,
+            labels,
+            self.embedding_size,
+            self.num_classes,
+            grad_scale=self.embedding_grad_scale,
+            norms=self.margin.uses_norms,
+            norm_grad=self.margin.norm_grad,
+            sizes=sizes,
+        )
         sel = select_classes(batch.labels, self.class_start, self.num_local, self.sampler)
         self._last_index = sel.index
-        return batch.embeddings, sel
+        return batch, sel
+
+    def _regulariser(self, batch: GlobalBatch) -> Tensor | float:
+        """The margin's per-sample regulariser, mean over the global batch (0 without one).
+
+        Each rank adds up its own rows, so the norms' gradient is counted once."""
+        if batch.norms is None:
+            return 0.0
+        own = self.margin.regulariser(batch.norms[batch.own_rows])
+        return 0.0 if own is None else sum_across_ranks(own.sum()) / batch.size
 
     @property
     def sampled_classes(self) -> Tensor | None:
@@ -120,7 +167,9 @@ class ShardedHead(nn.Module):
             f"{self.class_start + self.num_local}), embedding_size={self.embedding_size}, "
             f"sample_rate={self.sample_rate}, chunk_size={self.softmax.chunk_size}, "
             f"logits_dtype={self.softmax.dtype}, "
-            f"interclass_filtering_threshold={self.softmax.threshold}"
+            f"interclass_filtering_threshold={self.softmax.threshold}, "
+            f"num_subcenters={self.num_subcenters}, "
+            f"embedding_grad_scale={self.embedding_grad_scale}"
         )
 
 
@@ -129,10 +178,14 @@ class PartialFC(ShardedHead):
 
     ``loss = head(local_embeddings, local_labels)`` takes global class ids and returns the
     mean loss over the global batch, the same value on every rank; the gradient reaches
-    each rank's own embeddings. With ``sample_rate < 1`` a step computes, per shard, the
-    positive classes of the global batch plus uniform negatives, ``ceil(sample_rate *
-    num_local)`` classes in all. Runs with or without an initialised process group; any
-    torch optimizer over ``head.parameters()`` updates the centers.
+    each rank's own embeddings, multiplied by the world size (as arcface_torch's head does)
+    so that a backbone in ``DistributedDataParallel``, which averages its gradients over the
+    ranks, receives the gradient of that global-mean loss. ``scale_embedding_grad=False``
+    gives each rank the unscaled gradient of the loss to its embeddings. With
+    ``sample_rate < 1`` a step computes, per shard, the positive classes of the global batch
+    plus uniform negatives, ``ceil(sample_rate * num_local)`` classes in all. Runs with or
+    without an initialised process group; any torch optimizer over ``head.parameters()``
+    updates the centers.
     """
 
     def _hold(self, centers: Tensor) -> None:
@@ -141,23 +194,23 @@ class PartialFC(ShardedHead):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean margin-softmax loss over the global batch (same value on every rank)."""
         with torch.autocast(embeddings.device.type, enabled=False):
-            embeddings, sel = self._gather_and_select(embeddings, labels)
-            weight = self.weight if sel.index is None else self.weight[sel.index]
-            top, sumexp, local_target = dense_shard_terms(
-                embeddings,
+            batch, sel = self._gather_and_select(embeddings, labels)
+            rows = None if sel.index is None else subcenter_rows(sel.index, self.num_subcenters)
+            weight = self.weight if rows is None else self.weight[rows]
+            top, sumexp, target = dense_shard_terms(
+                batch.embeddings,
+                batch.norms,
                 weight,
                 sel.target_rows,
                 sel.target_cols,
                 self.margin,
                 self.softmax.threshold,
                 self.softmax.dtype,
+                across_ranks=True,
+                subcenters=self.num_subcenters,
             )
-            target = embeddings.new_zeros(embeddings.shape[0]).index_add(
-                0, sel.target_rows, local_target
-            )
-            target = sum_across_ranks(target)
             lse = log_sum_exp(top, sumexp, target, across_ranks=True)
-            return (lse - target).sum() / embeddings.shape[0]
+            return (lse - target).sum() / batch.size + self._regulariser(batch)
 
 
 class LeanPartialFC(ShardedHead):
@@ -175,39 +228,51 @@ class LeanPartialFC(ShardedHead):
         self,
         num_classes: int,
         embedding_size: int,
-        margin: CombinedMargin,
+        margin: Margin,
         sample_rate: float = 1.0,
         *,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        center_state_dtype: str = "fp32",
         **options: Any,
     ) -> None:
-        """:class:`PartialFC`'s arguments (``options``: its keywords) and ``cache_bytes``."""
+        """:class:`PartialFC`'s arguments (``options``: its keywords, with ``center_dtype``:
+        'fp32', 'bf16' or 'fp16'), ``cache_bytes`` and ``center_state_dtype`` (the optimizer
+        state's storage: 'fp32', 'bf16' or 'int8'); see :mod:`facescale.heads.storage`."""
         if cache_bytes < 0:
             raise ValueError(f"cache_bytes={cache_bytes} must be >= 0")
+        state_tables((), center_state_dtype)  # refuse an unknown kind before any allocation
         super().__init__(num_classes, embedding_size, margin, sample_rate, **options)
+        self.center_state_dtype = center_state_dtype
+        self.state_tables: tuple[RowTable, ...] = ()
         self.optimizer: RowOptimizer | None = None
-        self.optimizer_steps = 0
+        self._steps_done = torch.zeros(())  # optimizer steps taken, on the centers' device
         self.pending: list[MicroBatch] = []  # what each backward since the last step left
         self._scratch = Scratch()  # chunk buffers, kept from step to step
         self.cache_bytes = cache_bytes
         self._cached: list[int] = []  # bytes of each probability cache handed out this step
+        # the chunks' gradients grad_norm_sq formed, for step, with the micro-batches they cover
+        self._kept: tuple[int, list[tuple[Rows, Tensor]]] | None = None
 
     def _hold(self, centers: Tensor) -> None:
         self.register_buffer("weight", centers)
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Mean margin-softmax loss over the global batch (same value on every rank)."""
+    def forward(self, embeddings: Tensor, labels: Tensor, sizes: list[int] | None = None) -> Tensor:
+        """Mean margin-softmax loss over the global batch (same value on every rank); given
+        ``sizes`` (every rank's rows, inputs checked by the caller) nothing is checked here."""
         with torch.autocast(embeddings.device.type, enabled=False):
-            embeddings, sel = self._gather_and_select(embeddings, labels)
-            return lean_loss(
-                embeddings,
+            batch, classes = self._gather_and_select(embeddings, labels, sizes)
+            sel = rows_selection(classes, self.num_subcenters)
+            loss = lean_loss(
+                batch.embeddings,
+                batch.norms,
                 self.weight,
                 sel,
                 self.softmax,
                 self.pending,
                 self._scratch,
-                self._probability_cache(embeddings.shape[0], sel.count),
+                self._probability_cache(batch.size, sel.count),
             )
+            return loss + self._regulariser(batch)
 
     def _probability_cache(self, rows: int, columns: int) -> Tensor | None:
         """A reused fp32 [rows x columns] buffer for a training forward's softmax, while the
@@ -231,13 +296,18 @@ class LeanPartialFC(ShardedHead):
         eps: float = 1e-8,
     ) -> None:
         """Choose the centers' update ('sgd' or 'adamw') and create its per-row state."""
-        if self.optimizer is not None:
-            for name in self.optimizer.state_names:
-                delattr(self, name)
+        for table in self.state_tables:
+            table.unregister(self)
         self.optimizer = make_row_optimizer(kind, lr, momentum, weight_decay, betas, eps)
-        for name in self.optimizer.state_names:
-            self.register_buffer(name, torch.zeros_like(self.weight))
-        self.optimizer_steps = 0
+        self.state_tables = state_tables(self.optimizer.state_names, self.center_state_dtype)
+        for table in self.state_tables:
+            table.register(self, *self.weight.shape, self.weight.device)
+        self._steps_done = torch.zeros((), device=self.weight.device)
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken (skipped ones not counted); reading it waits for the device."""
+        return int(self._steps_done)
 
     @torch.no_grad()
     def center_grad_chunks(self) -> Iterator[tuple[Rows, Tensor]]:
@@ -251,36 +321,39 @@ class LeanPartialFC(ShardedHead):
             yield rows, grad.clone()
 
     def _center_grads(self) -> Iterator[tuple[Rows, Tensor, Tensor]]:
-        """``(rows, center rows, gradient)`` per chunk; the last two live in scratch buffers."""
+        """``(rows, center rows, gradient)`` per chunk; the last two live in scratch buffers.
+
+        One recorded micro-batch (no gradient accumulation) needs nothing from the host;
+        several under sampling read where each one's columns fall, once per step."""
         scratch, pending = self._scratch, self.pending
+        if self._kept is not None and self._kept[0] == len(pending):
+            for rows, grad in self._kept[1]:
+                yield rows, self.softmax.centers(self.weight, rows, scratch)[0], grad
+            return
         index = _union([mb.index for mb in pending]) if pending else None
-        count = 0 if not pending else self.num_local if index is None else index.numel()
+        count = 0 if not pending else self.num_rows if index is None else index.numel()
         chunks = list(self.softmax.chunks(count))
-        # the host values of the whole update, read at once: no synchronisation per chunk
-        scales = [
-            u / len(mb.embeddings)
-            for u, mb in zip(_host(mb.upstream for mb in pending), pending, strict=True)
-        ]
         spans = _column_spans(pending, index, chunks)
         for k, (lo, hi) in enumerate(chunks):
             rows = shard_rows(index, lo, hi)
             block, inv_norm = self.softmax.centers(self.weight, rows, scratch)
             grad = scratch.take("grad", tuple(block.shape), block)
             filled = False
-            for mb, scale, span in zip(pending, scales, spans, strict=True):
+            for mb, span in zip(pending, spans, strict=True):
                 first, last = span[k]
                 if first == last:
                     continue
                 if last - first == hi - lo:
-                    self.softmax.add_center_grad(
-                        mb, block, inv_norm, first, scale, grad, filled, scratch
-                    )
+                    out = scratch.take("part", tuple(block.shape), block) if filled else grad
+                    self.softmax.add_center_grad(mb, block, inv_norm, first, out, scratch)
+                    if filled:
+                        grad.add_(out)
                 else:
                     # mb's columns are a sorted subset of the chunk's sorted rows
                     hit = torch.searchsorted(rows, mb.index[first:last])
                     part = scratch.take("part", (last - first, block.shape[1]), block)
                     self.softmax.add_center_grad(
-                        mb, block[hit], inv_norm[hit], first, scale, part, False, scratch
+                        mb, block[hit], inv_norm[hit], first, part, scratch
                     )
                     (grad if filled else grad.zero_()).index_add_(0, hit, part)
                 filled = True
@@ -288,37 +361,80 @@ class LeanPartialFC(ShardedHead):
 
     @torch.no_grad()
     def grad_norm_sq(self) -> Tensor:
-        """Squared L2 norm of this rank's accumulated center gradient (for global clipping)."""
+        """Squared L2 norm of this rank's accumulated center gradient (for global clipping).
+
+        While they fit what ``cache_bytes`` leaves after the probability caches, the chunks'
+        gradients are kept for :meth:`step`, which then does not form them again."""
         total = self.weight.new_zeros((), dtype=torch.float64)
-        for _, _, grad in self._center_grads():
+        room = self.cache_bytes - sum(self._cached)
+        kept: list[tuple[Rows, Tensor]] | None = []
+        for rows, _, grad in self._center_grads():
             total += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+            room -= grad.numel() * grad.element_size()
+            if room < 0:
+                kept = None
+            elif kept is not None:
+                kept.append((rows, grad.clone()))
+        self._kept = None if kept is None else (len(self.pending), kept)
         return total.float()
 
     @torch.no_grad()
-    def step(self, lr: float | None = None, grad_scale: float = 1.0) -> None:
+    def step(
+        self,
+        lr: float | Tensor | None = None,
+        grad_scale: float | Tensor = 1.0,
+        skip: Tensor | None = None,
+    ) -> None:
         """Update the centers with the recorded gradient times ``grad_scale``, then forget it.
 
         Only rows some recorded micro-batch computed change, with their optimizer state;
-        ``lr`` defaults to the one given to :meth:`configure_optimizer`.
+        ``lr`` defaults to the one given to :meth:`configure_optimizer`. Where ``skip`` (a
+        0-d float tensor) is nonzero nothing changes; fused kernels read it on the device.
         """
         optimizer = self._require_optimizer()
         if not self.pending:
             self._forget()
             return
         lr = optimizer.lr if lr is None else lr
-        self.optimizer_steps += 1
-        tables = {name: getattr(self, name) for name in optimizer.state_names}
+        narrow = any(t.narrow for t in (self.center_table, *self.state_tables))
+        step_number = None  # the host's count of this step, for the narrow tables' rounding
+        if skip is not None and (narrow or not fused_kwargs(self.weight.device.type)):
+            # no fused kernel to skip on the device, or narrow tables (a skipped step must not
+            # round them again): read the flag here
+            skipped, done = torch.stack([skip.float().cpu(), self._steps_done.cpu()]).tolist()
+            if skipped:
+                self._forget()
+                return
+            skip, step_number = None, int(done) + 1
+        elif narrow:
+            step_number = self.optimizer_steps + 1
+        self._steps_done = self._steps_done.to(self.weight.device)
         for rows, block, grad in self._center_grads():
-            if grad_scale != 1.0:
+            if isinstance(grad_scale, Tensor) or grad_scale != 1.0:
                 grad.mul_(grad_scale)
-            state = {
-                name: self._scratch.rows_of(name, table, rows) for name, table in tables.items()
-            }
-            optimizer.update(block, state, grad, lr, self.optimizer_steps)
-            write_rows(self.weight, rows, block)
-            for name, table in tables.items():
-                write_rows(table, rows, state[name])
+            state = {t.name: t.read(self, rows, self._scratch) for t in self.state_tables}
+            optimizer.update(block, state, grad, lr, self._steps_done, skip)
+            noise = self._rounding_noise(rows, block, step_number)
+            self.center_table.write(self, rows, block, noise)
+            for table in self.state_tables:
+                table.write(self, rows, state[table.name], noise)
+        self._steps_done += 1.0 if skip is None else 1.0 - skip
         self._forget()
+
+    def _rounding_noise(self, rows: Rows, block: Tensor, step: int | None) -> Tensor | None:
+        """The noise narrow tables round ``rows`` with at optimizer step ``step`` (None: all
+        tables are fp32): fixed by the seed, the step and the rows' global ids (class x
+        sub-centers)."""
+        if step is None:
+            return None
+        if isinstance(rows, slice):
+            local = torch.arange(rows.start, rows.stop, device=block.device)
+        else:
+            local = rows
+        int32 = block.new_empty(0, dtype=torch.int32)
+        buffer = self._scratch.take("noise", tuple(block.shape), int32)
+        ids = local + self.class_start * self.num_subcenters
+        return rounding_noise(self.seed, step, ids, block.shape[1], buffer)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the micro-batches recorded since the last step."""
@@ -327,6 +443,7 @@ class LeanPartialFC(ShardedHead):
     def _forget(self) -> None:
         self.pending.clear()
         self._cached.clear()
+        self._kept = None
 
     def _require_optimizer(self) -> RowOptimizer:
         if self.optimizer is None:
@@ -334,10 +451,27 @@ class LeanPartialFC(ShardedHead):
         return self.optimizer
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Centers, optimizer state and counters of this shard (rows first: re-shardable)."""
-        return self.state_dict()
+        """Centers, optimizer state and counters of this shard (classes first: re-shardable;
+        a class's sub-centers as one ``[K, ...]`` entry)."""
+        state = self.state_dict()
+        k = self.num_subcenters
+        for name, value in state.items():
+            if k > 1 and torch.is_tensor(value) and value.dim() and len(value) == self.num_rows:
+                state[name] = value.view(self.num_local, k, *value.shape[1:])
+        return state
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Load :meth:`checkpoint_state`; tables saved in another storage kind are converted
+        (:meth:`RowTable.convert`: widening is exact, narrowing rounds to nearest)."""
+        k = self.num_subcenters
+        rows = {
+            name: value.flatten(0, 1)
+            for name, value in state.items()
+            if k > 1 and torch.is_tensor(value) and value.shape[:2] == (self.num_local, k)
+        }
+        state = {**state, **rows}
+        for table in (self.center_table, *self.state_tables):
+            state = table.convert(state)
         self.load_state_dict(state)
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -345,10 +479,13 @@ class LeanPartialFC(ShardedHead):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
-        self.optimizer_steps = int(state["optimizer_steps"])
+        self._steps_done = torch.tensor(float(state["optimizer_steps"]), device=self.weight.device)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, cache_bytes={self.cache_bytes}"
+        return (
+            f"{super().extra_repr()}, cache_bytes={self.cache_bytes}, "
+            f"center_dtype={self.center_table.kind}, center_state_dtype={self.center_state_dtype}"
+        )
 
 
 def _union(indices: list[Tensor | None]) -> Tensor | None:
@@ -358,18 +495,12 @@ def _union(indices: list[Tensor | None]) -> Tensor | None:
     return indices[0] if len(indices) == 1 else torch.unique(torch.cat(indices))
 
 
-def _host(values: Iterator[Tensor]) -> list[float]:
-    """0-d tensors as Python numbers, in one transfer."""
-    values = list(values)
-    return torch.stack(values).tolist() if values else []
-
-
 def _column_spans(
     pending: list[MicroBatch], index: Tensor | None, chunks: list[tuple[int, int]]
 ) -> list[list[tuple[int, int]]]:
     """Per micro-batch, per chunk of ``index`` (the union of their samples): the micro-batch's
     columns ``[first, last)`` there, all found with one transfer to the host."""
-    if index is None or not chunks:
+    if index is None or len(pending) == 1 or not chunks:  # the union is each one's columns
         return [list(chunks) for _ in pending]
     starts = torch.tensor([lo for lo, _ in chunks], device=index.device)
     lasts = torch.tensor([hi - 1 for _, hi in chunks], device=index.device)

@@ -37,6 +37,15 @@ class Scratch:
         out = self.take(name, (len(rows), *table.shape[1:]), table)
         return torch.index_select(table, 0, rows, out=out)
 
+    def wide_rows(self, name: str, table: Tensor, rows: Rows) -> Tensor:
+        """``table[rows]`` in fp32: :meth:`rows_of` for an fp32 table, else a widened copy in
+        buffer ``name`` (the narrow rows pass through buffer ``name + '_stored'``)."""
+        if table.dtype == torch.float32:
+            return self.rows_of(name, table, rows)
+        stored = self.rows_of(f"{name}_stored", table, rows)
+        wide = self.take(name, tuple(stored.shape), stored.new_empty(0, dtype=torch.float32))
+        return wide.copy_(stored)
+
 
 def write_rows(table: Tensor, rows: Rows, block: Tensor) -> None:
     """Store a block from :meth:`Scratch.rows_of` updated in place (a range is a view already)."""

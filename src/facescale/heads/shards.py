@@ -23,14 +23,21 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
 
 
 def init_centers(
-    start: int, count: int, embedding_size: int, seed: int, device: torch.device | str = "cpu"
+    start: int,
+    count: int,
+    embedding_size: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Initial centers of classes ``[start, start + count)``: N(0, 0.01), one stream per block.
 
     Each block of :data:`INIT_BLOCK` classes has its own seeded stream, so a class's initial
-    center does not depend on how the classes are split over ranks.
+    center does not depend on how the classes are split over ranks. The blocks are drawn on
+    ``device`` and stored as ``dtype`` (rounded to nearest) one by one: the only full-size
+    tensor is the result. (Generators of different device types give different values.)
     """
-    out = torch.empty(count, embedding_size, device=device)
+    out = torch.empty(count, embedding_size, device=device, dtype=dtype)
     generator = torch.Generator(device=device)
     first, last = start // INIT_BLOCK, (start + count - 1) // INIT_BLOCK
     for block in range(first, last + 1) if count else ():

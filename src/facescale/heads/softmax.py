@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .collectives import max_across_ranks, sum_across_ranks
-from .margins import CombinedMargin
+from .collectives import max_across_ranks, sum_across_ranks, summed
+from .margins import Margin
 
 
 def finite_or_zero(x: Tensor) -> Tensor:
@@ -56,25 +56,70 @@ def inverse_norms(weight: Tensor) -> Tensor:
     return torch.linalg.vector_norm(weight, dim=1).clamp_min(1e-12).reciprocal()
 
 
+def observe_batch(
+    margin: Margin, norms: Tensor | None, cosine: Tensor, rows: Tensor, batch: int, training: bool
+) -> None:
+    """On a ``training`` forward (of a margin in training mode), let ``margin`` update its
+    running state from the global batch: the gathered ``norms`` and, when it asks, every
+    row's target cosine (``cosine`` holds this shard's targets, of rows ``rows``; the other
+    ranks hold the rest)."""
+    if not (training and margin.training and margin.running_state):
+        return
+    target_cosine = None
+    if margin.observes_targets:
+        local = cosine.new_zeros(batch).index_add_(0, rows, cosine.detach().float())
+        target_cosine = summed(local)
+    margin.observe(norms, target_cosine)
+
+
+def modulated(logits: Tensor, margin: Margin, target: Tensor, state: Tensor) -> Tensor:
+    """``logits`` after the margin's modulation of negatives, with its derivative as the
+    gradient (the value from :meth:`Margin.modulate_`, applied to a copy)."""
+    value, slope = logits.detach().clone(), torch.empty_like(logits)
+    margin.modulate_(value, target, state, slope, torch.empty_like(logits))
+    change = torch.where(torch.isfinite(value), (logits - logits.detach()) * slope, 0.0)
+    return value + change
+
+
 def dense_shard_terms(
     embeddings: Tensor,
+    norms: Tensor | None,
     weight: Tensor,
     target_rows: Tensor,
     target_cols: Tensor,
-    margin: CombinedMargin,
+    margin: Margin,
     threshold: float,
     dtype: torch.dtype,
+    across_ranks: bool,
+    subcenters: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(top, sumexp, target_logits)`` of one shard, in full with autograd.
 
-    ``embeddings`` are L2-normalised; ``weight`` holds raw centers, whose inverse norms
-    scale the logits' columns. The target of row ``target_rows[k]`` is column
-    ``target_cols[k]``; ``target_logits[k]`` is its margin logit, from the same cosines.
+    ``embeddings`` are L2-normalised (``norms``: their feature norms, for the losses that
+    read them); ``weight`` holds raw centers, whose inverse norms scale the logits' columns.
+    With ``subcenters = k``, rows ``c * k ... c * k + k - 1`` of ``weight`` are class column
+    ``c``'s sub-centers and its logit is their largest. The target of row ``target_rows[i]``
+    is column ``target_cols[i]``; ``target_logits`` holds every row's margin logit, summed
+    over the ranks ``across_ranks``.
     """
     scaled = (embeddings * margin.s).to(dtype)
     logits = torch.mm(scaled, weight.to(dtype).t()).float() * inverse_norms(weight)
-    target = margin(logits[target_rows, target_cols] / margin.s)
+    if subcenters > 1:
+        classes = weight.shape[0] // subcenters
+        logits = logits.view(logits.shape[0], classes, subcenters).amax(dim=2)
+    cosine = logits[target_rows, target_cols] / margin.s
+    if across_ranks:
+        training = torch.is_grad_enabled()
+        observe_batch(margin, norms, cosine, target_rows, embeddings.shape[0], training)
+    row_norms = None if norms is None else norms[target_rows]
+    local = margin.target_logit(cosine, row_norms)
+    target = embeddings.new_zeros(embeddings.shape[0]).index_add(0, target_rows, local)
+    if across_ranks:
+        target = sum_across_ranks(target)
     drop_filtered_(logits, margin.s * threshold)
-    logits.index_put_((target_rows, target_cols), logits.new_tensor(float("-inf")))
+    logits = logits.index_put((target_rows, target_cols), logits.new_tensor(float("-inf")))
+    state = margin.negative_state()
+    if state is not None:
+        logits = modulated(logits, margin, target.detach(), state)
     top, sumexp = row_sumexp(logits)
     return top, sumexp, target

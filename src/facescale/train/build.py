@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 from facescale.backbones import Backbone, get_model
 from facescale.config import Config, Schedule
 from facescale.distributed import DistEnv, get_world_size
-from facescale.heads import CombinedMargin, TrainableHead, build_head
+from facescale.heads import TrainableHead, build_head
+from facescale.heads.losses import build_margin
 from facescale.heads.options import resolve_logits_dtype
 from facescale.heads.partial_fc import chunk_size_for
 from facescale.optim import build_optimizer
@@ -74,11 +75,10 @@ def build_backbone(cfg: Config, device: torch.device | None = None) -> Backbone:
 
 def parallelize(backbone: nn.Module, env: DistEnv, dtype: torch.dtype | None) -> nn.Module:
     """The backbone as the loop calls it: data parallel over the ranks (fp16 gradients under
-    fp16 on GPUs), returning float32 embeddings there.
+    fp16 on GPUs).
 
-    The head hands each rank the exact gradient of the one global loss to its embeddings;
-    DDP averages the backbone's gradients over ranks, so the embeddings' gradient is scaled
-    by the world size to keep the sum.
+    DDP averages the backbone's gradients over ranks; the head multiplies each rank's
+    embedding gradient by the world size, so that average is the global loss's gradient.
     """
     if env.world_size == 1:
         return backbone
@@ -93,14 +93,6 @@ def parallelize(backbone: nn.Module, env: DistEnv, dtype: torch.dtype | None) ->
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         model.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    world = env.world_size
-
-    def embeddings_with_scaled_grad(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        embeddings = output.float()
-        embeddings.register_hook(lambda grad: grad * world)
-        return embeddings
-
-    model.register_forward_hook(embeddings_with_scaled_grad)
     return model
 
 
@@ -113,15 +105,17 @@ def head_logits_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 
 def build_training_head(cfg: Config, device: torch.device) -> TrainableHead:
-    """The config's head on ``device``, with its optimizer; Partial FC runs lean, in chunks
-    of ``head_chunk_size`` classes (0: sized for the device and the global batch)."""
+    """The config's head on ``device`` (its centers made there), with its optimizer; Partial
+    FC runs lean, in chunks of ``head_chunk_size`` classes (0: sized for the device and the
+    global batch), its centers and their state stored as ``center_dtype`` and
+    ``center_state_dtype``."""
     rows = cfg.batch_size * get_world_size()
     chunk_size = cfg.head_chunk_size or chunk_size_for(device, rows, cfg.embedding_size)
     head: TrainableHead = build_head(
         cfg.head,
         cfg.num_classes,
         cfg.embedding_size,
-        CombinedMargin(cfg.scale, *cfg.margin_list),
+        build_margin(cfg.loss, cfg.scale, cfg.margin_list),
         sample_rate=cfg.sample_rate,
         lean=cfg.head == "partial_fc",
         interclass_filtering_threshold=cfg.interclass_filtering_threshold,
@@ -129,6 +123,10 @@ def build_training_head(cfg: Config, device: torch.device) -> TrainableHead:
         seed=cfg.seed,
         chunk_size=chunk_size,
         cache_bytes=cfg.head_cache_mib * 2**20,
+        num_subcenters=cfg.num_subcenters,
+        center_dtype=cfg.center_dtype,
+        center_state_dtype=cfg.center_state_dtype,
+        device=device,
     ).to(device)
     head.configure_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
     return head

@@ -1,0 +1,258 @@
+"""Narrow storage of the lean head's centers and optimizer state (heads/storage.py).
+
+Rounding lands on a neighbour of the fp32 value and is unbiased (many tiny updates keep
+their sum), its noise is fixed by (seed, table, step, class, column), a narrow head's step is
+the fp32 step rounded, and its state resumes, re-shards and converts between storage kinds.
+"""
+
+import itertools
+
+import pytest
+import torch
+from heads_cases import make_problem
+
+from facescale.heads import ArcFace, build_head
+from facescale.heads.rows import Scratch
+from facescale.heads.shards import init_centers
+from facescale.heads.storage import (
+    NOISE_BITS,
+    RowTable,
+    center_table,
+    round_bf16_,
+    round_fp16_,
+    rounding_noise,
+    row_bytes,
+    state_tables,
+)
+from facescale.train import checkpoint as ckpt
+
+MARGIN = ArcFace(64, 0.5)
+DIM = 16
+NARROW = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _noise(rows, step=1, seed=0, dim=DIM):
+    return rounding_noise(seed, step, torch.arange(rows), dim)
+
+
+def _neighbours(values, dtype):
+    """The nearest values of ``dtype`` below and above each fp32 value."""
+    near = values.to(dtype)
+    up = torch.nextafter(near.float(), torch.tensor(float("inf"))).to(dtype)
+    below = torch.where(near.float() > values, torch.nextafter(near, -up.abs() - 1), near)
+    above = torch.where(near.float() < values, torch.nextafter(near, up.abs() + 1), near)
+    return below.float(), above.float()
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp16"])
+def test_rounding_lands_on_a_neighbour_with_the_right_odds(kind):
+    g = torch.Generator().manual_seed(0)
+    # normal values, fp16 subnormals (below 2**-14) and values between the grid points
+    values = torch.cat([torch.randn(4, 4096, generator=g) * 0.01, torch.rand(4, 4096) * 1e-5])
+    below, above = _neighbours(values, NARROW[kind])
+    ups = torch.zeros_like(values)
+    trials = 200
+    round_ = round_bf16_ if kind == "bf16" else round_fp16_
+    for step in range(trials):
+        rounded = round_(values.clone(), _noise(len(values), step, dim=values.shape[1]))
+        assert torch.equal(rounded.to(NARROW[kind]).float(), rounded)  # on the narrow grid
+        assert ((rounded == below) | (rounded == above)).all()
+        ups += (rounded == above) & (above != below)
+    gap = (above - below).clamp(min=1e-30)
+    odds = torch.where(above != below, (values - below) / gap, 0.0)
+    # per entry, the share of rounding up is the position between the neighbours: binomial
+    # spread (about 0.023 mean absolute at 200 trials; nearest rounding would give 0.25)
+    # and no bias over all entries
+    deviation = ups / trials - odds
+    assert deviation.abs().mean() < 0.03 and deviation.mean().abs() < 0.002
+
+
+def test_fp16_saturates_instead_of_overflowing():
+    values = torch.tensor([[7e4, -1e6, 65504.0, 1.0]])
+    rounded = round_fp16_(values.clone(), _noise(1, dim=4))
+    assert torch.isfinite(rounded.to(torch.float16)).all()
+    assert rounded[0, :3].abs().tolist() == [65504.0] * 3
+
+
+def test_noise_depends_on_seed_step_and_class_not_on_chunks():
+    classes = torch.arange(100, 300)
+    whole = rounding_noise(7, 5, classes, DIM)
+    parts = torch.cat([rounding_noise(7, 5, c, DIM) for c in classes.split(64)])
+    assert torch.equal(whole, parts)
+    assert torch.equal(whole[10:20], rounding_noise(7, 5, classes[10:20], DIM))
+    for other in (rounding_noise(8, 5, classes, DIM), rounding_noise(7, 6, classes, DIM)):
+        assert (other != whole).float().mean() > 0.99
+    many = rounding_noise(7, 5, torch.arange(20_000), DIM)
+    assert many.min() >= 0 and many.max() < 2**NOISE_BITS
+    assert many.float().mean().item() == pytest.approx(2 ** (NOISE_BITS - 1), rel=0.01)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp16", "int8"])
+def test_many_tiny_updates_keep_their_sum(kind):
+    """A step far below one unit in the last place, 1000 times: the stored values move as
+    fp32 arithmetic does (round to nearest would not move them at all)."""
+    table = RowTable("weight", kind) if kind != "int8" else state_tables(("m",), "int8")[0]
+    module = torch.nn.Module()
+    table.register(module, 256, 64, torch.device("cpu"))
+    start = torch.randn(256, 64, generator=torch.Generator().manual_seed(1)) * 0.01
+    start[:, 0] = 0.05  # int8: the row's scale stays put, the other entries are tiny steps off
+    for name, value in table.encode(start).items():
+        getattr(module, name).copy_(value)
+    first = table.decode(dict(module.named_buffers())).clone()
+    exact = first.clone().double()
+    scratch, delta, steps = Scratch(), 2e-7, 1000
+    for step in range(1, steps + 1):
+        block = table.read(module, slice(0, 256), scratch).clone()
+        block.add_(delta)
+        exact += delta
+        table.write(module, slice(0, 256), block, _noise(256, step, dim=64))
+    moved = (table.decode(dict(module.named_buffers())).double() - first.double())[:, 1:]
+    assert moved.mean().item() == pytest.approx(steps * delta, rel=0.05)
+    nearest = table.encode((first.double() + steps * delta).float())
+    assert not torch.equal(nearest[table.name], table.encode(first)[table.name])
+
+
+def test_int8_codes_stay_within_one_level():
+    g = torch.Generator().manual_seed(2)
+    signed, square = state_tables(("exp_avg", "exp_avg_sq"), "int8")
+    values = torch.randn(64, DIM, generator=g)
+    values[3] = 0.0  # a row never updated keeps scale 0
+    stored = signed.encode(values)
+    assert stored["exp_avg"].dtype == torch.int8 and stored["exp_avg_scale"][3] == 0
+    error = (signed.decode(stored) - values).abs()
+    assert (error <= stored["exp_avg_scale"][:, None] / 2 + 1e-7).all()
+    v = values.square() * 1e-4
+    kept = square.encode(v)
+    assert kept["exp_avg_sq"].dtype == torch.uint8
+    root_error = (square.decode(kept).sqrt() - v.sqrt()).abs()
+    assert (root_error <= kept["exp_avg_sq_scale"][:, None] / 2 + 1e-7).all()
+
+
+def test_row_bytes_of_each_kind():
+    assert [row_bytes(k, 512) for k in ("fp32", "bf16", "fp16", "int8")] == [2048, 1024, 1024, 516]
+
+
+def _head(center_dtype="fp32", state_dtype="fp32", kind="sgd", rate=1.0, classes=40):
+    head = build_head(
+        "partial_fc",
+        classes,
+        DIM,
+        MARGIN,
+        rate,
+        lean=True,
+        chunk_size=7,
+        center_dtype=center_dtype,
+        center_state_dtype=state_dtype,
+    )
+    head.configure_optimizer(kind, lr=0.1)
+    return head
+
+
+def _train(head, steps, first=0):
+    for step in range(first, first + steps):
+        embeddings, labels, _ = make_problem(100 + step, 12, head.num_classes, DIM)
+        head(embeddings.requires_grad_(), labels).backward()
+        head.step(0.2 / (step + 1))
+
+
+def test_initial_centers_are_the_fp32_ones_rounded():
+    full = init_centers(0, 50, DIM, seed=3)
+    for kind, dtype in NARROW.items():
+        assert torch.equal(init_centers(0, 50, DIM, 3, dtype=dtype), full.to(dtype))
+        assert torch.equal(_head(kind).weight, init_centers(0, 40, DIM, 0).to(dtype))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize(("center", "state"), [("bf16", "bf16"), ("fp16", "int8")])
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_a_narrow_step_is_the_fp32_step_rounded(kind, center, state, rate):
+    """Loaded with the same (narrow-representable) values, a narrow head's step gives, entry
+    by entry, a neighbour of the fp32 head's result: the math is fp32, only storage rounds."""
+    narrow, wide = _head(center, state, kind, rate), _head("fp32", "fp32", kind, rate)
+    _train(narrow, 2)
+    wide.load_checkpoint_state(narrow.checkpoint_state())  # exact widening
+    for head in (narrow, wide):
+        _train(head, 1, first=2)
+    below, above = _neighbours(wide.weight, NARROW[center])
+    assert ((narrow.weight.float() == below) | (narrow.weight.float() == above)).all()
+    changed = narrow.weight.float() != wide.weight
+    assert changed.any()
+    for table in narrow.state_tables:
+        got = table.decode(narrow.state_dict())
+        want = getattr(wide, table.name)
+        if state == "bf16":
+            lo, hi = _neighbours(want, torch.bfloat16)
+            assert ((got == lo) | (got == hi)).all(), table.name
+        else:
+            scale = narrow.state_dict()[table.scale_name][:, None]
+            if table.nonnegative:
+                got, want = got.sqrt(), want.sqrt()
+            assert ((got - want).abs() <= scale * 1.001 + 1e-12).all(), table.name
+
+
+@pytest.mark.parametrize(("center", "state"), [("bf16", "int8"), ("fp16", "bf16")])
+def test_resume_from_the_checkpoint_state_is_bit_exact(center, state):
+    straight = _head(center, state, "adamw", rate=0.5)
+    _train(straight, 6)
+    split = _head(center, state, "adamw", rate=0.5)
+    _train(split, 3)
+    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in split.checkpoint_state().items()}
+    resumed = _head(center, state, "adamw", rate=0.5)
+    resumed.load_checkpoint_state(saved)
+    _train(resumed, 3, first=3)
+    for name, value in straight.state_dict().items():
+        if torch.is_tensor(value):
+            assert value.dtype == resumed.state_dict()[name].dtype
+            assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("new_world", [1, 2, 3])
+def test_saved_narrow_shards_re_shard_bit_exactly(tmp_path, new_world):
+    head = _head("bf16", "int8", "adamw")
+    _train(head, 2)
+    full = head.checkpoint_state()
+    cut = (0, 25, 40)
+    for rank, (lo, hi) in enumerate(itertools.pairwise(cut)):
+        part = {k: v[lo:hi] if torch.is_tensor(v) else v for k, v in full.items()}
+        ckpt.atomic_save(ckpt.rank_state(2, lo, hi - lo, part, {}), tmp_path / f"rank_{rank}.pt")
+    base, extra = divmod(40, new_world)
+    pieces, start = [], 0
+    for rank in range(new_world):
+        count = base + (rank < extra)
+        pieces.append(ckpt.load_head_shard(tmp_path, start, count, rank))
+        start += count
+    for name, value in full.items():
+        if torch.is_tensor(value):
+            joined = torch.cat([p[name] for p in pieces])
+            assert joined.dtype == value.dtype and torch.equal(joined, value), name
+
+
+def test_a_checkpoint_loads_into_another_storage_kind():
+    source = _head("bf16", "int8", "adamw")
+    _train(source, 2)
+    saved = source.checkpoint_state()
+    wide = _head("fp32", "fp32", "adamw")
+    wide.load_checkpoint_state(saved)
+    assert torch.equal(wide.weight, source.weight.float())  # widening is exact
+    for table in source.state_tables:
+        assert torch.equal(getattr(wide, table.name), table.decode(saved))
+    back = _head("bf16", "int8", "adamw")
+    back.load_checkpoint_state(wide.checkpoint_state())
+    assert torch.equal(back.weight, source.weight)  # bf16 values survive fp32 and back
+    half = _head("fp16", "bf16", "adamw")
+    half.load_checkpoint_state(wide.checkpoint_state())
+    assert torch.equal(half.weight, wide.weight.half())  # narrowing rounds to nearest
+    assert torch.equal(half.exp_avg, wide.exp_avg.bfloat16())
+    assert not hasattr(half, "exp_avg_scale")
+
+
+def test_storage_kinds_are_checked():
+    with pytest.raises(ValueError, match="center_dtype='int8'"):
+        _head("int8")
+    with pytest.raises(ValueError, match="center_state_dtype='fp16'"):
+        _head("fp32", "fp16")
+    with pytest.raises(ValueError, match="lean"):
+        build_head("partial_fc", 10, DIM, MARGIN, center_dtype="bf16")
+    with pytest.raises(ValueError, match="lean"):
+        build_head("data_parallel", 10, DIM, MARGIN, center_state_dtype="int8")
+    assert center_table("bf16").dtype == torch.bfloat16
