@@ -96,6 +96,17 @@ def test_config_keys_choose_the_backbone_options():
     assert not forced.gradient_checkpointing
 
 
+def test_channels_last_left_unset_is_on_for_a_cpu_alone():
+    cfg = load_config(None, ["network=mbf", "embedding_size=32"])
+    assert cfg.channels_last is None
+    off = load_config(None, ["network=mbf", "embedding_size=32", "channels_last=false"])
+    with torch.device("meta"):
+        assert build_backbone(cfg, torch.device("cpu")).channels_last
+        assert not build_backbone(cfg, torch.device("cuda")).channels_last
+        assert not build_backbone(cfg).channels_last
+        assert not build_backbone(off, torch.device("cpu")).channels_last
+
+
 def test_unknown_name_lists_the_valid_names():
     with pytest.raises(ValueError, match="unknown backbone 'r51'") as err:
         get_model("r51")

@@ -153,6 +153,34 @@ def test_bad_override_names_key_value_and_form(override, fragment):
     assert fragment in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("45m", 2700), ("90s", 90), ("2h", 7200), ("1h30m", 5400), ("2700", 2700), ("0", 0), ("", 0)],
+)
+def test_time_budget_reads_seconds_and_durations(text, seconds):
+    assert load_config(None, [f"time_budget={text}"]).time_budget == seconds
+
+
+@pytest.mark.parametrize("text", ["45x", "m", "1m2h", "-60", "soon", "nan"])
+def test_time_budget_that_is_no_duration_is_one_clear_error(text):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"time_budget={text}"])
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--set time_budget: time_budget=")
+    assert "'45m'" in message and "0 or '' turns it off" in message
+
+
+def test_time_budget_in_a_file_may_be_a_number_or_a_duration(tmp_path):
+    path = tmp_path / "job.py"
+    path.write_text("config = {'time_budget': 90}\n")
+    assert load_config(path).time_budget == 90
+    path.write_text("config = {'time_budget': '1h'}\n")
+    assert load_config(path).time_budget == 3600
+    path.write_text("config = {'time_budget': [45]}\n")
+    with pytest.raises(ConfigError, match=r"job\.py: time_budget=\[45\] is not understood"):
+        load_config(path)
+
+
 def test_bad_value_in_file_names_the_file(tmp_path):
     path = tmp_path / "bad.py"
     path.write_text("config = {'num_classes': -5}\n")

@@ -84,3 +84,19 @@ def test_every_rank_evaluates_the_model_rank_0_saves():
         assert torch.equal(one["evaluated"][key], value), key
         assert torch.equal(zero["evaluated"][key], value), key
     assert not torch.equal(one["own"]["1.running_mean"], one["evaluated"]["1.running_mean"])
+
+
+def test_a_rank_decodes_only_its_share_and_only_once_per_run(toy_bin, monkeypatch):
+    import facescale.data
+    from facescale.config import Config
+    from facescale.train.evaluation import Evaluator
+
+    decoded = []
+    decode = facescale.data.decode_image
+    monkeypatch.setattr(facescale.data, "decode_image", lambda b: decoded.append(1) or decode(b))
+    cfg = Config(rec=str(toy_bin.parent), val_targets=["toy"])
+    evaluator = Evaluator(cfg, env(1, 2))
+    for _ in range(3):
+        assert evaluator(TinyEmbedder(), {}) == {}  # rank 1: rank 0 has the figures
+    assert len(decoded) == 70  # its half of the 140 images, decoded at the first evaluation
+    assert evaluator.shares[toy_bin].images.shape[0] == 70

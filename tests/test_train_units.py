@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from facescale.train import checkpoint as ckpt
-from facescale.train.schedule import lr_at
+from facescale.train.schedule import lr_at, lr_at_share
 
 
 def test_lr_schedule_warmup_then_polynomial_decay():
@@ -17,6 +17,17 @@ def test_lr_schedule_warmup_then_polynomial_decay():
     assert lrs[55] == pytest.approx(0.1 * (1 - 45 / 90) ** 2)
     assert lr_at(100, 0.1, 100, 10) == 0.0
     assert lr_at(0, 0.1, 100, 0) == 0.1
+
+
+def test_lr_over_a_time_budget_warms_up_then_decays_to_zero_at_its_end():
+    shares = [i / 100 for i in range(101)]
+    lrs = [lr_at_share(share, 0.1, warmup_share=0.2) for share in shares]
+    assert lrs[0] == 0.0 and lrs[10] == pytest.approx(0.05) and lrs[20] == pytest.approx(0.1)
+    assert all(a < b for a, b in itertools.pairwise(lrs[:21]))
+    assert all(a > b for a, b in itertools.pairwise(lrs[20:]))
+    assert lrs[60] == pytest.approx(0.1 * (1 - 0.4 / 0.8) ** 2)
+    assert lrs[100] == 0.0 and lr_at_share(1.5, 0.1, 0.2) == 0.0
+    assert lr_at_share(0.5, 0.1, 0.0) == pytest.approx(0.1 * 0.25)
 
 
 def _shard(num_classes, rank, world):

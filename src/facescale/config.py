@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import math
+import re
 import sys
 import types
 import typing
@@ -61,6 +62,36 @@ def _non_negative(v: Any) -> bool:
     return v >= 0
 
 
+DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number of seconds or a text such as '90s', '45m', '2h' or '1h30m'
+    ('' and 0 give 0); ValueError for anything else or a negative number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(value)
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(value)
+    text = value.strip().lower()
+    if not text:
+        return 0.0
+    try:
+        return parse_duration(float(text))
+    except ValueError:
+        pass
+    match = DURATION.fullmatch(text)
+    if match is None or not any(match.groups()):
+        raise ValueError(value)
+    return sum(
+        float(amount) * DURATION_UNITS[unit]
+        for amount, unit in zip(match.groups(), "hms", strict=True)
+        if amount is not None
+    )
+
+
 @dataclass
 class Config:
     """Every setting of a facescale run; names follow arcface_torch's config keys."""
@@ -76,7 +107,8 @@ class Config:
     dropout: float = field(default=0.0, metadata=_check(lambda v: 0 <= v < 1, "in [0, 1)"))
     # None: the network's default (on for r2060, vit_b, vit_l)
     gradient_checkpointing: bool | None = None
-    channels_last: bool = False
+    # None: on when training on a CPU (oneDNN's faster layout there), off on a GPU
+    channels_last: bool | None = None
     margin_list: tuple[float, float, float] = field(
         default=(1.0, 0.5, 0.0),
         metadata=_check(
@@ -202,6 +234,17 @@ class Config:
     )
     stop_step: int = field(
         default=0, metadata=_check(_non_negative, "an integer >= 0 (0: run the whole schedule)")
+    )
+    # seconds the loop may train, across resumes (0: off); the LR and its warm-up then follow
+    # the elapsed share of it instead of the steps, and epochs run until it is spent
+    time_budget: float = field(
+        default=0.0,
+        metadata={
+            **_check(_non_negative, "seconds >= 0"),
+            "parse": parse_duration,
+            "format": "seconds (2700) or a duration such as '90s', '45m', '2h' or '1h30m'; "
+            "0 or '' turns it off",
+        },
     )
     # Weights & Biases (arcface_torch's keys; needs `pip install facescale[wandb]`)
     using_wandb: bool = False
@@ -398,14 +441,22 @@ def _allowed(key: str) -> str:
 
 def set_value(cfg: Config, key: str, value: Any, source: str) -> None:
     """Check ``value`` for ``key`` (type and range) and store it; ``source`` names its origin."""
-    tp = _field_type(key)
-    try:
-        typed = _coerce(tp, value)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"{source}: {key}={value!r} has the wrong type; expected {_describe(tp)}"
-        ) from None
-    check = FIELDS[key].metadata.get("check")
+    tp, metadata = _field_type(key), FIELDS[key].metadata
+    if "parse" in metadata:
+        try:
+            typed = metadata["parse"](value)
+        except ValueError:
+            raise ConfigError(
+                f"{source}: {key}={value!r} is not understood; write {metadata['format']}"
+            ) from None
+    else:
+        try:
+            typed = _coerce(tp, value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{source}: {key}={value!r} has the wrong type; expected {_describe(tp)}"
+            ) from None
+    check = metadata.get("check")
     if check is not None and typed is not None and not check(typed):
         raise ConfigError(f"{source}: {key}={typed!r} is out of range; allowed: {_allowed(key)}")
     setattr(cfg, key, typed)

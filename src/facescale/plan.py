@@ -164,6 +164,9 @@ def step_timeline(cfg: Config, batch: int, device: str = "meta") -> StepTimeline
     line = np.asarray(live.timeline, dtype=np.float64) - state
     spans = itertools.pairwise(marks)
     phases = {name: line[a:b] for name, (a, b) in zip(STEP_PHASES, spans, strict=True)}
+    # training uses torch's fused SGD/AdamW (facescale.optim), which update in place: its
+    # step holds the gradients and nothing more (the meta device traces the unfused one)
+    phases["step"] = phases["backward"][-1:]
     return StepTimeline(sum(p.numel() for p in model.parameters()), state, phases)
 
 
@@ -233,7 +236,7 @@ def head_memory(cfg: Config, world_size: int, device: str = "cpu") -> HeadMemory
         # Every rank: all centers. Forward holds a few [batch x classes] logit tensors;
         # backward two center-sized ones at its peak (the gradient of the raw centers and
         # a term of the normalisation's) and the logits' gradient; the dense gradient lives
-        # on to the update, which adds one temporary (two for AdamW).
+        # on to the update, whose fused kernel (SGD or AdamW) adds one center-sized temporary.
         copy = cfg.num_classes * per_class * d * FLOAT_BYTES
         logits = cfg.batch_size * cfg.num_classes * FLOAT_BYTES
         # sub-centers: the rows' logits and their scaled copy before each class's best, and
@@ -244,7 +247,7 @@ def head_memory(cfg: Config, world_size: int, device: str = "cpu") -> HeadMemory
             forward=4 * logits + rows_logits,
             backward=2 * copy + per_class * logits,
             retained=copy,
-            step=(2 if k < 2 else 3) * copy,
+            step=2 * copy,
         )
     # Partial FC (lean): the shard's centers and optimizer state, and the head's scratch
     # buffers, kept from step to step: a chunk of DEFAULT_CHUNK_SIZE computed classes for
@@ -291,12 +294,25 @@ def head_memory(cfg: Config, world_size: int, device: str = "cpu") -> HeadMemory
         best = global_batch * rows // per_class * 12
         best += global_batch * rows * FLOAT_BYTES if kept else 0
     stored = row_bytes(kinds["centers"], d) + k * row_bytes(cfg.center_state_dtype, d)
+    step = max(2 * rows * d * FLOAT_BYTES, rounding) + 3 * batch
+    if cfg.max_grad_norm > 0:
+        # clipping: the gradient norm keeps each chunk's gradient for the update while they
+        # fit what head_cache_mib leaves after the kept softmax; past that, those kept so far
+        # are dropped (and the update forms them again)
+        room = cfg.head_cache_mib * 2**20 - kept * probs
+        gradient = computed * per_class * d * FLOAT_BYTES
+        chunk = rows * d * FLOAT_BYTES
+        if gradient <= room:
+            last_chunk = gradient - (math.ceil(gradient / chunk) - 1) * chunk
+            step = gradient + max(last_chunk, rounding) + 3 * batch
+        else:
+            step += max(0, room) // chunk * chunk
     return HeadMemory(
         state=local * per_class * stored + scratch,
         forward=max(5 * batch, sampler) + best,
         backward=8 * batch,
         retained=3 * batch,
-        step=max(2 * rows * d * FLOAT_BYTES, rounding) + 3 * batch,
+        step=step,
     )
 
 

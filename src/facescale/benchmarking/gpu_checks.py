@@ -402,7 +402,10 @@ def _forced_overflow(device: torch.device, sizes: Sizes, precision: str, output:
     trainer = Trainer(cfg, DistEnv(0, 1, 0, device, None))
     batches = iter(trainer.parts.loader)
     images, labels = next(batches)
+    total = trainer.schedule.total_steps
+    trainer._count_from(0, total)
     trainer._optimizer_step(trainer._micro_batch(images, labels, sync=True))  # momentum > 0
+    trainer._look(total)
     state = {k: v.clone() for k, v in trainer.head.state_dict().items() if torch.is_tensor(v)}
     # parameters, not BatchNorm's running statistics: the forward updates those before the
     # step is known to overflow
@@ -416,7 +419,9 @@ def _forced_overflow(device: torch.device, sizes: Sizes, precision: str, output:
     images, labels = next(batches)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        values = trainer._optimizer_step(trainer._micro_batch(images, labels, sync=True))
+        trainer._optimizer_step(trainer._micro_batch(images, labels, sync=True))
+        taken = trainer.progress.step
+        trainer._look(total)
     if remove is not None:
         remove.remove()
     after = trainer.head.state_dict()
@@ -424,7 +429,7 @@ def _forced_overflow(device: torch.device, sizes: Sizes, precision: str, output:
     weights = dict(trainer.backbone.named_parameters())
     same_backbone = all(torch.equal(v, weights[k]) for k, v in backbone.items())
     return {
-        "skipped": values is None,
+        "skipped": trainer.progress.step == taken,
         "centers_and_state_identical": same_head,
         "backbone_parameters_identical": same_backbone,
         "loss_scale_after": None if scaler is None else scaler.get_scale(),
@@ -467,7 +472,8 @@ def train(device: torch.device, sizes: Sizes, folder: Path) -> dict[str, Any]:
 # ---- host synchronisation --------------------------------------------------------------
 def sync(device: torch.device, sizes: Sizes, folder: Path) -> dict[str, Any]:
     """On a GPU, the host synchronisations of one lean head step (forward, backward,
-    update), counted by torch's sync debug mode; none is the target."""
+    update) as the trainer calls it (every rank's rows given), counted by torch's sync debug
+    mode; one is expected: finding the shard's targets (``nonzero``)."""
     if device.type != "cuda":
         return {"pass": True, "skipped": "host synchronisation is a GPU matter"}
     lean = _lean_head(sizes.head_classes, sizes.head_dim, 0.5, "bf16", "sgd", True).to(device)
@@ -478,12 +484,12 @@ def sync(device: torch.device, sizes: Sizes, folder: Path) -> dict[str, Any]:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                lean(x, labels).backward()
+                lean(x, labels, sizes=[sizes.head_batch]).backward()
                 lean.step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
     messages = [str(w.message).splitlines()[0] for w in caught]
-    return {"pass": not messages, "host_syncs": len(messages), "first": messages[:5]}
+    return {"pass": len(messages) <= 1, "host_syncs": len(messages), "first": messages[:5]}
 
 
 # ---- speed -----------------------------------------------------------------------------

@@ -12,15 +12,26 @@ from facescale.errors import InputError
 if TYPE_CHECKING:
     import numpy as np
 
-HELP = "evaluate a model: verification .bin sets, IJB-B/C, or TAR@FAR of saved features"
+HELP = (
+    "evaluate a model: verification sets (.bin or pairs files), IJB-B/C, or TAR@FAR of saved "
+    "features"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
 
-    verification = sub.add_parser("verification", help="10-fold accuracy on InsightFace .bin sets")
+    verification = sub.add_parser(
+        "verification", help="10-fold accuracy on InsightFace .bin sets or pairs files"
+    )
     add_model_arguments(verification)
-    verification.add_argument("bins", nargs="+", metavar="SET.bin", help="lfw.bin, cfp_fp.bin, ...")
+    verification.add_argument(
+        "sets",
+        nargs="+",
+        metavar="SET",
+        help="lfw.bin, cfp_fp.bin, ..., or pairs files: lines `PATH_A PATH_B SAME(1/0)`, paths "
+        "relative to the file's folder, images fitted as `facescale embed` fits them",
+    )
     verification.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     verification.add_argument(
         "--folds", type=int, default=10, help="cross-validation folds of the pairs"
@@ -65,7 +76,7 @@ def _verification(args: argparse.Namespace) -> dict:
 
     model, device = load_model(args)
     results = {}
-    for path in args.bins:
+    for path in args.sets:
         vset = load_verification_set(path)
         result = evaluate_verification(model, vset, args.batch_size, device, args.folds)
         results[vset.name] = result.as_dict()

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from facescale.data.bin_format import write_verification_bin
 from facescale.data.image import JPEG_QUALITY, ImageDecodeError, face_bytes, image_suffix
+from facescale.data.pairs_file import read_pairs_file
 from facescale.data.recordio import IndexedRecordFile, IndexedRecordWriter, RecordError
 from facescale.data.records import (
     class_label,
@@ -417,21 +418,13 @@ def _read_pairs(
     pairs: Path, root: str | Path | None, quality: int, progress: bool
 ) -> tuple[list[bytes], list[bool]]:
     """The encoded images (two per pair, in order) and the ``same`` flag of each pair."""
-    base = Path(root) if root else pairs.parent
-    images, issame = [], []
-    lines = [(n, line.split()) for n, line in enumerate(pairs.read_text().splitlines(), 1)]
-    lines = [(n, fields) for n, fields in lines if fields]
-    for n, fields in tqdm(lines, desc="pairs", unit="pair", disable=not progress):
-        flag = fields[2].lower() if len(fields) == 3 else ""
-        if flag not in ("1", "0", "true", "false"):
-            raise InputError(
-                f"{pairs} line {n}: expected 'image_a image_b same' with same 1/0 or true/false, "
-                f"got {' '.join(fields)!r}"
-            )
-        for name in fields[:2]:
+    listed = read_pairs_file(pairs, root)
+    images = []
+    numbered = list(zip(listed.lines, listed.paths, strict=True))
+    for n, pair in tqdm(numbered, desc="pairs", unit="pair", disable=not progress):
+        for image in pair:
             try:
-                images.append(face_bytes((base / name).read_bytes(), quality))
+                images.append(face_bytes(image.read_bytes(), quality))
             except (OSError, ImageDecodeError) as err:
-                raise RecordError(f"{pairs} line {n}: {base / name}: {err}") from None
-        issame.append(flag in ("1", "true"))
-    return images, issame
+                raise RecordError(f"{pairs} line {n}: {image}: {err}") from None
+    return images, listed.issame.tolist()

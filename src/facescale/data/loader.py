@@ -67,6 +67,12 @@ class TrainLoader:
     def __len__(self) -> int:
         return self.order.num_batches
 
+    @property
+    def checked_rows(self) -> int:
+        """The rows of every batch on every rank; the sources check each label against
+        ``num_classes`` as they parse it, so a head given these sizes skips its own checks."""
+        return self.order.batch_size
+
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch to read; a restored mid-epoch position is kept for the same epoch."""
         if epoch != self.epoch:

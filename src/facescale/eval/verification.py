@@ -18,6 +18,7 @@ negatives) counts as 0.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -109,21 +110,33 @@ class VerificationSet:
 
 
 def load_verification_set(path: str | Path) -> VerificationSet:
-    """Decode an InsightFace ``.bin`` verification set once (the file is never unpickled)."""
-    from facescale.data import decode_image, load_verification_bin
+    """Decode a verification set once: an InsightFace ``.bin`` (never unpickled), or a pairs
+    file of image paths (any other name, :mod:`facescale.data.pairs_file`)."""
+    from facescale.data import load_verification_bin
 
     path = Path(path)
+    if path.suffix != ".bin":
+        from facescale.eval.pairs_set import load_pairs_set
+
+        return load_pairs_set(path)
     encoded, issame = load_verification_bin(path)
+    return VerificationSet(path.stem, decode_faces(encoded, path), np.asarray(issame, dtype=bool))
+
+
+def decode_faces(encoded: Sequence[Any], path: Path, first: int = 0) -> np.ndarray:
+    """Images ``first, first + 1, ...`` of the set at ``path`` as uint8 [N, 3, 112, 112]."""
+    from facescale.data import decode_image
+
     images = np.empty((len(encoded), 3, FACE_SIZE, FACE_SIZE), dtype=np.uint8)
-    for index, buffer in enumerate(encoded):
+    for offset, buffer in enumerate(encoded):
         image = decode_image(buffer)
         if image.shape != (FACE_SIZE, FACE_SIZE, 3):
             raise InputError(
-                f"{path}: image {index} decodes to {list(image.shape)}; verification sets hold "
-                f"aligned {FACE_SIZE}x{FACE_SIZE} RGB crops"
+                f"{path}: image {first + offset} decodes to {list(image.shape)}; verification "
+                f"sets hold aligned {FACE_SIZE}x{FACE_SIZE} RGB crops"
             )
-        images[index] = image.transpose(2, 0, 1)
-    return VerificationSet(path.stem, images, np.asarray(issame, dtype=bool))
+        images[offset] = image.transpose(2, 0, 1)
+    return images
 
 
 def fold_slices(pairs: int, folds: int) -> list[slice]:

@@ -91,19 +91,26 @@ def gather_batch(
     grad_scale: float = 1.0,
     norms: bool = False,
     norm_grad: bool = False,
+    sizes: list[int] | None = None,
 ) -> GlobalBatch:
     """Check this rank's inputs, normalise the embeddings and gather both from every rank.
 
     With ``gather_embeddings=False`` only the labels are gathered (every rank's inputs are
-    still checked) and ``embeddings`` holds this rank's normalised rows alone. The gradient
-    that returns to this rank's ``embeddings`` is multiplied by ``grad_scale``. ``norms``
-    adds the rows' feature norms (gathered alike), with gradient if ``norm_grad``.
+    still checked) and ``embeddings`` holds this rank's normalised rows alone. ``sizes``
+    (every rank's rows) come from a caller that has checked the shapes and labels where
+    they were made: then nothing is checked here and the host never waits for the device.
+    The gradient that returns to this rank's ``embeddings`` is multiplied by
+    ``grad_scale``. ``norms`` adds the rows' feature norms (gathered alike), with gradient
+    if ``norm_grad``.
     """
-    table = gather_counts(_describe(embeddings, labels), embeddings.device)
-    _check_shapes(table, embedding_size)
-    sizes = table[:, 1].tolist()
-    all_labels = gather_rows(labels.to(torch.int64), sizes)
-    _check_labels(all_labels, sizes, num_classes)
+    if sizes is None:
+        table = gather_counts(_describe(embeddings, labels), embeddings.device)
+        _check_shapes(table, embedding_size)
+        sizes = table[:, 1].tolist()
+        all_labels = gather_rows(labels.to(torch.int64), sizes)
+        _check_labels(all_labels, sizes, num_classes)
+    else:
+        all_labels = gather_rows(labels.to(torch.int64), sizes)
     features = scale_grad(embeddings.float(), grad_scale)
     normalised = F.normalize(features, dim=1)
     row_norms = None

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from facescale.distributed import get_world_size
-from facescale.optim import build_optimizer
+from facescale.optim import build_optimizer, set_lr, step_unless
 
 from .batch import gather_batch
 from .collectives import sum_across_ranks, summed
@@ -63,8 +63,9 @@ class DataParallelFC(nn.Module):
         self.embedding_grad_scale = float(get_world_size()) if scale_embedding_grad else 1.0
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Mean loss over the global batch (same value on every rank)."""
+    def forward(self, embeddings: Tensor, labels: Tensor, sizes: list[int] | None = None) -> Tensor:
+        """Mean loss over the global batch (same value on every rank); ``sizes`` as for
+        :func:`~facescale.heads.batch.gather_batch`."""
         with torch.autocast(embeddings.device.type, enabled=False):
             batch = gather_batch(
                 embeddings,
@@ -75,6 +76,7 @@ class DataParallelFC(nn.Module):
                 grad_scale=self.embedding_grad_scale,
                 norms=self.margin.uses_norms,
                 norm_grad=self.margin.norm_grad,
+                sizes=sizes,
             )
             local = batch.embeddings
             rows = torch.arange(local.shape[0], device=local.device)
@@ -112,15 +114,20 @@ class DataParallelFC(nn.Module):
         return torch.stack(grads).sum() / get_world_size()
 
     @torch.no_grad()
-    def step(self, lr: float, grad_scale: float = 1.0) -> None:
+    def step(
+        self, lr: float | Tensor, grad_scale: float | Tensor = 1.0, skip: Tensor | None = None
+    ) -> None:
+        """The optimizer's step on the gradient times ``grad_scale``; none where ``skip`` is set."""
         if self.optimizer is None:
             raise RuntimeError("call head.configure_optimizer(...) before head.step()")
-        for p in self.parameters():
-            if p.grad is not None:
-                p.grad.mul_(grad_scale)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if isinstance(grad_scale, Tensor) or grad_scale != 1.0:
+            torch._foreach_mul_(grads, grad_scale)
+        set_lr(self.optimizer, lr)
+        if skip is None:
+            self.optimizer.step()
+        else:
+            step_unless(self.optimizer, skip)
 
     def checkpoint_state(self) -> None:
         """None: the replicated baseline is a speed reference and writes no checkpoints."""

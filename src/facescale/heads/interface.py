@@ -13,7 +13,10 @@ class TrainableHead(Protocol):
 
     The loop calls the head for the loss, backpropagates, then reads this rank's part of the
     squared gradient norm (summed over ranks it is the global one), steps with the LR and the
-    factor the gradient needs (clipping, loss-scale), and forgets the gradient. The head's
+    factor the gradient needs (clipping, loss-scale), and forgets the gradient. The LR, the
+    factor and ``skip`` (nonzero: the step changes nothing) may be 0-d tensors on the head's
+    device, so that the loop never waits for the device to decide; ``sizes`` (every rank's
+    rows) tell the head that the caller has checked the inputs. The head's
     classes are ``[class_start, class_start + num_local)``; ``checkpoint_state`` is None for a
     head that is not saved.
     """
@@ -21,7 +24,9 @@ class TrainableHead(Protocol):
     class_start: int
     num_local: int
 
-    def __call__(self, embeddings: Tensor, labels: Tensor) -> Tensor: ...
+    def __call__(
+        self, embeddings: Tensor, labels: Tensor, sizes: list[int] | None = None
+    ) -> Tensor: ...
 
     def configure_optimizer(
         self, kind: str, lr: float, momentum: float, weight_decay: float
@@ -29,7 +34,9 @@ class TrainableHead(Protocol):
 
     def grad_norm_sq(self) -> Tensor: ...
 
-    def step(self, lr: float, grad_scale: float = 1.0) -> None: ...
+    def step(
+        self, lr: float | Tensor, grad_scale: float | Tensor = 1.0, skip: Tensor | None = None
+    ) -> None: ...
 
     def zero_grad(self, set_to_none: bool = True) -> None: ...
 

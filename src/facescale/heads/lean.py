@@ -65,7 +65,7 @@ class MicroBatch:
     target_coef: Tensor  # per target (selection order): d(row loss) / d(target cosine)
     probs: Tensor | None  # [global_batch, computed classes] softmax, targets 0; or recompute
     negatives: Negatives | None  # how the negative logits were modulated (None: not at all)
-    upstream: Tensor  # the loss's incoming gradient (0-d; read on the host when the head steps)
+    upstream: Tensor  # the loss's incoming gradient (0-d, on the device)
 
     @property
     def index(self) -> Tensor | None:
@@ -136,8 +136,9 @@ class ChunkedSoftmax:
         if k > 1:
             logits, best = best_of(logits, k)
         drop_filtered_(logits, self.margin.s * self.threshold)
-        part = sel.target_slice(lo, lo + block.shape[0])
-        logits[sel.target_rows[part], (sel.target_cols[part] - lo) // k] = float("-inf")
+        inside, cols = sel.chunk_targets(lo, lo + block.shape[0])
+        at = (sel.target_rows, cols // k)  # distinct rows: no position is written twice
+        logits.index_put_(at, torch.where(inside, float("-inf"), logits[at]))
         if negatives is None:
             return logits, None, best
         slope = scratch.take("slope", tuple(logits.shape), logits)
@@ -259,14 +260,12 @@ class ChunkedSoftmax:
         block: Tensor,
         inv_norm: Tensor,
         lo: int,
-        scale: float,
         out: Tensor,
-        accumulate: bool,
         scratch: Scratch,
     ) -> Tensor:
-        """Gradient of ``mb``'s loss, times ``scale`` (upstream / batch), to the normalised
-        centers ``block * inv_norm`` (columns [lo, lo + len(block)) of ``mb``) into ``out``,
-        added to it if ``accumulate``."""
+        """Gradient of ``mb``'s loss (times its upstream gradient, a device tensor) to the
+        normalised centers ``block * inv_norm`` (columns [lo, lo + len(block)) of ``mb``),
+        written into ``out``."""
         sel = mb.selection
         if mb.probs is not None:
             probs = mb.probs[:, lo : lo + block.shape[0]]
@@ -280,10 +279,12 @@ class ChunkedSoftmax:
             if best is not None:
                 shape = (probs.shape[0], block.shape[0])
                 probs = spread(probs, best, self.subcenters, scratch.take("spread", shape, probs))
-        matmul_into(out, probs.t().to(self.dtype), mb.scaled, scale, accumulate)
-        part = sel.target_slice(lo, lo + block.shape[0])
-        coef = (mb.target_coef[part] * scale)[:, None] * mb.embeddings[sel.target_rows[part]]
-        return out.index_add_(0, sel.target_cols[part] - lo, coef)
+        scale = 1.0 / mb.embeddings.shape[0]
+        matmul_into(out, probs.t().to(self.dtype), mb.scaled, scale, accumulate=False)
+        inside, cols = sel.chunk_targets(lo, lo + block.shape[0])
+        coef = (mb.target_coef * scale)[:, None] * mb.embeddings[sel.target_rows]
+        out.index_add_(0, cols, torch.where(inside[:, None], coef, 0.0))  # outside: exact 0
+        return out.mul_(mb.upstream)
 
 
 def raw_center_grad_(grad: Tensor, block: Tensor, inv_norm: Tensor, scratch: Scratch) -> Tensor:

@@ -26,7 +26,7 @@ from .collectives import sum_across_ranks
 from .lean import ChunkedSoftmax, MicroBatch, lean_loss, raw_center_grad_, shard_rows
 from .margins import Margin
 from .options import check_head_args, resolve_logits_dtype
-from .row_optim import RowOptimizer, make_row_optimizer
+from .row_optim import RowOptimizer, fused_kwargs, make_row_optimizer
 from .rows import Rows, Scratch
 from .sampling import ClassSampler, ShardSelection, select_classes
 from .shards import init_centers, shard_range
@@ -122,10 +122,11 @@ class ShardedHead(nn.Module):
         raise NotImplementedError
 
     def _gather_and_select(
-        self, embeddings: Tensor, labels: Tensor
+        self, embeddings: Tensor, labels: Tensor, sizes: list[int] | None = None
     ) -> tuple[GlobalBatch, ShardSelection]:
         """The global batch (normalised embeddings, feature norms for the losses that read
-        them) and this shard's selected classes."""
+        them) and this shard's selected classes; ``sizes``: every rank's rows, from a caller
+        that checked the inputs (see gather_batch)."""
         batch = gather_batch(
             embeddings,
             labels,
@@ -134,6 +135,7 @@ class ShardedHead(nn.Module):
             grad_scale=self.embedding_grad_scale,
             norms=self.margin.uses_norms,
             norm_grad=self.margin.norm_grad,
+            sizes=sizes,
         )
         sel = select_classes(batch.labels, self.class_start, self.num_local, self.sampler)
         self._last_index = sel.index
@@ -244,19 +246,22 @@ class LeanPartialFC(ShardedHead):
         self.center_state_dtype = center_state_dtype
         self.state_tables: tuple[RowTable, ...] = ()
         self.optimizer: RowOptimizer | None = None
-        self.optimizer_steps = 0
+        self._steps_done = torch.zeros(())  # optimizer steps taken, on the centers' device
         self.pending: list[MicroBatch] = []  # what each backward since the last step left
         self._scratch = Scratch()  # chunk buffers, kept from step to step
         self.cache_bytes = cache_bytes
         self._cached: list[int] = []  # bytes of each probability cache handed out this step
+        # the chunks' gradients grad_norm_sq formed, for step, with the micro-batches they cover
+        self._kept: tuple[int, list[tuple[Rows, Tensor]]] | None = None
 
     def _hold(self, centers: Tensor) -> None:
         self.register_buffer("weight", centers)
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Mean margin-softmax loss over the global batch (same value on every rank)."""
+    def forward(self, embeddings: Tensor, labels: Tensor, sizes: list[int] | None = None) -> Tensor:
+        """Mean margin-softmax loss over the global batch (same value on every rank); given
+        ``sizes`` (every rank's rows, inputs checked by the caller) nothing is checked here."""
         with torch.autocast(embeddings.device.type, enabled=False):
-            batch, classes = self._gather_and_select(embeddings, labels)
+            batch, classes = self._gather_and_select(embeddings, labels, sizes)
             sel = rows_selection(classes, self.num_subcenters)
             loss = lean_loss(
                 batch.embeddings,
@@ -298,7 +303,12 @@ class LeanPartialFC(ShardedHead):
         self.state_tables = state_tables(self.optimizer.state_names, self.center_state_dtype)
         for table in self.state_tables:
             table.register(self, *self.weight.shape, self.weight.device)
-        self.optimizer_steps = 0
+        self._steps_done = torch.zeros((), device=self.weight.device)
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken (skipped ones not counted); reading it waits for the device."""
+        return int(self._steps_done)
 
     @torch.no_grad()
     def center_grad_chunks(self) -> Iterator[tuple[Rows, Tensor]]:
@@ -312,36 +322,39 @@ class LeanPartialFC(ShardedHead):
             yield rows, grad.clone()
 
     def _center_grads(self) -> Iterator[tuple[Rows, Tensor, Tensor]]:
-        """``(rows, center rows, gradient)`` per chunk; the last two live in scratch buffers."""
+        """``(rows, center rows, gradient)`` per chunk; the last two live in scratch buffers.
+
+        One recorded micro-batch (no gradient accumulation) needs nothing from the host;
+        several under sampling read where each one's columns fall, once per step."""
         scratch, pending = self._scratch, self.pending
+        if self._kept is not None and self._kept[0] == len(pending):
+            for rows, grad in self._kept[1]:
+                yield rows, self.softmax.centers(self.weight, rows, scratch)[0], grad
+            return
         index = _union([mb.index for mb in pending]) if pending else None
         count = 0 if not pending else self.num_rows if index is None else index.numel()
         chunks = list(self.softmax.chunks(count))
-        # the host values of the whole update, read at once: no synchronisation per chunk
-        scales = [
-            u / len(mb.embeddings)
-            for u, mb in zip(_host(mb.upstream for mb in pending), pending, strict=True)
-        ]
         spans = _column_spans(pending, index, chunks)
         for k, (lo, hi) in enumerate(chunks):
             rows = shard_rows(index, lo, hi)
             block, inv_norm = self.softmax.centers(self.weight, rows, scratch)
             grad = scratch.take("grad", tuple(block.shape), block)
             filled = False
-            for mb, scale, span in zip(pending, scales, spans, strict=True):
+            for mb, span in zip(pending, spans, strict=True):
                 first, last = span[k]
                 if first == last:
                     continue
                 if last - first == hi - lo:
-                    self.softmax.add_center_grad(
-                        mb, block, inv_norm, first, scale, grad, filled, scratch
-                    )
+                    out = scratch.take("part", tuple(block.shape), block) if filled else grad
+                    self.softmax.add_center_grad(mb, block, inv_norm, first, out, scratch)
+                    if filled:
+                        grad.add_(out)
                 else:
                     # mb's columns are a sorted subset of the chunk's sorted rows
                     hit = torch.searchsorted(rows, mb.index[first:last])
                     part = scratch.take("part", (last - first, block.shape[1]), block)
                     self.softmax.add_center_grad(
-                        mb, block[hit], inv_norm[hit], first, scale, part, False, scratch
+                        mb, block[hit], inv_norm[hit], first, part, scratch
                     )
                     (grad if filled else grad.zero_()).index_add_(0, hit, part)
                 filled = True
@@ -349,67 +362,105 @@ class LeanPartialFC(ShardedHead):
 
     @torch.no_grad()
     def grad_norm_sq(self) -> Tensor:
-        """Squared L2 norm of this rank's accumulated center gradient (for global clipping)."""
+        """Squared L2 norm of this rank's accumulated center gradient (for global clipping).
+
+        While they fit what ``cache_bytes`` leaves after the probability caches, the chunks'
+        gradients are kept for :meth:`step`, which then does not form them again."""
         total = self.weight.new_zeros((), dtype=torch.float64)
-        for _, _, grad in self._center_grads():
+        room = self.cache_bytes - sum(self._cached)
+        kept: list[tuple[Rows, Tensor]] | None = []
+        for rows, _, grad in self._center_grads():
             total += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+            room -= grad.numel() * grad.element_size()
+            if room < 0:
+                kept = None
+            elif kept is not None:
+                kept.append((rows, grad.clone()))
+        self._kept = None if kept is None else (len(self.pending), kept)
         return total.float()
 
     @torch.no_grad()
-    def step(self, lr: float | None = None, grad_scale: float = 1.0) -> None:
+    def step(
+        self,
+        lr: float | Tensor | None = None,
+        grad_scale: float | Tensor = 1.0,
+        skip: Tensor | None = None,
+    ) -> None:
         """Update the centers with the recorded gradient times ``grad_scale``, then forget it.
 
         Only rows some recorded micro-batch computed change, with their optimizer state;
-        ``lr`` defaults to the one given to :meth:`configure_optimizer`.
+        ``lr`` defaults to the one given to :meth:`configure_optimizer`. Where ``skip`` (a
+        0-d float tensor) is nonzero nothing changes; fused kernels read it on the device.
         """
         optimizer = self._require_optimizer()
         if not self.pending:
             self._forget()
             return
         lr = optimizer.lr if lr is None else lr
-        self.optimizer_steps += 1
+        narrow = any(t.narrow for t in (self.center_table, *self.state_tables))
+        step_number = None  # the host's count of this step, for the narrow tables' rounding
+        if skip is not None and (narrow or not fused_kwargs(self.weight.device.type)):
+            # no fused kernel to skip on the device, or narrow tables (a skipped step must not
+            # round them again): read the flag here
+            skipped, done = torch.stack([skip.float().cpu(), self._steps_done.cpu()]).tolist()
+            if skipped:
+                self._forget()
+                return
+            skip, step_number = None, int(done) + 1
+        elif narrow:
+            step_number = self.optimizer_steps + 1
+        self._steps_done = self._steps_done.to(self.weight.device)
         for rows, block, grad in self._center_grads():
-            if grad_scale != 1.0:
+            if isinstance(grad_scale, Tensor) or grad_scale != 1.0:
                 grad.mul_(grad_scale)
-            self._update(rows, block, grad, optimizer, lr)
+            self._update(rows, block, grad, optimizer, lr, skip, step_number)
+        self._steps_done += 1.0 if skip is None else 1.0 - skip
         self._forget()
 
     def _update(
-        self, rows: Rows, block: Tensor, grad: Tensor, optimizer: RowOptimizer, lr: float
+        self,
+        rows: Rows,
+        block: Tensor,
+        grad: Tensor,
+        optimizer: RowOptimizer,
+        lr: float | Tensor,
+        skip: Tensor | None,
+        step_number: int | None,
     ) -> None:
-        """Apply the optimizer to a chunk's rows and store them. With narrow tables on a CPU the
+        """Apply the optimizer to a chunk's rows and store them; ``step_number`` (the host's
+        count of this step) only when a table is narrow. With narrow tables on a CPU the
         update, the rounding noise and the rounding go :data:`ROUNDING_ROWS` rows at a time,
         so that their passes over a block stay in the core's cache (a GPU takes the chunk at
         once: fewer kernel launches)."""
         tables = (self.center_table, *self.state_tables)
         state = {t.name: t.read(self, rows, self._scratch) for t in self.state_tables}
-        if not any(t.narrow for t in tables):
-            optimizer.update(block, state, grad, lr, self.optimizer_steps)
+        if step_number is None:
+            optimizer.update(block, state, grad, lr, self._steps_done, skip)
             for table, values in zip(tables, (block, *state.values()), strict=True):
                 table.write(self, rows, values, None)
             return
-        row_terms, column_terms = self._noise_terms(rows, block)
+        row_terms, column_terms = self._noise_terms(rows, block, step_number)
         noise = self._scratch.take("noise", tuple(block.shape), row_terms)
         span = ROUNDING_ROWS if block.device.type == "cpu" else len(block)
         for lo in range(0, len(block), span):
             hi = min(lo + span, len(block))
             part = {name: values[lo:hi] for name, values in state.items()}
-            optimizer.update(block[lo:hi], part, grad[lo:hi], lr, self.optimizer_steps)
+            optimizer.update(block[lo:hi], part, grad[lo:hi], lr, self._steps_done)
             combine_noise(row_terms[lo:hi], column_terms, noise[lo:hi])
             for table, values in zip(tables, (block, *state.values()), strict=True):
                 rounding = noise[lo:hi] if table.narrow else None
                 table.write(self, _sub_rows(rows, lo, hi), values[lo:hi], rounding)
 
-    def _noise_terms(self, rows: Rows, block: Tensor) -> tuple[Tensor, Tensor]:
-        """The terms of the noise narrow tables round ``rows`` with at this step
-        (:func:`noise_terms`): fixed by the seed, the optimizer step and the rows' global ids
-        (class x sub-centers)."""
+    def _noise_terms(self, rows: Rows, block: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """The terms of the noise narrow tables round ``rows`` with at optimizer step ``step``
+        (:func:`noise_terms`): fixed by the seed, the step and the rows' global ids (class x
+        sub-centers)."""
         if isinstance(rows, slice):
             local = torch.arange(rows.start, rows.stop, device=block.device)
         else:
             local = rows
         ids = local + self.class_start * self.num_subcenters
-        return noise_terms(self.seed, self.optimizer_steps, ids, block.shape[1])
+        return noise_terms(self.seed, step, ids, block.shape[1])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the micro-batches recorded since the last step."""
@@ -418,6 +469,7 @@ class LeanPartialFC(ShardedHead):
     def _forget(self) -> None:
         self.pending.clear()
         self._cached.clear()
+        self._kept = None
 
     def _require_optimizer(self) -> RowOptimizer:
         if self.optimizer is None:
@@ -453,7 +505,7 @@ class LeanPartialFC(ShardedHead):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
-        self.optimizer_steps = int(state["optimizer_steps"])
+        self._steps_done = torch.tensor(float(state["optimizer_steps"]), device=self.weight.device)
 
     def extra_repr(self) -> str:
         return (
@@ -476,18 +528,12 @@ def _union(indices: list[Tensor | None]) -> Tensor | None:
     return indices[0] if len(indices) == 1 else torch.unique(torch.cat(indices))
 
 
-def _host(values: Iterator[Tensor]) -> list[float]:
-    """0-d tensors as Python numbers, in one transfer."""
-    values = list(values)
-    return torch.stack(values).tolist() if values else []
-
-
 def _column_spans(
     pending: list[MicroBatch], index: Tensor | None, chunks: list[tuple[int, int]]
 ) -> list[list[tuple[int, int]]]:
     """Per micro-batch, per chunk of ``index`` (the union of their samples): the micro-batch's
     columns ``[first, last)`` there, all found with one transfer to the host."""
-    if index is None or not chunks:
+    if index is None or len(pending) == 1 or not chunks:  # the union is each one's columns
         return [list(chunks) for _ in pending]
     starts = torch.tensor([lo for lo, _ in chunks], device=index.device)
     lasts = torch.tensor([hi - 1 for _, hi in chunks], device=index.device)

@@ -47,9 +47,16 @@ class RowSGD:
         return ("momentum_buffer",) if self.momentum else ()
 
     def update(
-        self, weight: Tensor, state: dict[str, Tensor], grad: Tensor, lr: float, step: int
+        self,
+        weight: Tensor,
+        state: dict[str, Tensor],
+        grad: Tensor,
+        lr: float | Tensor,
+        done: Tensor,
+        found_inf: Tensor | None = None,
     ) -> None:
-        """Update ``weight`` and ``state`` blocks in place with torch's own SGD function."""
+        """Update ``weight`` and ``state`` blocks in place with torch's own SGD function;
+        nothing changes where ``found_inf`` is nonzero (fused kernels only)."""
         settings = {**_SGD_DEFAULTS, "weight_decay": self.weight_decay}
         torch_sgd(
             [weight],
@@ -59,6 +66,7 @@ class RowSGD:
             lr=lr,
             **settings,
             **fused_kwargs(weight.device.type),
+            found_inf=found_inf,
         )
 
 
@@ -66,7 +74,7 @@ class RowSGD:
 class RowAdamW:
     """AdamW (decoupled weight decay, bias-corrected moments): ``torch.optim.AdamW``'s update.
 
-    ``step`` counts the head's optimizer steps; a row that was not sampled in some steps
+    ``done`` counts the head's optimizer steps; a row that was not sampled in some steps
     still uses that count for bias correction, as ``torch.optim.SparseAdam`` does.
     """
 
@@ -78,17 +86,23 @@ class RowAdamW:
     state_names = ("exp_avg", "exp_avg_sq")
 
     def update(
-        self, weight: Tensor, state: dict[str, Tensor], grad: Tensor, lr: float, step: int
+        self,
+        weight: Tensor,
+        state: dict[str, Tensor],
+        grad: Tensor,
+        lr: float | Tensor,
+        done: Tensor,
+        found_inf: Tensor | None = None,
     ) -> None:
-        """Update ``weight`` and ``state`` blocks in place for optimizer step ``step`` (from 1)."""
-        done = torch.tensor(float(step - 1), device=weight.device)  # the call counts this step
+        """Update ``weight`` and ``state`` blocks in place after ``done`` steps (a 0-d float32
+        tensor on the device); nothing changes where ``found_inf`` is nonzero (fused only)."""
         torch_adamw(
             [weight],
             [grad],
             [state["exp_avg"]],
             [state["exp_avg_sq"]],
             [],
-            [done],
+            [done.clone()],  # the call counts this step in it
             amsgrad=False,
             beta1=self.betas[0],
             beta2=self.betas[1],
@@ -97,6 +111,7 @@ class RowAdamW:
             eps=self.eps,
             maximize=False,
             **fused_kwargs(weight.device.type),
+            found_inf=found_inf,
         )
 
 

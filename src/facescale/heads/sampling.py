@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import bisect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -18,7 +17,8 @@ from facescale.seeding import stream_seed
 class ShardSelection:
     """The classes of this shard that one step computes, and the batch rows they are targets of.
 
-    Target arrays are sorted by column so a chunk of columns finds its targets by bisection.
+    Target arrays are sorted by column (rows in batch order within a column); a batch row is
+    the target of at most one column.
     """
 
     index: Tensor | None  # sorted local ids of the computed classes; None = the whole shard
@@ -26,14 +26,13 @@ class ShardSelection:
     target_rows: Tensor  # global-batch rows whose label is in this shard
     target_cols: Tensor  # their column among the computed classes
     target_local: Tensor  # their local class id (row of the shard)
-    col_list: list[int] = field(init=False, repr=False)  # target_cols on the host, to bisect
 
-    def __post_init__(self) -> None:
-        self.col_list = self.target_cols.tolist()
-
-    def target_slice(self, lo: int, hi: int) -> slice:
-        """The targets (positions in the target arrays) whose column is in [lo, hi)."""
-        return slice(bisect.bisect_left(self.col_list, lo), bisect.bisect_left(self.col_list, hi))
+    def chunk_targets(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """Per target: whether its column is in [lo, hi), and that column minus ``lo``
+        clamped into the chunk; fixed shapes, so finding a chunk's targets never waits for
+        the device (the caller masks the targets outside)."""
+        cols = self.target_cols - lo
+        return (cols >= 0) & (cols < hi - lo), cols.clamp(0, hi - lo - 1)
 
 
 class ClassSampler:
@@ -51,12 +50,15 @@ class ClassSampler:
 
     def draw(self, positives: Tensor) -> Tensor:
         """Sorted local ids to compute this step; ``positives`` are local ids that must be in it."""
-        positives = torch.unique(positives)
         generator = torch.Generator(device=positives.device)
         generator.manual_seed(stream_seed(self.seed, self.rank, self.draws))
         self.draws += 1
+        # only when the targets could fill the sample is their distinct count read (it waits
+        # for the device); below that, repeated positives just mark their key twice
         if positives.numel() >= self.num_sample:
-            return positives
+            positives = torch.unique(positives)
+            if positives.numel() >= self.num_sample:
+                return positives
         keys = torch.rand(
             self.num_local, generator=generator, device=positives.device, dtype=torch.float32
         )

@@ -57,15 +57,19 @@ class Components:
     dtype: torch.dtype | None  # the backbone's autocast dtype
 
 
-def build_backbone(cfg: Config) -> Backbone:
+def build_backbone(cfg: Config, device: torch.device | None = None) -> Backbone:
     """The backbone the config names, with its ``dropout``, ``gradient_checkpointing`` and
-    ``channels_last``; precision is left to the caller's autocast (the head stays fp32)."""
+    ``channels_last`` (unset: on for a ``device`` that is a CPU); precision is left to the
+    caller's autocast (the head stays fp32)."""
+    channels_last = cfg.channels_last
+    if channels_last is None:
+        channels_last = device is not None and device.type == "cpu"
     return get_model(
         cfg.network,
         cfg.embedding_size,
         dropout=cfg.dropout,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        channels_last=cfg.channels_last,
+        channels_last=channels_last,
     )
 
 
@@ -135,7 +139,9 @@ def build(
     dtype = autocast_dtype(cfg.fp16, cfg.bf16, env.device)
     configure_determinism(cfg.deterministic)
     seed_everything(cfg.seed)  # identical backbone initialisation on every rank
-    backbone = (backbone if backbone is not None else build_backbone(cfg)).to(env.device)
+    if backbone is None:
+        backbone = build_backbone(cfg, env.device)
+    backbone = backbone.to(env.device)
     if cfg.compile:
         backbone.compile()  # in place: the saved and evaluated module runs compiled too
     model = parallelize(backbone, env, dtype)

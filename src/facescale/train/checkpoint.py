@@ -65,12 +65,14 @@ class FileDigest(NamedTuple):
 
 @dataclass
 class Progress:
-    """Counters that a checkpoint restores: optimizer steps done, the epoch, and so on."""
+    """Counters that a checkpoint restores: optimizer steps done, the epoch, the seconds
+    trained (what a time budget counts), and so on."""
 
     step: int = 0
     epoch: int = 0
     micro_in_epoch: int = 0
     nonfinite_in_row: int = 0
+    elapsed_s: float = 0.0
     best: dict[str, float] = field(default_factory=dict)
 
 
@@ -411,7 +413,7 @@ def check_schedule(saved: Mapping[str, Any], schedule: Schedule, cfg: Config, wh
             f"epochs and the learning rate are counted in steps, so {keep}"
         )
     step = saved["progress"]["step"]
-    if step > schedule.total_steps:
+    if step > schedule.total_steps and not cfg.time_budget:
         raise CheckpointError(
             f"{where}: the checkpoint is at step {step}, past the end of this run's schedule "
             f"({cfg.num_epoch} epochs of {schedule.steps_per_epoch} steps = "

@@ -1,12 +1,15 @@
-"""Verification during training: the config's ``val_targets`` found beside the records,
-embedded by every rank's share and scored on rank 0, which says what it verifies (a progress
-bar when stderr is a terminal)."""
+"""Verification during training: the config's ``val_targets`` (names of ``.bin`` sets found
+beside the records, or paths of verification sets: a ``.bin`` or a pairs file), embedded by
+every rank's share and scored on rank 0, which says what it verifies (a progress bar when
+stderr is a terminal). Each rank decodes only its share of a ``.bin``, once per run, and
+keeps it for the run's later evaluations; a pairs file is read whole by each rank, once."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +29,51 @@ log = logging.getLogger("facescale.train")
 EVAL_BATCH = 64
 
 
+@dataclass(frozen=True)
+class RankShare:
+    """One rank's decoded part of a verification set."""
+
+    name: str
+    images: torch.Tensor  # uint8 [n, 3, 112, 112]: this rank's contiguous part of the set
+    issame: np.ndarray  # the whole set's pairs
+    total: int  # images in the whole set
+
+
+def decode_share(path: Path, env: DistEnv) -> RankShare:
+    """Decode this rank's share of the set at ``path``: of a ``.bin`` only that share (the
+    others' stay encoded); a pairs file (small, of one's own photos) is read whole."""
+    from facescale.data import load_verification_bin
+    from facescale.eval.verification import decode_faces
+
+    def share(total: int) -> tuple[int, int]:
+        lo, hi = (total * r // env.world_size for r in (env.rank, env.rank + 1))
+        return lo, hi
+
+    if path.suffix != ".bin":
+        from facescale.eval.pairs_set import load_pairs_set
+
+        whole = load_pairs_set(path)
+        lo, hi = share(len(whole.images))
+        images = torch.from_numpy(np.ascontiguousarray(whole.images[lo:hi]))
+        return RankShare(whole.name, images, whole.issame, len(whole.images))
+    encoded, issame = load_verification_bin(path)
+    lo, hi = share(len(encoded))
+    images = torch.from_numpy(decode_faces(encoded[lo:hi], path, first=lo))
+    return RankShare(path.stem, images, issame, len(encoded))
+
+
 class Evaluator:
     """10-fold verification accuracy of each val target found; logs a warning for the others."""
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.env = env
         self.sets: list[Path] = []
+        self.shares: dict[Path, RankShare] = {}  # decoded at the first evaluation
         folder = data_folder(cfg.rec)
-        if not cfg.val_targets or folder is None:
-            return
         for name in cfg.val_targets:
-            path = folder / f"{name}.bin"
+            path = Path(name) if Path(name).suffix else folder and folder / f"{name}.bin"
+            if path is None:
+                continue
             if path.is_file():
                 self.sets.append(path)
             elif env.is_main:
@@ -49,7 +86,9 @@ class Evaluator:
             return results
         model = as_saved(backbone)
         for path in self.sets:
-            result = verification_on_ranks(model, path, self.env)
+            if path not in self.shares:
+                self.shares[path] = decode_share(path, self.env)
+            result = verification_on_ranks(model, self.shares[path], self.env)
             if result is not None:
                 results[result.name] = result.accuracy
                 best[result.name] = max(result.accuracy, best.get(result.name, 0.0))
@@ -68,30 +107,31 @@ def as_saved(backbone: nn.Module) -> nn.Module:
 
 
 def verification_on_ranks(
-    backbone: nn.Module, path: Path, env: DistEnv
+    backbone: nn.Module, share: RankShare | Path, env: DistEnv
 ) -> VerificationResult | None:
-    """10-fold verification of ``backbone`` on the ``.bin`` set at ``path``, the embedding work
-    split over ranks; the result on rank 0, None elsewhere."""
+    """10-fold verification of ``backbone`` on a ``.bin`` set (this rank's decoded share, or
+    the path to decode it from), the embedding work split over ranks; the result on rank 0,
+    None elsewhere."""
     from tqdm import tqdm
 
-    from facescale.eval import embed_batches, l2_normalize, load_verification_set
+    from facescale.eval import embed_batches, l2_normalize
     from facescale.eval.verification import verification_metrics
 
-    vset = load_verification_set(path)
+    if not isinstance(share, RankShare):
+        share = decode_share(Path(share), env)
     if env.is_main:
         log.info(
             "verifying %s: %d pairs, %d images over %d ranks",
-            vset.name,
-            len(vset.issame),
-            len(vset.images),
+            share.name,
+            len(share.issame),
+            share.total,
             env.world_size,
         )
-    lo, hi = (len(vset.images) * r // env.world_size for r in (env.rank, env.rank + 1))
-    images = torch.from_numpy(vset.images[lo:hi])
+    images = share.images
     starts = range(0, len(images), EVAL_BATCH)
     batches = tqdm(
         (images[i : i + EVAL_BATCH] for i in starts),
-        desc=f"verifying {vset.name}",
+        desc=f"verifying {share.name}",
         total=len(starts),
         unit="batch",
         leave=False,
@@ -104,5 +144,5 @@ def verification_on_ranks(
         return None
     features = l2_normalize(np.concatenate([f for f, _ in parts]))
     norm = sum(n * len(f) for f, n in parts) / len(features)
-    metrics = verification_metrics(features[0::2], features[1::2], vset.issame)
-    return VerificationResult(**dataclasses.asdict(metrics), name=vset.name, norm=norm)
+    metrics = verification_metrics(features[0::2], features[1::2], share.issame)
+    return VerificationResult(**dataclasses.asdict(metrics), name=share.name, norm=norm)

@@ -32,13 +32,15 @@ def format_duration(seconds: float) -> str:
 
 
 class RunLogger:
-    """Writes what the trainer reports; on ranks other than 0 every method does nothing."""
+    """Writes what the trainer reports; on ranks other than 0 every method does nothing.
+    ``total_steps`` None: the run ends at a time budget, whose remaining seconds the values
+    carry as ``time_left_s``."""
 
     def __init__(
         self,
         output: Path,
         rank: int,
-        total_steps: int,
+        total_steps: int | None,
         start_step: int,
         cfg: Config | None = None,
     ) -> None:
@@ -71,11 +73,14 @@ class RunLogger:
             return {}
         done = step - start_step
         elapsed = max(now - start_time, 1e-9)
+        eta_s = values.get("time_left_s", 0.0)
+        if self.total_steps is not None:
+            eta_s = (self.total_steps - step) * elapsed / max(done, 1)
         record = {
             "step": step,
             **values,
             "samples_per_s": samples_per_step * done / elapsed,
-            "eta_s": (self.total_steps - step) * elapsed / max(done, 1),
+            "eta_s": eta_s,
         }
         self._write(record)
         if self._bar is not None:
@@ -84,9 +89,9 @@ class RunLogger:
         else:
             extra = f" scale {values['loss_scale']:.0f}" if "loss_scale" in values else ""
             log.info(
-                "step %d/%d epoch %d loss %.4f lr %.5f %.1f samples/s%s eta %s",
+                "step %d/%s epoch %d loss %.4f lr %.5f %.1f samples/s%s eta %s",
                 step,
-                self.total_steps,
+                "-" if self.total_steps is None else self.total_steps,
                 values["epoch"],
                 values["loss"],
                 values["lr"],

@@ -1,0 +1,34 @@
+"""A pairs file (:mod:`facescale.data.pairs_file`) as a verification set, its images prepared
+as ``facescale embed`` prepares them (:class:`facescale.eval.align.FaceCrops`: a 112x112 crop
+as it is, any other size scaled to cover and centre-cropped), to check a model on photos of
+one's own without converting them to a ``.bin``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from facescale.data.pairs_file import read_pairs_file
+from facescale.errors import InputError
+from facescale.eval.align import FaceCrops
+from facescale.eval.verification import VerificationSet
+
+
+def load_pairs_set(path: str | Path) -> VerificationSet:
+    """Decode the images of a pairs file, each once however many pairs it is in; a missing
+    image is an :class:`InputError` naming the file and line."""
+    pairs = read_pairs_file(path)
+    if not pairs.paths:
+        raise InputError(f"{path}: no pairs; each line is 'image_a image_b same(1/0)'")
+    for number, pair in zip(pairs.lines, pairs.paths, strict=True):
+        for image in pair:
+            if not image.is_file():
+                raise InputError(f"{path} line {number}: image {image} not found")
+    listed = [image for pair in pairs.paths for image in pair]
+    unique = list(dict.fromkeys(listed))
+    crops = FaceCrops(unique)
+    decoded = np.stack([crops[i].numpy() for i in range(len(unique))])
+    where = {image: i for i, image in enumerate(unique)}
+    images = decoded[[where[image] for image in listed]]
+    return VerificationSet(pairs.name, images, pairs.issame)

@@ -1,0 +1,60 @@
+"""A training step of the lean head, and the loop's optimizer step, never wait for the device
+except where the shard's targets are found (their number depends on the labels)."""
+
+import pytest
+import torch
+from host_syncs import HostSyncs
+from train_utils import NUM_CLASSES, ArrayLoader, make_faces, small_vit, train_config
+
+from facescale.distributed import init_distributed
+from facescale.heads import ArcFace, LeanPartialFC
+from facescale.train.trainer import Trainer
+
+
+def test_the_probe_sees_syncing_calls():
+    t = torch.randn(4)
+    with HostSyncs() as syncs:
+        t.sum().item()
+        t[t > 0]
+        bool(t[0] > 0)
+        t.tolist()
+    assert syncs.calls == ["item", "__getitem__", "__bool__", "tolist"]
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("cache_bytes", [0, 2**20])
+def test_a_lean_head_step_waits_only_to_find_its_targets(rate, optimizer, cache_bytes):
+    head = LeanPartialFC(40, 16, ArcFace(64.0, 0.5), rate, chunk_size=8, cache_bytes=cache_bytes)
+    head.configure_optimizer(optimizer, 0.1)
+    x = torch.randn(12, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (12,))
+    for _ in range(2):
+        with HostSyncs() as syncs:
+            head(x, labels, sizes=[12]).backward()
+            head.grad_norm_sq()
+            head.step(torch.tensor(0.1), torch.tensor(0.5), skip=torch.tensor(0.0))
+        assert syncs.calls == ["nonzero"]
+
+
+def test_the_public_call_still_checks_its_inputs():
+    head = LeanPartialFC(40, 16, ArcFace(64.0, 0.5))
+    with pytest.raises(ValueError, match="label 40 at batch position 1 is outside"):
+        head(torch.randn(2, 16), torch.tensor([3, 40]))
+
+
+def test_the_loops_step_waits_only_to_find_the_heads_targets(tmp_path):
+    cfg = train_config(tmp_path, max_grad_norm=1.0)  # sampled: see the head test above
+    images, labels = make_faces(NUM_CLASSES, 8)
+    trainer = Trainer(cfg, init_distributed(), ArrayLoader(images, labels, 8, 0, 1), small_vit())
+    trainer._checked_sizes = [8]  # the labels are in range: the head need not check them
+    trainer._count_from(0, 10)
+    batches = iter(trainer.parts.loader)
+    for _ in range(2):
+        images, labels = next(batches)
+        with HostSyncs() as syncs:
+            loss = trainer._micro_batch(images, labels, sync=True)
+            trainer._optimizer_step(loss)
+        assert syncs.calls == ["nonzero"]
+        trainer._look(10)  # the loop looks at each step here (frequent=1)
+    assert trainer.progress.step == 2
