@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument(
         "--variants",
-        default=",".join(v for v in VARIANTS if v != "compile"),
+        default=", ".join(v for v in VARIANTS if v != "compile"),  # spaces: the help can wrap
         help=f"comma-separated subset of {', '.join(VARIANTS)} (fp32 is always run; compile "
         "only when named, as compiling takes a while)",
     )
@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     from facescale.backbones.registry import model_spec
 
     model_spec(args.model)  # unknown name: an InputError listing the valid ones
-    chosen = ["fp32", *(v for v in args.variants.split(",") if v and v != "fp32")]
+    named = [v.strip() for v in args.variants.split(",")]
+    chosen = ["fp32", *(v for v in named if v and v != "fp32")]
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown or args.batch < 2 or args.steps < 1:
         raise ValueError(
