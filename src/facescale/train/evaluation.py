@@ -50,9 +50,9 @@ def decode_share(path: Path, env: DistEnv) -> RankShare:
         return lo, hi
 
     if path.suffix != ".bin":
-        from facescale.eval.pairs_set import load_pairs_set
+        from facescale.eval.verification import load_verification_set
 
-        whole = load_pairs_set(path)
+        whole = load_verification_set(path)  # a pairs file, decoded whole
         lo, hi = share(len(whole.images))
         images = torch.from_numpy(np.ascontiguousarray(whole.images[lo:hi]))
         return RankShare(whole.name, images, whole.issame, len(whole.images))
