@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 from facescale.cli_args import add_overrides_argument
@@ -24,14 +26,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_overrides_argument(
         parser, "override a key of the demo's training config (`facescale config demo` shows it)"
     )
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--json", action="store_true", help="print the summary as JSON alone (progress to stderr)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from facescale.demo.pipeline import format_summary, run_demo
 
-    summary = run_demo(
-        Path(args.output), args.ranks, args.identities, args.images_per_identity, args.overrides
-    )
+    progress = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON alone
+    with contextlib.redirect_stdout(progress):
+        summary = run_demo(
+            Path(args.output),
+            args.ranks,
+            args.identities,
+            args.images_per_identity,
+            args.overrides,
+            training_stdout=progress if args.json else None,
+        )
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0

@@ -10,7 +10,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from facescale.config import load_config, resolve_path
 from facescale.demo.dataset import HELDOUT_NAME, make_demo_data
@@ -53,10 +53,11 @@ def train_command(ranks: int, overrides: list[str]) -> list[str]:
     return torchrun_command(ranks, ["train", str(resolve_path(DEMO_CONFIG)), *sets])
 
 
-def run_training(ranks: int, overrides: list[str]) -> None:
-    """Train the demo config on ``ranks`` processes; raises if the job fails."""
+def run_training(ranks: int, overrides: list[str], stdout: TextIO | None = None) -> None:
+    """Train the demo config on ``ranks`` processes, their output to ``stdout`` (None: ours);
+    raises if the job fails."""
     print(f"[2/4] training on {ranks} ranks: {' '.join(train_command(ranks, overrides))}")
-    subprocess.run(train_command(ranks, overrides), check=True)
+    subprocess.run(train_command(ranks, overrides), check=True, stdout=stdout)
 
 
 def export_and_check(network: str, embedding_size: int, output: Path) -> tuple[Path, float]:
@@ -75,8 +76,10 @@ def run_demo(
     identities: int = 300,
     per_identity: int = 12,
     extra: list[str] | None = None,
+    training_stdout: TextIO | None = None,
 ) -> dict[str, Any]:
-    """Run every stage and return the summary; raises if a stage fails."""
+    """Run every stage and return the summary; raises if a stage fails. The training job's
+    output goes to ``training_stdout`` (None: this process's standard output)."""
     started = time.perf_counter()
     onnx_missing = "" if available("onnx") else install_hint("onnx")
     if onnx_missing:
@@ -91,7 +94,7 @@ def run_demo(
         f"output={output}",
         *(extra or []),
     ]
-    run_training(ranks, overrides)
+    run_training(ranks, overrides, training_stdout)
     cfg = load_config(DEMO_CONFIG, overrides)
     records = read_metrics(output)
     steps = [r for r in records if "loss" in r]
