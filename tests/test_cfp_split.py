@@ -1,19 +1,23 @@
 """The CFP split: training records of the training people only, pairs files of the test
-people only, drawn reproducibly; the kept pairs files are what the split writes."""
+people only, drawn reproducibly; the kept pairs files are what the split writes; the ablation
+trains each variant for its budget and verifies it on those pairs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from facescale.benchmarking.ablation import run_ablation
 from facescale.benchmarking.cfp import FRONTAL, PROFILE, write_split
 from facescale.data.image import decode_image
 from facescale.data.pairs_file import read_pairs_file
 from facescale.data.recordio import IndexedRecordFile
 from facescale.data.records import read_layout, unpack_record
+from facescale.errors import InputError
 
 PEOPLE, TEST_FROM = 14, 5  # people 5-14 are the test people
 KEPT = Path(__file__).parent.parent / "benchmarks" / "cfp"
@@ -115,3 +119,27 @@ def test_kept_pairs_files_are_what_the_split_writes(tmp_path):
             (a.resolve(), b.resolve()) for a, b in fresh.paths
         ]
         assert ours.issame.tolist() == fresh.issame.tolist()
+
+
+def test_the_ablation_names_an_unknown_variant_before_training_any(tmp_path):
+    with pytest.raises(InputError, match=r"unknown variants \['nope'\]; known: demo, "):
+        run_ablation(["demo", "nope"], tmp_path, 4, 56, [], "5s", tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_the_ablation_trains_a_variant_for_its_budget_and_verifies_it(tmp_path):
+    root = make_cfp(tmp_path / "cfp")
+    write_split(root, tmp_path / "train", tmp_path / "pairs", test_from=TEST_FROM, progress=False)
+    pairs = sorted((tmp_path / "pairs").glob("cfp_*.txt"))
+    people, images = TEST_FROM - 1, (TEST_FROM - 1) * (FRONTAL + PROFILE)
+    runs = tmp_path / "runs"
+    [row] = run_ablation(["scale64"], tmp_path / "train", people, images, pairs, "4s", runs, 1)
+    trained = json.loads((runs / "scale64" / "config.json").read_text())
+    assert trained["scale"] == 64 and trained["time_budget"] == 4 and trained["network"] == "mbf"
+    assert "time budget" in (runs / "scale64" / "training.log").read_text()
+    assert row["steps"] >= 1 and row["epochs"] == row["steps"] * 32 / images
+    assert sorted(row["verification"]) == [p.stem for p in pairs]
+    for name, result in row["verification"].items():
+        assert 0 <= result["accuracy"] <= 1, name
+        assert result["folds"] == (2 if "official" in name else 10)

@@ -1,0 +1,36 @@
+"""The small-data ablation on the CFP split: each variant (the demo recipe, and one change
+against it) trains for the same time budget on people 001-400 and is verified on the kept
+pairs among 401-500 (benchmarks/cfp/).
+
+    python benchmarks/cfp_split.py ../shared/data/cfp data/cfp_train
+    python benchmarks/cfp_ablation.py data/cfp_train --budget 45m --variants demo arcface r18
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from facescale.benchmarking.ablation import VARIANTS, run_ablation
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("train", help="the training set's records (benchmarks/cfp_split.py)")
+    parser.add_argument("--budget", default="45m", help="time budget of each variant")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=", ".join(VARIANTS))
+    parser.add_argument("--num-classes", type=int, default=400, help="training identities")
+    parser.add_argument("--num-image", type=int, default=5600, help="training images")
+    parser.add_argument("--output", default="work_dirs/cfp_ablation", help="runs' folder")
+    parser.add_argument("--ranks", type=int, default=2, help="training processes")
+    pairs = sorted((Path(__file__).parent / "cfp").glob("cfp_*.txt"))
+    args = parser.parse_args()
+    rows = run_ablation(
+        args.variants,
+        Path(args.train).resolve(),
+        args.num_classes,
+        args.num_image,
+        pairs,
+        args.budget,
+        Path(args.output).resolve(),
+        args.ranks,
+    )
+    print(json.dumps({"budget": args.budget, "ranks": args.ranks, "rows": rows}, indent=1))

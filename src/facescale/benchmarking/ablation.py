@@ -1,0 +1,112 @@
+"""The small-data ablation: every variant of a recipe trains for the same time budget on the
+CFP training people and is verified on the kept pairs of the test people, so each choice is
+judged by what the same minutes buy (`benchmarks/cfp_ablation.py` runs it)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from facescale.config import load_config
+from facescale.errors import InputError
+from facescale.eval import VerificationSet, evaluate_verification, load_verification_set
+from facescale.export import load_backbone
+from facescale.launch import torchrun_command
+
+# The demo recipe (configs/demo.py), and one change each against it.
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "demo": ("demo", ()),
+    "arcface": ("demo", ("loss=arcface", "margin_list=(1.0,0.5,0.0)")),
+    "scale64": ("demo", ("scale=64",)),
+    "embedding512": ("demo", ("embedding_size=512",)),
+    "strong_augment": ("demo", ("augment=strong",)),
+    "no_sampling": ("demo", ("sample_rate=1.0",)),
+    "batch64": ("demo", ("batch_size=64",)),
+    "lr0.05": ("demo", ("lr=0.05",)),
+    "adamw": ("demo", ("optimizer=adamw", "lr=0.001", "weight_decay=0.05")),
+    "bf16": ("demo", ("bf16=true",)),
+    "r18": ("demo", ("network=r18",)),
+}
+# The official protocol's pairs files hold the folds kept by `benchmarks/cfp_split.py`: 2.
+OFFICIAL_FOLDS = 2
+
+
+def train_variant(
+    config: str, overrides: Sequence[str], train: Path, output: Path, budget: str, ranks: int
+) -> float:
+    """Train ``config`` with ``overrides`` on ``train`` for ``budget`` into ``output``; the
+    seconds it took (the budget, plus start-up, the final checkpoint and evaluation)."""
+    sets = [
+        f"rec={train}",
+        f"output={output}",
+        f"time_budget={budget}",
+        "val_targets=[]",  # verified afterwards, on every pairs file
+        "checkpoint_every=0",
+        *overrides,
+    ]
+    started = time.perf_counter()
+    command = torchrun_command(ranks, ["train", config, "--set", *sets])
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / "console.log", "w") as log:
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise InputError(f"training {output.name} failed; its output: {log.name}")
+    return time.perf_counter() - started
+
+
+def verify(
+    model: Path, network: str, embedding_size: int, sets: Sequence[VerificationSet]
+) -> dict[str, dict[str, float]]:
+    """10-fold accuracy (2 folds for the official protocol's pairs) on each set."""
+    backbone = load_backbone(network, str(model), embedding_size)
+    results = {}
+    for vset in sets:
+        folds = OFFICIAL_FOLDS if "official" in vset.name else 10
+        result = evaluate_verification(backbone, vset, folds=folds)
+        results[vset.name] = {"accuracy": result.accuracy, "std": result.std, "folds": folds}
+    return results
+
+
+def run_ablation(
+    names: Sequence[str],
+    train: Path,
+    num_classes: int,
+    num_image: int,
+    pairs: Sequence[Path],
+    budget: str,
+    output: Path,
+    ranks: int = 2,
+) -> list[dict[str, Any]]:
+    """Train and verify each variant in ``names`` in turn; a row of figures per variant."""
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise InputError(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    sets = [load_verification_set(str(path)) for path in pairs]  # decoded once, for every run
+    rows = []
+    for name in names:
+        config, changes = VARIANTS[name]
+        overrides = [f"num_classes={num_classes}", f"num_image={num_image}", *changes]
+        cfg = load_config(config, [*overrides, f"rec={train}"])
+        seconds = train_variant(config, overrides, train, output / name, budget, ranks)
+        lines = (output / name / "metrics.jsonl").read_text().splitlines()
+        reports = [r for r in map(json.loads, lines) if "samples_per_s" in r]
+        steps = reports[-1]["step"] if reports else 0
+        rows.append(
+            {
+                "variant": name,
+                "config": config,
+                "overrides": list(changes),
+                "seconds": seconds,
+                "steps": steps,
+                "epochs": steps * cfg.batch_size * ranks / num_image,
+                "samples_per_s": sum(r["samples_per_s"] for r in reports) / max(len(reports), 1),
+                "verification": verify(
+                    output / name / "model.pt", cfg.network, cfg.embedding_size, sets
+                ),
+            }
+        )
+    return rows
