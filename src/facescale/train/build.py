@@ -48,7 +48,7 @@ class Components:
     """What :func:`build` makes for one rank."""
 
     backbone: nn.Module  # the model that is saved and evaluated
-    model: nn.Module  # the backbone as the loop calls it (parallelised)
+    model: nn.Module  # the backbone as the loop calls it (parallelised, compiled if asked)
     head: TrainableHead
     optimizer: torch.optim.Optimizer  # the backbone's; the head owns its own
     scaler: torch.amp.GradScaler | None  # fp16 loss scaling
@@ -142,9 +142,11 @@ def build(
     if backbone is None:
         backbone = build_backbone(cfg, env.device)
     backbone = backbone.to(env.device)
-    if cfg.compile:
-        backbone.compile()  # in place: the saved and evaluated module runs compiled too
     model = parallelize(backbone, env, dtype)
+    if cfg.compile:
+        # the training call only: evaluation (no_grad, other batch sizes) would compile again,
+        # and `backbone` stays the plain module whose state_dict checkpoints hold
+        model = torch.compile(model)
     head = build_training_head(cfg, env.device)
     optimizer = build_optimizer(
         cfg.optimizer, backbone.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay
