@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from facescale.backbones import Backbone, get_model
 from facescale.config import Config, Schedule
 from facescale.distributed import DistEnv, get_world_size
+from facescale.errors import ConfigError
 from facescale.heads import TrainableHead, build_head
 from facescale.heads.losses import build_margin
 from facescale.heads.options import resolve_logits_dtype
@@ -132,6 +133,22 @@ def build_training_head(cfg: Config, device: torch.device) -> TrainableHead:
     return head
 
 
+def require_compiler(device: torch.device) -> None:
+    """``compile=true`` on a CPU builds C++ kernels: without a C++ compiler, a
+    :class:`ConfigError` says so before the run starts rather than at its first step."""
+    if device.type != "cpu":
+        return
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        raise ConfigError(
+            "compile=true on a CPU needs a C++ compiler (g++ or clang++) for torch.compile's "
+            "kernels; install one or set compile=false"
+        ) from None
+
+
 def build(
     cfg: Config, env: DistEnv, loader: Loader | None = None, backbone: nn.Module | None = None
 ) -> Components:
@@ -144,6 +161,7 @@ def build(
     backbone = backbone.to(env.device)
     model = parallelize(backbone, env, dtype)
     if cfg.compile:
+        require_compiler(env.device)
         # the training call only: evaluation (no_grad, other batch sizes) would compile again,
         # and `backbone` stays the plain module whose state_dict checkpoints hold
         model = torch.compile(model)
