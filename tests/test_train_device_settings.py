@@ -84,6 +84,6 @@ def test_compile_on_cpu_without_a_cpp_compiler_is_a_config_error(monkeypatch):
 
     require_compiler(CPU)  # this machine has one
     monkeypatch.setattr(inductor.cpp, "cxx", (None, "no-such-c++-compiler"))
-    with pytest.raises(ConfigError, match="needs a C.. compiler"):
+    with pytest.raises(ConfigError, match=r"needs a C\+\+ compiler"):
         require_compiler(CPU)
     require_compiler(torch.device("meta"))  # kernels for other devices need none
