@@ -206,6 +206,16 @@ def test_fp16_with_bf16_is_refused_naming_both_keys(tmp_path):
     assert load_config(path, ["fp16=false", "bf16=true"]).bf16 is True
 
 
+def test_bf16_takes_auto_which_fp16_does_not_contradict(tmp_path):
+    path = tmp_path / "mixed.py"
+    path.write_text("config = {'fp16': True, 'bf16': 'auto'}\n")
+    assert load_config(path).bf16 == "auto"
+    assert load_config(None, ["bf16=auto"]).bf16 == "auto"
+    assert load_config(None, ["bf16=true"]).bf16 is True
+    with pytest.raises(ConfigError, match="bf16='sometimes' is out of range"):
+        load_config(None, ["bf16=sometimes"])
+
+
 def test_schedule_derivation():
     cfg = load_config(
         None,

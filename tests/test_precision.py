@@ -1,4 +1,5 @@
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,3 +52,32 @@ def test_full_float32_turns_tf32_off_inside_and_restores_it():
         assert torch.backends.cudnn.allow_tf32
     finally:
         torch.set_float32_matmul_precision("highest")
+
+
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads Linux's CPU flags")
+def test_native_bf16_on_cpu_is_what_the_cpu_flags_say():
+    from facescale.precision import native_bf16
+
+    flags = _cpu_flags()
+    assert native_bf16("cpu") == bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert not native_bf16("meta")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_follows_the_hardware_and_yields_to_fp16(monkeypatch, native):
+    from facescale.precision import resolve_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_bf16(False, "auto", "cpu") is native
+    assert device_dtype(False, "auto", "cpu") == (torch.bfloat16 if native else None)
+    assert autocast_dtype(True, "auto", "cpu") is None  # fp16 asked: no bf16, float32 on CPU
+    assert requested_dtype(True, resolve_bf16(True, "auto", "cpu")) == torch.float16
+    assert resolve_bf16(False, True, "cpu") and not resolve_bf16(False, False, "cpu")

@@ -185,3 +185,28 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open())]
     assert len(losses) == results[0]["summary"]["final_step"] == 6
     assert all(map(math.isfinite, losses))
+
+
+def _compiled_rank(rank, world, output, values, global_batch, resume=False):
+    """``train_rank``, also counting the graphs torch.compile made in this process."""
+    from torch._dynamo.utils import counters
+
+    result = train_rank(rank, world, output, values, global_batch, resume)
+    return {**result, "graphs": counters["stats"]["unique_graphs"]}
+
+
+def test_compile_trains_like_eager_and_keeps_checkpoints_plain(tmp_path):
+    # evaluation every 2 steps (eval mode, no_grad, another batch size) adds no graph; the
+    # checkpoint resumes and model.pt loads into an uncompiled model
+    _write_pairs(tmp_path / "pairs.bin", 40)
+    values = {"num_epoch": 1, "max_grad_norm": 1.0, "rec": str(tmp_path), "verbose": 2}
+    values["val_targets"] = ["pairs"]
+    eager = run_ranks(train_rank, 2, tmp_path / "eager", values, 16)
+    compiled = {**values, "compile": True}
+    run_ranks(_compiled_rank, 2, tmp_path / "compiled", {**compiled, "stop_step": 3}, 16)
+    resumed = run_ranks(_compiled_rank, 2, tmp_path / "compiled", compiled, 16, True)
+    assert resumed[0]["summary"]["steps"] == 3
+    assert [r["graphs"] for r in resumed] == [1, 1]
+    assert_same_model(eager, resumed, rtol=1e-3, atol=1e-4)
+    model = small_vit()
+    model.load_state_dict(torch.load(tmp_path / "compiled" / "model.pt", weights_only=True))

@@ -74,3 +74,16 @@ def test_the_phase_clock_adds_host_time_between_marks_on_cpu():
     assert 0.02 <= totals["a"] < 1.0 and totals["b"] == 0.5
     clock.reset()
     assert clock.totals() == {"a": 0.0, "b": 0.0}
+
+
+def test_compile_on_cpu_without_a_cpp_compiler_is_a_config_error(monkeypatch):
+    import torch._inductor.config as inductor
+
+    from facescale.config import ConfigError
+    from facescale.train.build import require_compiler
+
+    require_compiler(CPU)  # this machine has one
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, "no-such-c++-compiler"))
+    with pytest.raises(ConfigError, match=r"needs a C\+\+ compiler"):
+        require_compiler(CPU)
+    require_compiler(torch.device("meta"))  # kernels for other devices need none

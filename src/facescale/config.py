@@ -209,7 +209,12 @@ class Config:
     num_epoch: int = field(default=20, metadata=_check(_positive, "an integer > 0"))
     warmup_epoch: float = field(default=0.0, metadata=_check(_non_negative, "a number >= 0"))
     fp16: bool = False
-    bf16: bool = False
+    # 'auto': bf16 where the device computes it natively (a CPU with AVX512-BF16 or AMX, a
+    # GPU from Ampere on) unless fp16 is set, else float32
+    bf16: bool | str = field(
+        default=False,
+        metadata=_check(lambda v: isinstance(v, bool) or v == "auto", "true, false or 'auto'"),
+    )
     max_grad_norm: float = field(
         default=5.0, metadata=_check(_non_negative, "a number >= 0 (0 disables clipping)")
     )

@@ -48,6 +48,7 @@ def _device_memory(args: argparse.Namespace) -> int:
 def answers(cfg: Any, devices: int, device: str, memory: int) -> dict[str, Any]:
     """The prediction and the answers to the planning questions, JSON-ready."""
     from facescale import plan
+    from facescale.precision import resolve_bf16
 
     found = plan.estimate(cfg, devices, device)
     rate = None
@@ -73,7 +74,13 @@ def answers(cfg: Any, devices: int, device: str, memory: int) -> dict[str, Any]:
                 "center_state_dtype",
             )
         }
-        | {"precision": "fp16" if cfg.fp16 else "bf16" if cfg.bf16 else "fp32"},
+        | {
+            "precision": "fp16"
+            if cfg.fp16
+            else "bf16"
+            if resolve_bf16(cfg.fp16, cfg.bf16, device)
+            else "fp32"
+        },
         "devices": devices,
         "device": device,
         "device_memory": memory,

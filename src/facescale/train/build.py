@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from facescale.backbones import Backbone, get_model
 from facescale.config import Config, Schedule
 from facescale.distributed import DistEnv, get_world_size
+from facescale.errors import ConfigError
 from facescale.heads import TrainableHead, build_head
 from facescale.heads.losses import build_margin
 from facescale.heads.options import resolve_logits_dtype
@@ -48,7 +49,7 @@ class Components:
     """What :func:`build` makes for one rank."""
 
     backbone: nn.Module  # the model that is saved and evaluated
-    model: nn.Module  # the backbone as the loop calls it (parallelised)
+    model: nn.Module  # the backbone as the loop calls it (parallelised, compiled if asked)
     head: TrainableHead
     optimizer: torch.optim.Optimizer  # the backbone's; the head owns its own
     scaler: torch.amp.GradScaler | None  # fp16 loss scaling
@@ -132,6 +133,22 @@ def build_training_head(cfg: Config, device: torch.device) -> TrainableHead:
     return head
 
 
+def require_compiler(device: torch.device) -> None:
+    """``compile=true`` on a CPU builds C++ kernels: without a C++ compiler, a
+    :class:`ConfigError` says so before the run starts rather than at its first step."""
+    if device.type != "cpu":
+        return
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        raise ConfigError(
+            "compile=true on a CPU needs a C++ compiler (g++ or clang++) for torch.compile's "
+            "kernels; install one or set compile=false"
+        ) from None
+
+
 def build(
     cfg: Config, env: DistEnv, loader: Loader | None = None, backbone: nn.Module | None = None
 ) -> Components:
@@ -142,9 +159,12 @@ def build(
     if backbone is None:
         backbone = build_backbone(cfg, env.device)
     backbone = backbone.to(env.device)
-    if cfg.compile:
-        backbone.compile()  # in place: the saved and evaluated module runs compiled too
     model = parallelize(backbone, env, dtype)
+    if cfg.compile:
+        require_compiler(env.device)
+        # the training call only: evaluation (no_grad, other batch sizes) would compile again,
+        # and `backbone` stays the plain module whose state_dict checkpoints hold
+        model = torch.compile(model)
     head = build_training_head(cfg, env.device)
     optimizer = build_optimizer(
         cfg.optimizer, backbone.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay
