@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from facescale.benchmarking.ablation import run_ablation
-from facescale.benchmarking.cfp import FRONTAL, PROFILE, write_split
+from facescale.benchmarking.cfp import FRONTAL, PROFILE, drawn_pairs, write_split
 from facescale.data.image import decode_image
-from facescale.data.pairs_file import read_pairs_file
+from facescale.data.pairs_file import read_pairs_file, write_pairs_file
 from facescale.data.recordio import IndexedRecordFile
 from facescale.data.records import read_layout, unpack_record
 from facescale.errors import InputError
@@ -131,7 +131,11 @@ def test_the_ablation_names_an_unknown_variant_before_training_any(tmp_path):
 def test_the_ablation_trains_a_variant_for_its_budget_and_verifies_it(tmp_path):
     root = make_cfp(tmp_path / "cfp")
     write_split(root, tmp_path / "train", tmp_path / "pairs", test_from=TEST_FROM, progress=False)
-    pairs = sorted((tmp_path / "pairs").glob("cfp_*.txt"))
+    drawn = drawn_pairs(root, list(range(TEST_FROM, PEOPLE + 1)), profile=True, per_fold=1)
+    pairs = [
+        write_pairs_file(tmp_path / "pairs" / "cfp_fp.txt", drawn, "10 folds of 2 pairs"),
+        tmp_path / "pairs" / "cfp_official_ff.txt",
+    ]
     people, images = TEST_FROM - 1, (TEST_FROM - 1) * (FRONTAL + PROFILE)
     runs = tmp_path / "runs"
     [row] = run_ablation(["scale64"], tmp_path / "train", people, images, pairs, "4s", runs, 1)
@@ -139,7 +143,8 @@ def test_the_ablation_trains_a_variant_for_its_budget_and_verifies_it(tmp_path):
     assert trained["scale"] == 64 and trained["time_budget"] == 4 and trained["network"] == "mbf"
     assert "time budget" in (runs / "scale64" / "training.log").read_text()
     assert row["steps"] >= 1 and row["epochs"] == row["steps"] * 32 / images
-    assert sorted(row["verification"]) == [p.stem for p in pairs]
+    assert row["verification"].keys() == {"cfp_fp", "cfp_official_ff"}
     for name, result in row["verification"].items():
         assert 0 <= result["accuracy"] <= 1, name
-        assert result["folds"] == (2 if "official" in name else 10)
+    assert row["verification"]["cfp_fp"]["folds"] == 10
+    assert row["verification"]["cfp_official_ff"]["folds"] == 2

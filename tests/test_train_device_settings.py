@@ -76,14 +76,17 @@ def test_the_phase_clock_adds_host_time_between_marks_on_cpu():
     assert clock.totals() == {"a": 0.0, "b": 0.0}
 
 
-def test_compile_on_cpu_without_a_cpp_compiler_is_a_config_error(monkeypatch):
+def test_compile_on_cpu_without_a_cpp_compiler_is_a_config_error_unless_auto(monkeypatch):
     import torch._inductor.config as inductor
 
     from facescale.config import ConfigError
-    from facescale.train.build import require_compiler
+    from facescale.train.build import compiles
 
-    require_compiler(CPU)  # this machine has one
+    assert compiles(True, CPU) and compiles("auto", CPU)  # this machine has one
+    assert not compiles(False, CPU)
     monkeypatch.setattr(inductor.cpp, "cxx", (None, "no-such-c++-compiler"))
     with pytest.raises(ConfigError, match=r"needs a C\+\+ compiler"):
-        require_compiler(CPU)
-    require_compiler(torch.device("meta"))  # kernels for other devices need none
+        compiles(True, CPU)
+    with pytest.warns(UserWarning, match=r"no C\+\+ compiler"):
+        assert not compiles("auto", CPU)
+    assert compiles(True, torch.device("meta"))  # kernels for other devices need none

@@ -224,8 +224,12 @@ class Config:
     seed: int = 2048
     # torch's deterministic algorithms (and cuDNN's): bit-exact repeats on a GPU, slower
     deterministic: bool = False
-    # torch.compile the backbone (the head keeps its own chunked kernels)
-    compile: bool = False
+    # torch.compile the backbone's training call (the head keeps its own chunked kernels);
+    # 'auto': where the device can (on a CPU: with a C++ compiler at hand)
+    compile: bool | str = field(
+        default=False,
+        metadata=_check(lambda v: isinstance(v, bool) or v == "auto", "true, false or 'auto'"),
+    )
     # run
     output: str | None = None
     resume: bool = False

@@ -28,7 +28,6 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "batch64": ("demo", ("batch_size=64",)),
     "lr0.05": ("demo", ("lr=0.05",)),
     "adamw": ("demo", ("optimizer=adamw", "lr=0.001", "weight_decay=0.05")),
-    "bf16": ("demo", ("bf16=true",)),
     "r18": ("demo", ("network=r18",)),
 }
 # The official protocol's pairs files hold the folds kept by `benchmarks/cfp_split.py`: 2.

@@ -133,20 +133,27 @@ def build_training_head(cfg: Config, device: torch.device) -> TrainableHead:
     return head
 
 
-def require_compiler(device: torch.device) -> None:
-    """``compile=true`` on a CPU builds C++ kernels: without a C++ compiler, a
-    :class:`ConfigError` says so before the run starts rather than at its first step."""
+def compiles(setting: bool | str, device: torch.device) -> bool:
+    """Whether the ``compile`` key compiles the training call on ``device``. On a CPU the
+    kernels are C++: without a compiler, ``True`` is a :class:`ConfigError` before the run
+    starts, and ``'auto'`` trains uncompiled with a warning."""
+    if not setting:
+        return False
     if device.type != "cpu":
-        return
+        return True
     from torch._inductor import cpp_builder, exc
 
     try:
         cpp_builder.get_cpp_compiler()
     except exc.InvalidCxxCompiler:
+        if setting == "auto":
+            warnings.warn("compile='auto': no C++ compiler (g++, clang++), so none", stacklevel=2)
+            return False
         raise ConfigError(
             "compile=true on a CPU needs a C++ compiler (g++ or clang++) for torch.compile's "
-            "kernels; install one or set compile=false"
+            "kernels; install one, or set compile='auto' or false"
         ) from None
+    return True
 
 
 def build(
@@ -160,8 +167,7 @@ def build(
         backbone = build_backbone(cfg, env.device)
     backbone = backbone.to(env.device)
     model = parallelize(backbone, env, dtype)
-    if cfg.compile:
-        require_compiler(env.device)
+    if compiles(cfg.compile, env.device):
         # the training call only: evaluation (no_grad, other batch sizes) would compile again,
         # and `backbone` stays the plain module whose state_dict checkpoints hold
         model = torch.compile(model)
