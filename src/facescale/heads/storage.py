@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from facescale.seeding import stream_seed
 
-from .rows import Rows, Scratch, write_rows
+from .rows import Rows, Scratch, scatter_rows, write_rows
 
 CENTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_DTYPES = ("fp32", "bf16", "int8")
@@ -224,12 +224,15 @@ class RowTable:
         if self.nonnegative:
             block.clamp_(min=0).sqrt_()
         levels = 255 if self.nonnegative else 127
-        scale = block.abs().amax(dim=1).div_(levels)
+        largest = block.amax(dim=1)  # of the magnitudes: max(max, -min), +0.0 for zeros
+        if not self.nonnegative:
+            largest = torch.maximum(largest, block.amin(dim=1).neg_())
+        scale = largest.abs_().div_(levels)
         block.div_(torch.where(scale > 0, scale, 1.0)[:, None])
         if noise is None:
             block.round_()
         else:  # floor(x / scale + u), u uniform in [0, 1)
-            block.add_(noise.float().mul_(2.0**-NOISE_BITS)).floor_()
+            block.add_(torch.mul(noise, 2.0**-NOISE_BITS)).floor_()
         lowest = 0 if self.nonnegative else -levels
         codes = block.clamp_(lowest, levels).to(torch.uint8 if self.nonnegative else torch.int8)
         return codes, scale
@@ -240,7 +243,7 @@ def _store(table: Tensor, rows: Rows, values: Tensor) -> None:
     if isinstance(rows, slice):
         table[rows].copy_(values)
     else:
-        table.index_copy_(0, rows, values.to(table.dtype))
+        scatter_rows(table, rows, values.to(table.dtype))
 
 
 def center_table(kind: str) -> RowTable:
