@@ -148,8 +148,8 @@ class RowTable:
             values = values.clamp(-torch.finfo(torch.float16).max, torch.finfo(torch.float16).max)
         if self.kind in CENTER_DTYPES:
             return {self.name: values.to(CENTER_DTYPES[self.kind])}
-        codes, scale = self._quantize(values.float().clone(), None)
-        return {self.name: codes, self.scale_name: scale}
+        levels, scale = self._quantize(values.float().clone(), None)
+        return {self.name: levels.to(self.dtype), self.scale_name: scale}
 
     def decode(self, stored: Mapping[str, Tensor]) -> Tensor:
         """fp32 values of this table from stored tensors of any kind (a checkpoint's too)."""
@@ -200,8 +200,8 @@ class RowTable:
             return scratch.wide_rows(self.name, table, rows)
         codes = scratch.rows_of(f"{self.name}_codes", table, rows)
         scale = getattr(module, self.scale_name)[rows]
-        wide = scratch.take(self.name, tuple(codes.shape), scale).copy_(codes)
-        wide.mul_(scale[:, None])
+        wide = scratch.take(self.name, tuple(codes.shape), scale)
+        torch.mul(codes, scale[:, None], out=wide)
         return wide.square_() if self.nonnegative else wide
 
     def write(self, module: nn.Module, rows: Rows, block: Tensor, noise: Tensor | None) -> None:
@@ -212,15 +212,16 @@ class RowTable:
             write_rows(table, rows, block)
             return
         if self.kind == "int8":
-            codes, scale = self._quantize(block, noise)
+            levels, scale = self._quantize(block, noise)
             _store(getattr(module, self.scale_name), rows, scale)
-            _store(table, rows, codes)
+            _store(table, rows, levels)
             return
         rounded = round_bf16_(block, noise) if self.kind == "bf16" else round_fp16_(block, noise)
         _store(table, rows, rounded)
 
     def _quantize(self, block: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
-        """8-bit codes and per-row scales of ``block`` (overwritten); stochastic with noise."""
+        """The 8-bit codes (as fp32 integers, in ``block``, overwritten) and per-row scales of
+        ``block``; stochastic with noise."""
         if self.nonnegative:
             block.clamp_(min=0).sqrt_()
         levels = 255 if self.nonnegative else 127
@@ -234,12 +235,12 @@ class RowTable:
         else:  # floor(x / scale + u), u uniform in [0, 1)
             block.add_(torch.mul(noise, 2.0**-NOISE_BITS)).floor_()
         lowest = 0 if self.nonnegative else -levels
-        codes = block.clamp_(lowest, levels).to(torch.uint8 if self.nonnegative else torch.int8)
-        return codes, scale
+        return block.clamp_(lowest, levels), scale
 
 
 def _store(table: Tensor, rows: Rows, values: Tensor) -> None:
-    """``table[rows] = values``, converting to the table's dtype (exact for rounded values)."""
+    """``table[rows] = values``, converting to the table's dtype (exact for rounded values;
+    a range converts as it copies)."""
     if isinstance(rows, slice):
         table[rows].copy_(values)
     else:
