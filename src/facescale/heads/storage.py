@@ -203,8 +203,8 @@ class RowTable:
             return scratch.wide_rows(self.name, table, rows)
         codes = scratch.rows_of(f"{self.name}_codes", table, rows)
         scale = getattr(module, self.scale_name)[rows]
-        wide = scratch.take(self.name, tuple(codes.shape), scale)
-        torch.mul(codes, scale[:, None], out=wide)
+        wide = scratch.take(self.name, tuple(codes.shape), scale).copy_(codes)
+        wide.mul_(scale[:, None])  # widened first: a mixed-dtype multiply is not vectorised
         return wide.square_() if self.nonnegative else wide
 
     def write(
@@ -252,7 +252,7 @@ class RowTable:
             block.round_()
         else:  # floor(x / scale + u), u uniform in [0, 1)
             unit = (work or Scratch()).take("round_f32", tuple(block.shape), block)
-            block.add_(torch.mul(noise, 2.0**-NOISE_BITS, out=unit)).floor_()
+            block.add_(unit.copy_(noise).mul_(2.0**-NOISE_BITS)).floor_()
         lowest = 0 if self.nonnegative else -levels
         return block.clamp_(lowest, levels), scale
 
