@@ -12,7 +12,7 @@ import torch
 from heads_cases import make_problem
 
 from facescale.heads import ArcFace, build_head
-from facescale.heads.rows import Scratch
+from facescale.heads.rows import Scratch, scatter_rows
 from facescale.heads.shards import init_centers
 from facescale.heads.storage import (
     NOISE_BITS,
@@ -256,3 +256,20 @@ def test_storage_kinds_are_checked():
     with pytest.raises(ValueError, match="lean"):
         build_head("data_parallel", 10, DIM, MARGIN, center_state_dtype="int8")
     assert center_table("bf16").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "dtype, width",
+    [(torch.int8, 64), (torch.int8, 12), (torch.bfloat16, 16), (torch.float32, 3)],
+)
+def test_scattered_rows_land_where_indexing_puts_them(dtype, width):
+    """Rows whose bytes make 8-byte words move as words, the others entry by entry: either
+    way only the chosen rows change, to the given values."""
+    g = torch.Generator().manual_seed(3)
+    table = torch.randint(-100, 100, (40, width), generator=g).to(dtype)
+    rows = torch.tensor([2, 5, 6, 31])
+    values = torch.randint(-100, 100, (4, width), generator=g).to(dtype)
+    expected = table.clone()
+    expected[rows] = values
+    scatter_rows(table, rows, values)
+    assert torch.equal(table, expected)

@@ -441,6 +441,7 @@ class LeanPartialFC(ShardedHead):
             return
         row_terms, column_terms = self._noise_terms(rows, block, step_number)
         noise = self._scratch.take("noise", tuple(block.shape), row_terms)
+        work = Scratch()  # the rounding's temporaries, reused by the chunk's row blocks
         span = ROUNDING_ROWS if block.device.type == "cpu" else len(block)
         for lo in range(0, len(block), span):
             hi = min(lo + span, len(block))
@@ -449,7 +450,7 @@ class LeanPartialFC(ShardedHead):
             combine_noise(row_terms[lo:hi], column_terms, noise[lo:hi])
             for table, values in zip(tables, (block, *state.values()), strict=True):
                 rounding = noise[lo:hi] if table.narrow else None
-                table.write(self, _sub_rows(rows, lo, hi), values[lo:hi], rounding)
+                table.write(self, _sub_rows(rows, lo, hi), values[lo:hi], rounding, work)
 
     def _noise_terms(self, rows: Rows, block: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """The terms of the noise narrow tables round ``rows`` with at optimizer step ``step``

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from facescale.seeding import stream_seed
 
-from .rows import Rows, Scratch, write_rows
+from .rows import Rows, Scratch, scatter_rows, write_rows
 
 CENTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_DTYPES = ("fp32", "bf16", "int8")
@@ -105,21 +105,24 @@ def round_bf16_(block: Tensor, noise: Tensor) -> Tensor:
     return block
 
 
-def round_fp16_(block: Tensor, noise: Tensor) -> Tensor:
+def round_fp16_(block: Tensor, noise: Tensor, work: Scratch | None = None) -> Tensor:
     """``block`` (fp32, overwritten) rounded stochastically to float16's grid, saturating at
-    float16's largest value; still fp32.
+    float16's largest value; still fp32. Its temporaries come from ``work`` when given.
 
     As for bfloat16, on the 13 bits float16 drops from a normal value. A subnormal value
     (below 2**-14) is first moved up by 2**-14 into the lowest normal binade, whose spacing
     (2**-24) is the subnormals' own, rounded there, and moved back: the move up rounds in
     fp32 only far below that spacing (2**-37), the move back is exact.
     """
-    info = torch.finfo(torch.float16)
-    magnitude = block.abs()
+    info, work = torch.finfo(torch.float16), work or Scratch()
+    magnitude = torch.abs(block, out=work.take("round_f32", tuple(block.shape), block))
     # 1.0 where the value is below float16's normal range, else 0.0
-    subnormal = torch.lt(magnitude, info.tiny, out=torch.empty_like(magnitude))
+    below = work.take("round_f32_flag", tuple(block.shape), block)
+    subnormal = torch.lt(magnitude, info.tiny, out=below)
     bits = magnitude.add_(subnormal, alpha=info.tiny).view(torch.int32)
-    bits.add_(noise >> (NOISE_BITS - 13)).bitwise_and_(-(1 << 13))
+    shifted = work.take("round_i32", tuple(noise.shape), noise)
+    bits.add_(torch.bitwise_right_shift(noise, NOISE_BITS - 13, out=shifted))
+    bits.bitwise_and_(-(1 << 13))
     magnitude.sub_(subnormal, alpha=info.tiny).clamp_(max=info.max)
     return torch.copysign(magnitude, block, out=block)
 
@@ -148,8 +151,8 @@ class RowTable:
             values = values.clamp(-torch.finfo(torch.float16).max, torch.finfo(torch.float16).max)
         if self.kind in CENTER_DTYPES:
             return {self.name: values.to(CENTER_DTYPES[self.kind])}
-        codes, scale = self._quantize(values.float().clone(), None)
-        return {self.name: codes, self.scale_name: scale}
+        levels, scale = self._quantize(values.float().clone(), None)
+        return {self.name: levels.to(self.dtype), self.scale_name: scale}
 
     def decode(self, stored: Mapping[str, Tensor]) -> Tensor:
         """fp32 values of this table from stored tensors of any kind (a checkpoint's too)."""
@@ -201,46 +204,67 @@ class RowTable:
         codes = scratch.rows_of(f"{self.name}_codes", table, rows)
         scale = getattr(module, self.scale_name)[rows]
         wide = scratch.take(self.name, tuple(codes.shape), scale).copy_(codes)
-        wide.mul_(scale[:, None])
+        wide.mul_(scale[:, None])  # widened first: a mixed-dtype multiply is not vectorised
         return wide.square_() if self.nonnegative else wide
 
-    def write(self, module: nn.Module, rows: Rows, block: Tensor, noise: Tensor | None) -> None:
+    def write(
+        self,
+        module: nn.Module,
+        rows: Rows,
+        block: Tensor,
+        noise: Tensor | None,
+        work: Scratch | None = None,
+    ) -> None:
         """Store the updated fp32 ``block`` of ``rows`` (from :meth:`read`), rounding with
-        ``noise`` (:func:`rounding_noise`; unused for fp32). A narrow block is overwritten."""
+        ``noise`` (:func:`rounding_noise`; unused for fp32). A narrow block is overwritten;
+        the rounding's temporaries come from ``work`` when given (reused blocks, not fresh
+        page-faulting allocations)."""
         table = getattr(module, self.name)
         if not self.narrow:
             write_rows(table, rows, block)
             return
+        work = work or Scratch()
         if self.kind == "int8":
-            codes, scale = self._quantize(block, noise)
-            _store(getattr(module, self.scale_name), rows, scale)
-            _store(table, rows, codes)
+            levels, scale = self._quantize(block, noise, work)
+            _store(getattr(module, self.scale_name), rows, scale, work)
+            _store(table, rows, levels, work)
             return
-        rounded = round_bf16_(block, noise) if self.kind == "bf16" else round_fp16_(block, noise)
-        _store(table, rows, rounded)
+        if self.kind == "bf16":
+            rounded = round_bf16_(block, noise)
+        else:
+            rounded = round_fp16_(block, noise, work)
+        _store(table, rows, rounded, work)
 
-    def _quantize(self, block: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
-        """8-bit codes and per-row scales of ``block`` (overwritten); stochastic with noise."""
+    def _quantize(
+        self, block: Tensor, noise: Tensor | None, work: Scratch | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The 8-bit codes (as fp32 integers, in ``block``, overwritten) and per-row scales of
+        ``block``; stochastic with noise."""
         if self.nonnegative:
             block.clamp_(min=0).sqrt_()
         levels = 255 if self.nonnegative else 127
-        scale = block.abs().amax(dim=1).div_(levels)
+        largest = block.amax(dim=1)  # of the magnitudes: max(max, -min), +0.0 for zeros
+        if not self.nonnegative:
+            largest = torch.maximum(largest, block.amin(dim=1).neg_())
+        scale = largest.abs_().div_(levels)
         block.div_(torch.where(scale > 0, scale, 1.0)[:, None])
         if noise is None:
             block.round_()
         else:  # floor(x / scale + u), u uniform in [0, 1)
-            block.add_(noise.float().mul_(2.0**-NOISE_BITS)).floor_()
+            unit = (work or Scratch()).take("round_f32", tuple(block.shape), block)
+            block.add_(unit.copy_(noise).mul_(2.0**-NOISE_BITS)).floor_()
         lowest = 0 if self.nonnegative else -levels
-        codes = block.clamp_(lowest, levels).to(torch.uint8 if self.nonnegative else torch.int8)
-        return codes, scale
+        return block.clamp_(lowest, levels), scale
 
 
-def _store(table: Tensor, rows: Rows, values: Tensor) -> None:
-    """``table[rows] = values``, converting to the table's dtype (exact for rounded values)."""
+def _store(table: Tensor, rows: Rows, values: Tensor, work: Scratch) -> None:
+    """``table[rows] = values``, converting to the table's dtype (exact for rounded values):
+    a range as it copies, row ids through a block of ``work``."""
     if isinstance(rows, slice):
         table[rows].copy_(values)
     else:
-        table.index_copy_(0, rows, values.to(table.dtype))
+        stored = work.take(f"stored_{table.dtype}", tuple(values.shape), table)
+        scatter_rows(table, rows, stored.copy_(values))
 
 
 def center_table(kind: str) -> RowTable:
