@@ -12,9 +12,10 @@ from heads_cases import (
     make_problem,
     reference_grads,
 )
+from host_syncs import HostSyncs
 
 from facescale.heads import AdaFace, ArcFace, CombinedMargin, CurricularFace, MagFace, build_head
-from facescale.heads.sampling import ClassSampler
+from facescale.heads.sampling import ClassSampler, select_classes
 
 DIM = 8
 MARGIN = CombinedMargin(64, 0.9, 0.3, 0.1)
@@ -47,6 +48,36 @@ def test_sample_holds_every_positive_and_has_the_ceiling_size():
         assert index.tolist() == sorted(set(index.tolist())) and len(index) == 3 and 7 in index
     many = torch.tensor([9, 1, 4, 6, 1])
     assert sampler.draw(many).tolist() == [1, 4, 6, 9]  # more positives than the sample size
+
+
+def test_rows_outside_the_shard_mark_no_class():
+    a, b = ClassSampler(10, 0.25, 0, 0), ClassSampler(10, 0.25, 0, 0)
+    for _ in range(10):  # num_local (10) stands for a row outside the shard
+        assert a.draw(torch.tensor([7, 10, 10])).tolist() == b.draw(torch.tensor([7])).tolist()
+    many = torch.tensor([9, 10, 1, 4, 6, 1])
+    assert a.draw(many).tolist() == [1, 4, 6, 9]  # more positives than the sample size
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.3])
+def test_selection_puts_the_shards_targets_first_without_waiting(rate):
+    labels = torch.tensor([55, 3, 12, 14, 55, 11, 72, 12, 49])
+    start, num_local = 10, 40  # the shard holds classes 10..49; the sample, 12 > the batch
+    sampler = ClassSampler(num_local, rate, 0, 0) if rate < 1 else None
+    with HostSyncs() as syncs:
+        sel = select_classes(labels, start, num_local, sampler)
+    assert syncs.calls == []
+    computed = list(range(num_local)) if sel.index is None else sel.index.tolist()
+    assert sel.count == len(computed) == (40 if rate == 1 else 12)
+    local = [(row, c - start) for row, c in enumerate(labels.tolist()) if 0 <= c - start < 40]
+    mine = sorted((computed.index(c), row, c) for row, c in local)  # (column, row, local id)
+    n = len(mine)
+    assert n == 5 and sel.valid.tolist() == [True] * n + [False] * (len(labels) - n)
+    found = torch.stack([sel.target_cols, sel.target_rows, sel.target_local], dim=1)
+    assert [tuple(t) for t in found[:n].tolist()] == mine
+    assert sorted(sel.target_rows.tolist()) == list(range(len(labels)))
+    assert (sel.target_cols[n:] >= sel.count).all() and (sel.target_local[n:] == 0).all()
+    values = torch.arange(1.0, len(labels) + 1)
+    assert sel.masked(values).tolist() == values[:n].tolist() + [0.0] * (len(labels) - n)
 
 
 def test_negatives_are_uniform():

@@ -156,8 +156,8 @@ class ChunkedSoftmax:
     ) -> tuple[ShardSelection, Tensor, Tensor, Tensor, Tensor | None]:
         """``sel`` with each target's best sub-center chosen, the normalised target centers,
         their margin logits and the margin's derivatives to the target cosines and (when it
-        differentiates through them) the feature norms; a ``training`` forward first lets
-        the margin observe the batch."""
+        differentiates through them) the feature norms, all three 0 for placeholders; a
+        ``training`` forward first lets the margin observe the batch."""
         if self.subcenters > 1:
             group = sel.target_local[:, None] + torch.arange(self.subcenters, device=weight.device)
             candidates = F.normalize(weight[group].float(), dim=2)
@@ -166,7 +166,7 @@ class ChunkedSoftmax:
         centers = F.normalize(weight[sel.target_local].float(), dim=1)
         cosine = target_cosine(embeddings[sel.target_rows], centers)
         rows, batch = sel.target_rows, embeddings.shape[0]
-        observe_batch(self.margin, norms, cosine, rows, batch, training)
+        observe_batch(self.margin, norms, sel.masked(cosine), rows, batch, training)
         row_norms = None if norms is None else norms[sel.target_rows].detach()
         with torch.enable_grad():
             inputs = [cosine.requires_grad_()]
@@ -174,8 +174,8 @@ class ChunkedSoftmax:
                 inputs.append(row_norms.requires_grad_())
             logits = self.margin.target_logit(cosine, row_norms)
             slopes = torch.autograd.grad(logits.sum(), inputs)
-        norm_slope = slopes[1] if self.margin.norm_grad else None
-        return sel, centers, logits.detach(), slopes[0], norm_slope
+        norm_slope = sel.masked(slopes[1]) if self.margin.norm_grad else None
+        return sel, centers, sel.masked(logits.detach()), sel.masked(slopes[0]), norm_slope
 
     def forward(
         self,

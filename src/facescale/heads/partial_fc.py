@@ -198,17 +198,19 @@ class PartialFC(ShardedHead):
             batch, sel = self._gather_and_select(embeddings, labels)
             rows = None if sel.index is None else subcenter_rows(sel.index, self.num_subcenters)
             weight = self.weight if rows is None else self.weight[rows]
+            valid, cols = sel.chunk_targets(0, sel.count)  # placeholders: any column, masked
             top, sumexp, target = dense_shard_terms(
                 batch.embeddings,
                 batch.norms,
                 weight,
                 sel.target_rows,
-                sel.target_cols,
+                cols,
                 self.margin,
                 self.softmax.threshold,
                 self.softmax.dtype,
                 across_ranks=True,
                 subcenters=self.num_subcenters,
+                valid=valid,
             )
             lse = log_sum_exp(top, sumexp, target, across_ranks=True)
             return (lse - target).sum() / batch.size + self._regulariser(batch)

@@ -17,20 +17,33 @@ from facescale.seeding import stream_seed
 class ShardSelection:
     """The classes of this shard that one step computes, and the batch rows they are targets of.
 
-    Target arrays are sorted by column (rows in batch order within a column); a batch row is
-    the target of at most one column.
+    One target entry per global-batch row, so every shape is known on the host: the rows
+    whose label is in this shard come first, sorted by column (rows in batch order within a
+    column); the others are placeholders, with column ``count`` (past every computed
+    column) and local id 0, that change nothing (:attr:`valid`, :meth:`masked`).
     """
 
     index: Tensor | None  # sorted local ids of the computed classes; None = the whole shard
     count: int  # number of computed classes
-    target_rows: Tensor  # global-batch rows whose label is in this shard
-    target_cols: Tensor  # their column among the computed classes
-    target_local: Tensor  # their local class id (row of the shard)
+    target_rows: Tensor  # global-batch rows, this shard's targets first
+    target_cols: Tensor  # their column among the computed classes (placeholders: >= count)
+    target_local: Tensor  # their local class id (row of the shard; placeholders: 0)
+
+    @property
+    def valid(self) -> Tensor:
+        """Per target entry: whether its row's label is in this shard (else a placeholder)."""
+        return self.target_cols < self.count
+
+    def masked(self, values: Tensor) -> Tensor:
+        """``values`` (one per target entry along the first dimension) with the placeholders'
+        entries exactly 0."""
+        valid = self.valid.view(-1, *([1] * (values.dim() - 1)))
+        return torch.where(valid, values, 0.0)
 
     def chunk_targets(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         """Per target: whether its column is in [lo, hi), and that column minus ``lo``
         clamped into the chunk; fixed shapes, so finding a chunk's targets never waits for
-        the device (the caller masks the targets outside)."""
+        the device (the caller masks the targets outside, placeholders among them)."""
         cols = self.target_cols - lo
         return (cols >= 0) & (cols < hi - lo), cols.clamp(0, hi - lo - 1)
 
@@ -49,21 +62,24 @@ class ClassSampler:
         self.draws = 0
 
     def draw(self, positives: Tensor) -> Tensor:
-        """Sorted local ids to compute this step; ``positives`` are local ids that must be in it."""
+        """Sorted local ids to compute this step; ``positives`` are local ids that must be in
+        it, where ``num_local`` stands for no class (a row outside the shard)."""
         generator = torch.Generator(device=positives.device)
         generator.manual_seed(stream_seed(self.seed, self.rank, self.draws))
         self.draws += 1
-        # only when the targets could fill the sample is their distinct count read (it waits
-        # for the device); below that, repeated positives just mark their key twice
+        # only when the batch could fill the sample (known from its size) is the distinct
+        # count of the positives read (it waits for the device); below that, repeated
+        # positives just mark their key twice
         if positives.numel() >= self.num_sample:
             positives = torch.unique(positives)
+            positives = positives[positives < self.num_local]
             if positives.numel() >= self.num_sample:
                 return positives
-        keys = torch.rand(
-            self.num_local, generator=generator, device=positives.device, dtype=torch.float32
-        )
+        # a spare last key takes the marks of rows outside the shard
+        keys = torch.empty(self.num_local + 1, device=positives.device, dtype=torch.float32)
+        torch.rand(self.num_local, generator=generator, out=keys[: self.num_local])
         keys[positives] = 2.0  # above every uniform key: positives are always kept
-        return keys.topk(self.num_sample, sorted=False).indices.sort().values
+        return keys[: self.num_local].topk(self.num_sample, sorted=False).indices.sort().values
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "draws": self.draws}
@@ -75,13 +91,19 @@ class ClassSampler:
 def select_classes(
     labels: Tensor, start: int, num_local: int, sampler: ClassSampler | None
 ) -> ShardSelection:
-    """Find this shard's targets in the global ``labels`` and (Partial FC) sample the classes."""
-    rows = ((labels >= start) & (labels < start + num_local)).nonzero().squeeze(1)
-    local = labels[rows] - start
+    """Find this shard's targets in the global ``labels`` and (Partial FC) sample the classes.
+
+    Every shape follows from the batch size (an empty shard has no target entries), so the
+    host never waits for the device here (see :meth:`ClassSampler.draw` for the exception)."""
+    if num_local == 0:
+        labels = labels[:0]
+    local = labels - start
+    inside = (local >= 0) & (local < num_local)
+    keyed = torch.where(inside, local, num_local)  # num_local: no class of this shard
     if sampler is None:
-        index, count, cols = None, num_local, local
+        index, count, cols = None, num_local, keyed
     else:
-        index = sampler.draw(local)
-        count, cols = index.numel(), torch.searchsorted(index, local)
-    order = torch.argsort(cols, stable=True)
-    return ShardSelection(index, count, rows[order], cols[order], local[order])
+        index = sampler.draw(keyed)
+        count, cols = index.numel(), torch.searchsorted(index, keyed)
+    order = torch.argsort(cols, stable=True)  # this shard's targets first, by column
+    return ShardSelection(index, count, order, cols[order], torch.where(inside, local, 0)[order])

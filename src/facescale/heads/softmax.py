@@ -92,6 +92,7 @@ def dense_shard_terms(
     dtype: torch.dtype,
     across_ranks: bool,
     subcenters: int = 1,
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(top, sumexp, target_logits)`` of one shard, in full with autograd.
 
@@ -99,25 +100,35 @@ def dense_shard_terms(
     read them); ``weight`` holds raw centers, whose inverse norms scale the logits' columns.
     With ``subcenters = k``, rows ``c * k ... c * k + k - 1`` of ``weight`` are class column
     ``c``'s sub-centers and its logit is their largest. The target of row ``target_rows[i]``
-    is column ``target_cols[i]``; ``target_logits`` holds every row's margin logit, summed
-    over the ranks ``across_ranks``.
+    is column ``target_cols[i]``, a real one where ``valid[i]`` (default: everywhere), else
+    a placeholder that changes nothing; ``target_logits`` holds every row's margin logit,
+    summed over the ranks ``across_ranks``.
     """
     scaled = (embeddings * margin.s).to(dtype)
     logits = torch.mm(scaled, weight.to(dtype).t()).float() * inverse_norms(weight)
     if subcenters > 1:
         classes = weight.shape[0] // subcenters
         logits = logits.view(logits.shape[0], classes, subcenters).amax(dim=2)
+
+    def real(values: Tensor) -> Tensor:
+        return values if valid is None else torch.where(valid, values, 0.0)
+
     cosine = logits[target_rows, target_cols] / margin.s
     if across_ranks:
         training = torch.is_grad_enabled()
-        observe_batch(margin, norms, cosine, target_rows, embeddings.shape[0], training)
+        observe_batch(margin, norms, real(cosine), target_rows, embeddings.shape[0], training)
     row_norms = None if norms is None else norms[target_rows]
-    local = margin.target_logit(cosine, row_norms)
+    local = real(margin.target_logit(cosine, row_norms))
     target = embeddings.new_zeros(embeddings.shape[0]).index_add(0, target_rows, local)
     if across_ranks:
         target = sum_across_ranks(target)
     drop_filtered_(logits, margin.s * threshold)
-    logits = logits.index_put((target_rows, target_cols), logits.new_tensor(float("-inf")))
+    at = (target_rows, target_cols)
+    if valid is None:
+        logits = logits.index_put(at, logits.new_tensor(float("-inf")))
+    else:  # only the real targets' positions
+        hit = torch.zeros_like(logits, dtype=torch.bool).index_put_(at, valid)
+        logits = logits.masked_fill(hit, float("-inf"))
     state = margin.negative_state()
     if state is not None:
         logits = modulated(logits, margin, target.detach(), state)
