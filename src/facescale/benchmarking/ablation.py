@@ -4,7 +4,6 @@ judged by what the same minutes buy (`benchmarks/cfp_ablation.py` runs it)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from facescale.config import load_config
+from facescale.demo.pipeline import read_metrics
 from facescale.errors import InputError
 from facescale.eval import VerificationSet, evaluate_verification, load_verification_set
 from facescale.export import load_backbone
@@ -91,8 +91,7 @@ def run_ablation(
         overrides = [f"num_classes={num_classes}", f"num_image={num_image}", *changes]
         cfg = load_config(config, [*overrides, f"rec={train}"])
         seconds = train_variant(config, overrides, train, output / name, budget, ranks)
-        lines = (output / name / "metrics.jsonl").read_text().splitlines()
-        reports = [r for r in map(json.loads, lines) if "samples_per_s" in r]
+        reports = [r for r in read_metrics(output / name) if "samples_per_s" in r]
         steps = reports[-1]["step"] if reports else 0
         rows.append(
             {
