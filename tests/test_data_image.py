@@ -8,7 +8,14 @@ from data_helpers import face_jpeg
 from PIL import Image
 
 from facescale.data import decode_image
-from facescale.data.augment import draw_flips, grey, place_chw, strong_augment
+from facescale.data.augment import (
+    draw_flips,
+    grey,
+    place_chw,
+    random_crop,
+    strong_augment,
+    zoom_shift,
+)
 from facescale.data.image import ImageDecodeError, encode_jpeg, face_bytes, fit_face
 
 
@@ -99,6 +106,58 @@ def test_strong_augmentation_is_reproducible_and_varied():
     assert all(a.shape == (112, 112, 3) and a.dtype == np.uint8 for a in runs[0])
     changed = sum(not np.array_equal(a, b) for a, b in zip(runs[0], base, strict=True))
     assert 0 < changed < 32  # some images got a strong step, not all
+
+
+def bilinear_zoom_shift(image: np.ndarray, zoom: float, dx: float, dy: float) -> np.ndarray:
+    """Float64 reference: each output pixel centre mapped back into the input and sampled
+    bilinearly from its four nearest pixels; NaN where those are not all inside the image."""
+    h, w = image.shape[:2]
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    sx = (xs - w / 2 - dx) / zoom + w / 2 - 0.5  # input pixel coordinates (centres at integers)
+    sy = (ys - h / 2 - dy) / zoom + h / 2 - 0.5
+    x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
+    fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
+    padded = np.zeros((h + 4, w + 4, 3))
+    padded[2:-2, 2:-2] = image
+
+    def at(y, x):
+        return padded[np.clip(y + 2, 0, h + 3), np.clip(x + 2, 0, w + 3)]
+
+    top = at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx
+    bottom = at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx
+    inside = (x0 >= 0) & (y0 >= 0) & (x0 + 1 < w) & (y0 + 1 < h)
+    return np.where(inside[..., None], top * (1 - fy) + bottom * fy, np.nan)
+
+
+def test_zoom_shift_moves_whole_pixels_exactly():
+    image = decode_image(face_jpeg(1))
+    moved = zoom_shift(image, 1.0, 7, -5)  # 7 right, 5 up
+    expected = np.zeros_like(image)
+    expected[:-5, 7:] = image[5:, :-7]
+    np.testing.assert_array_equal(moved, expected)
+
+
+@pytest.mark.parametrize("zoom, dx, dy", [(1.13, 0.0, 0.0), (0.87, 3.4, -8.25), (1.3, -6.5, 2.0)])
+def test_zoom_shift_matches_a_float64_bilinear_reference(zoom, dx, dy):
+    image = decode_image(face_jpeg(4))
+    got = zoom_shift(image, zoom, dx, dy).astype(np.float64)
+    reference = bilinear_zoom_shift(image, zoom, dx, dy)
+    inside = ~np.isnan(reference)  # how the image's edge meets black is PIL's own choice
+    assert inside.mean() > 0.5
+    assert np.abs(got - reference)[inside].max() <= 1 + 1e-9  # one uint8 step: PIL rounds down
+
+
+def test_random_crop_is_reproducible_varied_and_bounded():
+    image = decode_image(face_jpeg(5))
+    runs = [
+        [random_crop(image, 0.1, rng) for _ in range(8)]
+        for rng in map(np.random.default_rng, (1, 1))
+    ]
+    assert all(np.array_equal(a, b) for a, b in zip(*runs, strict=True))
+    assert len({a.tobytes() for a in runs[0]}) == 8
+    for out in runs[0]:  # at most 10% zoom and shift: the centre still shows the face
+        assert out.shape == image.shape and out.dtype == np.uint8
+        assert out[40:72, 40:72].min(axis=(0, 1)).max() > 0
 
 
 def test_grey_and_strong_steps_keep_the_format():

@@ -84,7 +84,9 @@ def test_epochs_differ_and_repeat_with_the_seed(rec):
 
 def test_worker_processes_deliver_the_in_process_batches(rec):
     folder, _ = rec
-    loader = build_train_loader(config(folder, num_workers=2, augment="strong"), 0, 1, "cpu")
+    loader = build_train_loader(
+        config(folder, num_workers=2, augment="strong", random_crop=0.1), 0, 1, "cpu"
+    )
     got = epoch_batches(loader, 2)
     maker, plan = loader.maker, loader.order.epoch(2)
     for j, (images, labels) in enumerate(got):

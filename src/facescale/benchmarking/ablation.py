@@ -17,9 +17,12 @@ from facescale.eval import VerificationSet, evaluate_verification, load_verifica
 from facescale.export import load_backbone
 from facescale.launch import torchrun_command
 
-# The demo recipe (configs/demo.py), and one change each against it.
+# The demo recipe (configs/demo.py), one change each against it, and the small-data recipe
+# (configs/small_real.py) that the measured changes make up.
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "demo": ("demo", ()),
+    "small_real": ("small_real", ()),
+    "random_crop": ("demo", ("random_crop=0.1",)),
     "arcface": ("demo", ("loss=arcface", "margin_list=(1.0,0.5,0.0)")),
     "scale64": ("demo", ("scale=64",)),
     "embedding512": ("demo", ("embedding_size=512",)),

@@ -3,6 +3,9 @@
 ``flip`` is arcface_torch's default (random horizontal flip), done while the image is copied
 into the CxHxW batch. ``strong`` adds, each with its own probability, a down-up resize, a
 Gaussian blur, a hue/saturation/value jitter and a grey conversion: useful on large datasets.
+The ``random_crop`` key, apart from the mode, zooms and shifts each image by a random fraction
+of its side: on small sets of faces not aligned to a template, it shows the model each face at
+many scales and places.
 The generator is seeded per batch, so a resumed run draws the same augmentations.
 """
 
@@ -15,6 +18,25 @@ DOWN_UP_P, DOWN_UP_SCALE = 0.2, (0.4, 1.0)
 BLUR_P, BLUR_RADIUS = 0.1, (0.5, 1.5)
 HSV_P, HUE_SHIFT, SAT_VAL_SCALE = 0.5, 0.05, (0.7, 1.3)
 GREY_P = 0.1
+
+
+def zoom_shift(image: np.ndarray, zoom: float, dx: float, dy: float) -> np.ndarray:
+    """The image zoomed by ``zoom`` about its centre, then moved ``dx`` right and ``dy`` down
+    (pixels); black where nothing of the image lands."""
+    height, width = image.shape[:2]
+    cx, cy = width / 2, height / 2  # PIL samples pixel centres at half-integers
+    # the output pixel (x, y) reads the input at ((x - cx - dx) / zoom + cx, ...)
+    inverse = (1 / zoom, 0.0, cx - (cx + dx) / zoom, 0.0, 1 / zoom, cy - (cy + dy) / zoom)
+    moved = Image.fromarray(image).transform((width, height), Image.AFFINE, inverse, Image.BILINEAR)
+    return np.asarray(moved)
+
+
+def random_crop(image: np.ndarray, extent: float, rng: np.random.Generator) -> np.ndarray:
+    """Zoom by a factor in [1 - extent, 1 + extent] and shift by up to ``extent`` of the side
+    in each direction, drawn per image."""
+    zoom, sx, sy = rng.uniform(-extent, extent, size=3)
+    height, width = image.shape[:2]
+    return zoom_shift(image, 1 + zoom, sx * width, sy * height)
 
 
 def draw_flips(count: int, mode: str, rng: np.random.Generator) -> np.ndarray:

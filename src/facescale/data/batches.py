@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from facescale.data.augment import draw_flips, place_chw, strong_augment
+from facescale.data.augment import draw_flips, place_chw, random_crop, strong_augment
 from facescale.data.order import SEED_TAG_AUGMENT, EpochPlan, ReadOrder
 from facescale.data.recordio import RecordError
 from facescale.data.ring import BatchRing, Progress
@@ -46,8 +46,10 @@ class BatchTask:
 class BatchMaker(Dataset):
     """Makes the batch a BatchTask describes; keeps the last window it read in memory."""
 
-    def __init__(self, source: Source, augment: str, skip_bad: bool, ring_size: int) -> None:
-        self.source, self.augment, self.skip_bad = source, augment, skip_bad
+    def __init__(
+        self, source: Source, augment: str, crop: float, skip_bad: bool, ring_size: int
+    ) -> None:
+        self.source, self.augment, self.crop, self.skip_bad = source, augment, crop, skip_bad
         self.progress = Progress()
         self.ring_size = ring_size
         self._ring: BatchRing | None = None
@@ -92,6 +94,8 @@ class BatchMaker(Dataset):
                 continue
             if self.augment == "strong":
                 image = strong_augment(image, rng)
+            if self.crop:
+                image = random_crop(image, self.crop, rng)
             place_chw(images[i], image, flips[i])
         if bad:
             replace_bad(images, labels, bad)
