@@ -23,6 +23,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "demo": ("demo", ()),
     "small_real": ("small_real", ()),
     "random_crop": ("demo", ("random_crop=0.1",)),
+    "small_real+wd5e-3": ("small_real", ("weight_decay=5e-3",)),
     "arcface": ("demo", ("loss=arcface", "margin_list=(1.0,0.5,0.0)")),
     "scale64": ("demo", ("scale=64",)),
     "embedding512": ("demo", ("embedding_size=512",)),
