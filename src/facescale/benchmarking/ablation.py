@@ -104,7 +104,7 @@ def run_ablation(
                 "overrides": list(changes),
                 "seconds": seconds,
                 "steps": steps,
-                "epochs": steps * cfg.batch_size * ranks / num_image,
+                "epochs": steps / cfg.schedule(world_size=ranks).steps_per_epoch,
                 "samples_per_s": sum(r["samples_per_s"] for r in reports) / max(len(reports), 1),
                 "verification": verify(
                     output / name / "model.pt", cfg.network, cfg.embedding_size, sets
