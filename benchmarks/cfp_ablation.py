@@ -1,6 +1,6 @@
-"""The small-data ablation on the CFP split: each variant (the demo recipe, and one change
-against it) trains for the same time budget on people 001-400 and is verified on the kept
-pairs among 401-500 (benchmarks/cfp/).
+"""The small-data ablation on the CFP split: each variant (the demo recipe, one change against
+it, the small_real recipe and changes against that) trains for the same time budget on people
+001-400 and is verified on the kept pairs among 401-500 (benchmarks/cfp/).
 
     python benchmarks/cfp_split.py ../shared/data/cfp data/cfp_train
     python benchmarks/cfp_ablation.py data/cfp_train --budget 45m --variants demo arcface r18

@@ -195,7 +195,7 @@ class Config:
         default="flip",
         metadata=_check(lambda v: v in ("none", "flip", "strong"), "'none', 'flip' or 'strong'"),
     )
-    # zoom and shift each training image by up to this fraction of its side (0: off)
+    # zoom each training image by 1 +- r and shift it by up to r of its side (0: off)
     random_crop: float = field(default=0.0, metadata=_check(lambda v: 0 <= v < 0.5, "in [0, 0.5)"))
     skip_bad_records: bool = False
     val_targets: list[str] = field(default_factory=lambda: ["lfw", "cfp_fp", "agedb_30"])

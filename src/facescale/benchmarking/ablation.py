@@ -17,8 +17,9 @@ from facescale.eval import VerificationSet, evaluate_verification, load_verifica
 from facescale.export import load_backbone
 from facescale.launch import torchrun_command
 
-# The demo recipe (configs/demo.py), one change each against it, and the small-data recipe
-# (configs/small_real.py) that the measured changes make up.
+# The demo recipe (configs/demo.py), one change each against it, the small-data recipe
+# (configs/small_real.py: sample_rate=1.0, augment=strong, random_crop=0.1) and changes
+# against that.
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "demo": ("demo", ()),
     "small_real": ("small_real", ()),

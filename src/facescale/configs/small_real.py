@@ -1,10 +1,10 @@
 from demo import config as demo
 from easydict import EasyDict as edict
 
-# small_real: the most accurate model 45 CPU minutes buy on a few thousand real photos of a few
-# hundred people, faces not aligned to a template. Chosen on the CFP split under that budget
-# (benchmarks/RESULTS.md, "Real faces: the small-data recipe"): the demo recipe (MobileFaceNet,
-# 128-d, CosFace, bfloat16 and compiled where the CPU allows), with
+# small_real: 45 CPU minutes on a few thousand real photos of a few hundred people, faces not
+# aligned to a template; against the demo recipe on the CFP split, see benchmarks/RESULTS.md
+# ("Real faces: the small-data recipe"). The demo recipe (MobileFaceNet, 128-d, CosFace,
+# bfloat16 and compiled where the CPU allows), with
 config = edict(demo)
 config.sample_rate = 1.0  # every class in every step: a few hundred cost nothing to keep
 config.augment = "strong"  # blur, low resolution, colour and grey, besides the flip

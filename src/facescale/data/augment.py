@@ -34,9 +34,9 @@ def zoom_shift(image: np.ndarray, zoom: float, dx: float, dy: float) -> np.ndarr
 def random_crop(image: np.ndarray, extent: float, rng: np.random.Generator) -> np.ndarray:
     """Zoom by a factor in [1 - extent, 1 + extent] and shift by up to ``extent`` of the side
     in each direction, drawn per image."""
-    zoom, sx, sy = rng.uniform(-extent, extent, size=3)
+    dz, sx, sy = rng.uniform(-extent, extent, size=3)
     height, width = image.shape[:2]
-    return zoom_shift(image, 1 + zoom, sx * width, sy * height)
+    return zoom_shift(image, 1 + dz, sx * width, sy * height)
 
 
 def draw_flips(count: int, mode: str, rng: np.random.Generator) -> np.ndarray:
