@@ -73,7 +73,8 @@ def test_pairs_file_paths_are_relative_to_its_folder(tmp_path, monkeypatch):
     assert read.paths[0] == (Path("photos/person0/0.jpg"), Path("photos/person0/1.jpg"))
     assert listing == tmp_path / "photos" / "pairs.txt"
     vset = load_verification_set("photos/pairs.txt")
-    assert vset.images.shape == (10, 3, 112, 112) and vset.images.dtype == np.uint8
+    assert vset.images.shape == (6, 3, 112, 112) and vset.images.dtype == np.uint8  # distinct
+    assert vset.slots.tolist() == [0, 1, 0, 2, 3, 4, 3, 5, 0, 4]
 
 
 @pytest.mark.parametrize(

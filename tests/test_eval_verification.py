@@ -184,21 +184,48 @@ def test_evaluate_verification_flip_sums_normalises_and_restores_mode():
     assert record["cosine_threshold"] == pytest.approx(1 - result.threshold / 2)
 
 
+def test_an_image_in_many_pairs_is_embedded_once_and_scores_as_if_repeated():
+    torch.manual_seed(0)
+    model = TinyEmbedder()
+    pairs = random_set(40, seed=5)
+    slots = np.random.default_rng(6).integers(0, 25, size=80)  # 80 slots, 25 images at most
+    images = pairs.images[:25]
+    shared = VerificationSet("toy", images, pairs.issame, slots)
+    embedded = []
+    model.register_forward_hook(lambda module, inputs, output: embedded.append(len(output)))
+    result = evaluate_verification(model, shared)
+    assert sum(embedded) == 2 * 25  # each image and its mirror, once
+    repeated = evaluate_verification(model, VerificationSet("toy", images[slots], pairs.issame))
+    assert result.fold_thresholds == repeated.fold_thresholds
+    assert result.accuracy == repeated.accuracy and result.far == repeated.far
+    assert result.norm == pytest.approx(repeated.norm, rel=1e-9)  # weighted by occurrences
+
+
+def test_a_pair_naming_a_missing_image_is_refused():
+    pairs = random_set(3)
+    with pytest.raises(ValueError, match="a pair names a missing image"):
+        VerificationSet("toy", pairs.images[:2], pairs.issame, np.array([0, 1, 0, 2, 1, 1]))
+
+
 def png(image_chw: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image_chw.transpose(1, 2, 0)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def test_bin_set_loads_decoded_images(tmp_path):
+def test_bin_set_loads_each_distinct_image_once(tmp_path):
     from facescale.data.bin_format import write_verification_bin
 
     vset = random_set(6, seed=3)
+    encoded = [png(im) for im in vset.images]
+    encoded[5] = encoded[0]  # an image in two pairs
     path = tmp_path / "toyset.bin"
-    write_verification_bin(path, [png(im) for im in vset.images], vset.issame.tolist())
+    write_verification_bin(path, encoded, vset.issame.tolist())
     loaded = load_verification_set(path)
-    assert loaded.name == "toyset"
-    np.testing.assert_array_equal(loaded.images, vset.images)
+    assert loaded.name == "toyset" and len(loaded.images) == 11
+    expected = vset.images.copy()
+    expected[5] = expected[0]
+    np.testing.assert_array_equal(loaded.images[loaded.slots], expected)
     np.testing.assert_array_equal(loaded.issame, vset.issame)
 
 

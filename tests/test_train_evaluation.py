@@ -43,7 +43,7 @@ def test_rank_0_logs_each_set_and_its_size_before_embedding(toy_bin, caplog, mon
     with caplog.at_level(logging.INFO, logger="facescale.train"):
         result = verification_on_ranks(model, toy_bin, env(0, 1))
     (line,) = [r.message for r in caplog.records]
-    assert line == "verifying toy: 70 pairs, 140 images over 1 ranks"
+    assert line == "verifying toy: 70 pairs, 140 distinct images over 1 ranks"
     assert sys.stderr.getvalue() == ""
     expected = evaluate_verification(model, load_verification_set(toy_bin))
     assert result.accuracy == expected.accuracy and result.far == expected.far

@@ -30,28 +30,26 @@ def embed_batches(
     batches: Iterable[torch.Tensor],
     device: torch.device,
     flip: bool = True,
-) -> tuple[np.ndarray, float]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Embed uint8 image batches; with ``flip`` each row is embedding(image) + embedding(mirror).
 
-    Returns the (unnormalised) float32 embeddings ``[N, D]`` and the mean L2 norm of the
-    single-view embeddings, the "XNorm" that arcface_torch logs.
+    Returns the (unnormalised) float32 embeddings ``[N, D]`` and each row's mean L2 norm over
+    its single views ``[N]`` (float64), whose mean is the "XNorm" that arcface_torch logs.
     """
     features: list[torch.Tensor] = []
-    norm_sum, norm_count = 0.0, 0
+    norms: list[torch.Tensor] = []
     with eval_mode(model):
         for batch in batches:
             images = to_model_input(batch.to(device, non_blocking=True))
             views = [model(images).float()]
             if flip:
                 views.append(model(images.flip(3)).float())
-            for view in views:
-                norms = view.double().norm(dim=1)
-                norm_sum += norms.sum().item()
-                norm_count += norms.numel()
-            features.append(torch.stack(views).sum(0).cpu())
+            stacked = torch.stack(views)
+            norms.append(stacked.double().norm(dim=2).mean(0).cpu())
+            features.append(stacked.sum(0).cpu())
     if not features:
         raise InputError("no images to embed")
-    return torch.cat(features).numpy(), norm_sum / norm_count
+    return torch.cat(features).numpy(), torch.cat(norms).numpy()
 
 
 def l2_normalize(features: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 from facescale.data.pairs_file import read_pairs_file
 from facescale.errors import InputError
 from facescale.eval.align import FaceCrops
-from facescale.eval.verification import VerificationSet
+from facescale.eval.verification import VerificationSet, distinct
 
 
 def load_pairs_set(path: str | Path) -> VerificationSet:
@@ -25,10 +25,7 @@ def load_pairs_set(path: str | Path) -> VerificationSet:
         for image in pair:
             if not image.is_file():
                 raise InputError(f"{path} line {number}: image {image} not found")
-    listed = [image for pair in pairs.paths for image in pair]
-    unique = list(dict.fromkeys(listed))
+    unique, slots = distinct([image for pair in pairs.paths for image in pair])
     crops = FaceCrops(unique)
-    decoded = np.stack([crops[i].numpy() for i in range(len(unique))])
-    where = {image: i for i, image in enumerate(unique)}
-    images = decoded[[where[image] for image in listed]]
-    return VerificationSet(pairs.name, images, pairs.issame)
+    images = np.stack([crops[i].numpy() for i in range(len(unique))])
+    return VerificationSet(pairs.name, images, pairs.issame, slots)

@@ -18,7 +18,7 @@ negatives) counts as 0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -83,12 +83,15 @@ class VerificationResult(VerificationMetrics):
 
 @dataclass(frozen=True)
 class VerificationSet:
-    """A decoded verification set: images ``[2P, 3, 112, 112]`` uint8 RGB, pair ``p`` being
-    images ``2p`` and ``2p + 1``, and ``issame[p]``."""
+    """A decoded verification set: its distinct images ``[N, 3, 112, 112]`` uint8 RGB, each
+    pair's two rows of them (pair ``p`` is ``images[slots[2p]]`` and ``images[slots[2p + 1]]``)
+    and ``issame[p]``. An image in many pairs is held, and embedded, once; without ``slots``
+    pair ``p`` is images ``2p`` and ``2p + 1``."""
 
     name: str
     images: np.ndarray
     issame: np.ndarray
+    slots: np.ndarray = None  # type: ignore[assignment]  # filled in by __post_init__
 
     def __post_init__(self) -> None:
         shape = self.images.shape
@@ -102,16 +105,33 @@ class VerificationSet:
                 f"[N, 3, {FACE_SIZE}, {FACE_SIZE}], "
                 f"got {self.images.dtype} {list(shape)}"
             )
-        if shape[0] != 2 * len(self.issame):
+        if self.slots is None:
+            object.__setattr__(self, "slots", np.arange(shape[0]))
+        if len(self.slots) != 2 * len(self.issame):
             raise InputError(
-                f"verification set {self.name!r}: {shape[0]} images for {len(self.issame)} "
-                f"pairs; a set holds exactly two images per pair"
+                f"verification set {self.name!r}: {len(self.slots)} images for "
+                f"{len(self.issame)} pairs; a set holds exactly two images per pair"
             )
+        if len(self.slots) and not 0 <= self.slots.min() <= self.slots.max() < shape[0]:
+            raise InputError(f"verification set {self.name!r}: a pair names a missing image")
+
+
+def distinct(items: Sequence[Hashable]) -> tuple[list[Any], np.ndarray]:
+    """The distinct ``items`` in first-seen order, and each item's index among them."""
+    index: dict[Hashable, int] = {}
+    slots = np.array([index.setdefault(item, len(index)) for item in items], dtype=np.int64)
+    return list(index), slots
+
+
+def first_slots(slots: np.ndarray) -> np.ndarray:
+    """Where each distinct image (numbered in first-seen order) first appears among ``slots``."""
+    return np.unique(slots, return_index=True)[1]
 
 
 def load_verification_set(path: str | Path) -> VerificationSet:
     """Decode a verification set once: an InsightFace ``.bin`` (never unpickled), or a pairs
-    file of image paths (any other name, :mod:`facescale.data.pairs_file`)."""
+    file of image paths (any other name, :mod:`facescale.data.pairs_file`). Each distinct
+    image is decoded once."""
     from facescale.data import load_verification_bin
 
     path = Path(path)
@@ -120,19 +140,22 @@ def load_verification_set(path: str | Path) -> VerificationSet:
 
         return load_pairs_set(path)
     encoded, issame = load_verification_bin(path)
-    return VerificationSet(path.stem, decode_faces(encoded, path), np.asarray(issame, dtype=bool))
+    unique, slots = distinct(encoded)
+    images = decode_faces(unique, path, first_slots(slots))
+    return VerificationSet(path.stem, images, np.asarray(issame, dtype=bool), slots)
 
 
-def decode_faces(encoded: Sequence[Any], path: Path, first: int = 0) -> np.ndarray:
-    """Images ``first, first + 1, ...`` of the set at ``path`` as uint8 [N, 3, 112, 112]."""
+def decode_faces(encoded: Sequence[Any], path: Path, numbers: Sequence[int]) -> np.ndarray:
+    """The images ``encoded`` of the set at ``path`` (its images ``numbers``, for messages) as
+    uint8 [N, 3, 112, 112]."""
     from facescale.data import decode_image
 
     images = np.empty((len(encoded), 3, FACE_SIZE, FACE_SIZE), dtype=np.uint8)
-    for offset, buffer in enumerate(encoded):
+    for offset, (buffer, number) in enumerate(zip(encoded, numbers, strict=True)):
         image = decode_image(buffer)
         if image.shape != (FACE_SIZE, FACE_SIZE, 3):
             raise InputError(
-                f"{path}: image {first + offset} decodes to {list(image.shape)}; verification "
+                f"{path}: image {number} decodes to {list(image.shape)}; verification "
                 f"sets hold aligned {FACE_SIZE}x{FACE_SIZE} RGB crops"
             )
         images[offset] = image.transpose(2, 0, 1)
@@ -239,11 +262,25 @@ def evaluate_verification(
     device: torch.device | None = None,
     folds: int = 10,
 ) -> VerificationResult:
-    """Embed a set with flip-sum, L2-normalise, and run the 10-fold protocol."""
+    """Embed a set's distinct images with flip-sum, and score its pairs."""
     device = device or torch.device("cpu")
     images = torch.from_numpy(vset.images)
     batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
-    features, norm = embed_batches(model, batches, device, flip=True)
-    features = l2_normalize(features)
-    metrics = verification_metrics(features[0::2], features[1::2], vset.issame, folds)
-    return VerificationResult(**asdict(metrics), name=vset.name, norm=norm)
+    features, norms = embed_batches(model, batches, device, flip=True)
+    return score_pairs(features, norms, vset.slots, vset.issame, vset.name, folds)
+
+
+def score_pairs(
+    features: np.ndarray,
+    norms: np.ndarray,
+    slots: np.ndarray,
+    issame: np.ndarray,
+    name: str,
+    folds: int = 10,
+) -> VerificationResult:
+    """The 10-fold protocol on the embeddings and single-view norms of a set's distinct images
+    (:func:`embed_batches`), pair ``p`` being rows ``slots[2p]`` and ``slots[2p + 1]``; XNorm
+    counts an image as often as pairs hold it."""
+    features = l2_normalize(features)[slots]
+    metrics = verification_metrics(features[0::2], features[1::2], issame, folds)
+    return VerificationResult(**asdict(metrics), name=name, norm=float(norms[slots].mean()))

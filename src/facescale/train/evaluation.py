@@ -7,7 +7,6 @@ keeps it for the run's later evaluations; a pairs file is read whole by each ran
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,30 +35,36 @@ class RankShare:
     name: str
     images: torch.Tensor  # uint8 [n, 3, 112, 112]: this rank's contiguous part of the set
     issame: np.ndarray  # the whole set's pairs
-    total: int  # images in the whole set
+    slots: np.ndarray  # the whole set's pairs' rows of its distinct images
+    total: int  # distinct images in the whole set
 
 
 def decode_share(path: Path, env: DistEnv) -> RankShare:
-    """Decode this rank's share of the set at ``path``: of a ``.bin`` only that share (the
-    others' stay encoded); a pairs file (small, of one's own photos) is read whole."""
+    """Decode this rank's share of the distinct images of the set at ``path``: of a ``.bin``
+    only that share (the others' stay encoded); a pairs file (small, of one's own photos) is
+    read whole."""
     from facescale.data import load_verification_bin
-    from facescale.eval.verification import decode_faces
+    from facescale.eval.verification import (
+        decode_faces,
+        distinct,
+        first_slots,
+        load_verification_set,
+    )
 
     def share(total: int) -> tuple[int, int]:
         lo, hi = (total * r // env.world_size for r in (env.rank, env.rank + 1))
         return lo, hi
 
     if path.suffix != ".bin":
-        from facescale.eval.verification import load_verification_set
-
         whole = load_verification_set(path)  # a pairs file, decoded whole
         lo, hi = share(len(whole.images))
         images = torch.from_numpy(np.ascontiguousarray(whole.images[lo:hi]))
-        return RankShare(whole.name, images, whole.issame, len(whole.images))
+        return RankShare(whole.name, images, whole.issame, whole.slots, len(whole.images))
     encoded, issame = load_verification_bin(path)
-    lo, hi = share(len(encoded))
-    images = torch.from_numpy(decode_faces(encoded[lo:hi], path, first=lo))
-    return RankShare(path.stem, images, issame, len(encoded))
+    unique, slots = distinct(encoded)
+    lo, hi = share(len(unique))
+    images = torch.from_numpy(decode_faces(unique[lo:hi], path, first_slots(slots)[lo:hi]))
+    return RankShare(path.stem, images, np.asarray(issame, dtype=bool), slots, len(unique))
 
 
 class Evaluator:
@@ -114,14 +119,14 @@ def verification_on_ranks(
     None elsewhere."""
     from tqdm import tqdm
 
-    from facescale.eval import embed_batches, l2_normalize
-    from facescale.eval.verification import verification_metrics
+    from facescale.eval import embed_batches
+    from facescale.eval.verification import score_pairs
 
     if not isinstance(share, RankShare):
         share = decode_share(Path(share), env)
     if env.is_main:
         log.info(
-            "verifying %s: %d pairs, %d images over %d ranks",
+            "verifying %s: %d pairs, %d distinct images over %d ranks",
             share.name,
             len(share.issame),
             share.total,
@@ -138,11 +143,8 @@ def verification_on_ranks(
         mininterval=0,  # a batch is coarse enough to redraw after each
         disable=not (env.is_main and on_terminal()),
     )
-    features, norm = embed_batches(backbone, batches, env.device, flip=True)
-    parts = gather_objects((features, norm))
+    parts = gather_objects(embed_batches(backbone, batches, env.device, flip=True))
     if not env.is_main:
         return None
-    features = l2_normalize(np.concatenate([f for f, _ in parts]))
-    norm = sum(n * len(f) for f, n in parts) / len(features)
-    metrics = verification_metrics(features[0::2], features[1::2], share.issame)
-    return VerificationResult(**dataclasses.asdict(metrics), name=share.name, norm=norm)
+    features, norms = (np.concatenate(part) for part in zip(*parts, strict=True))
+    return score_pairs(features, norms, share.slots, share.issame, share.name)
