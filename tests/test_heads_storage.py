@@ -6,18 +6,23 @@ the fp32 step rounded, and its state resumes, re-shards and converts between sto
 """
 
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from heads_cases import make_problem
 
-from facescale.heads import ArcFace, build_head
+from facescale.heads import ArcFace, build_head, native
 from facescale.heads.rows import Scratch, scatter_rows
 from facescale.heads.shards import init_centers
 from facescale.heads.storage import (
     NOISE_BITS,
+    RoundingNoise,
     RowTable,
     center_table,
+    noise_terms,
     round_bf16_,
     round_fp16_,
     rounding_noise,
@@ -105,11 +110,79 @@ def test_many_tiny_updates_keep_their_sum(kind):
         block = table.read(module, slice(0, 256), scratch).clone()
         block.add_(delta)
         exact += delta
-        table.write(module, slice(0, 256), block, _noise(256, step, dim=64))
+        noise = RoundingNoise(*noise_terms(0, step, torch.arange(256), 64))
+        table.write(module, slice(0, 256), block, noise)
     moved = (table.decode(dict(module.named_buffers())).double() - first.double())[:, 1:]
     assert moved.mean().item() == pytest.approx(steps * delta, rel=0.05)
     nearest = table.encode((first.double() + steps * delta).float())
     assert not torch.equal(nearest[table.name], table.encode(first)[table.name])
+
+
+def _awkward_values(rows, dim, seed):
+    """Normal values of many magnitudes, fp16's subnormals and beyond its range, zeros of both
+    signs."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(rows, dim, generator=g) * 10.0 ** torch.randint(
+        -9, 6, (rows, 1), generator=g
+    )
+    values[0, :4] = torch.tensor([0.0, -0.0, 7e4, -1e6])
+    values[1] = 0.0  # an int8 row of zeros keeps scale 0
+    return values
+
+
+@pytest.mark.parametrize(
+    ("kind", "nonnegative"), [("bf16", False), ("fp16", False), ("int8", False), ("int8", True)]
+)
+@pytest.mark.parametrize("ids", [False, True])
+def test_the_one_pass_store_stores_the_torch_paths_bits(kind, nonnegative, ids, monkeypatch):
+    if native.narrow_store() is None:
+        pytest.skip("no C compiler: the torch path is the only one")
+    table = RowTable("exp_avg_sq" if nonnegative else "weight", kind, nonnegative)
+    rows = torch.tensor([9, 2, 31, 4, 17, 0]) if ids else slice(3, 9)
+    values = _awkward_values(6, 40, seed=5)
+    if nonnegative:
+        values = values.square()
+    noise = RoundingNoise(*noise_terms(4, 11, torch.tensor([5, 8, 1, 30, 2, 7]), 40))
+    stored = []
+    for build in (native.narrow_store, lambda: None):
+        monkeypatch.setattr(native, "narrow_store", build)
+        module = torch.nn.Module()
+        table.register(module, 32, 40, torch.device("cpu"))
+        table.write(module, rows, values.clone(), RoundingNoise(noise.rows, noise.columns))
+        stored.append(dict(module.named_buffers()))
+    fused, torch_path = stored
+    assert fused.keys() == torch_path.keys()
+    for name, value in fused.items():
+        assert torch.equal(value.view(torch.uint8), torch_path[name].view(torch.uint8)), name
+    assert fused[table.name].any()
+
+
+def test_without_a_compiler_the_torch_path_stores(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.narrow_store.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger="facescale.heads"):
+            assert native.narrow_store() is None
+        assert "the one-pass store is not built" in caplog.text
+        head = _head("bf16", "int8")
+        _train(head, 2)
+        assert head.weight.dtype == torch.bfloat16 and head.weight.isfinite().all()
+    finally:
+        native.narrow_store.cache_clear()
+
+
+def test_the_store_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    if native.narrow_store() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.narrow_store.cache_clear()
+    try:
+        assert native.narrow_store() is not None
+        (library,) = (tmp_path / "facescale").iterdir()  # no temporary left beside it
+        assert library.name.startswith("narrow_store-") and library.suffix == ".so"
+    finally:
+        native.narrow_store.cache_clear()
 
 
 def test_int8_codes_stay_within_one_level():
@@ -273,3 +346,14 @@ def test_scattered_rows_land_where_indexing_puts_them(dtype, width):
     expected[rows] = values
     scatter_rows(table, rows, values)
     assert torch.equal(table, expected)
+
+
+def test_the_storage_benchmark_times_every_mode_and_store():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_storage_modes.py"
+    modes = "fp32/fp32,bf16/int8,fp16/bf16+torch"
+    argv = [sys.executable, str(script), "--classes", "3000", "--batch", "16", "--rounds", "1"]
+    done = subprocess.run([*argv, "--modes", modes], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line.split() for line in done.stdout.splitlines()]
+    assert [line[0] for line in lines] == modes.split(",")
+    assert lines[0][1:] == [lines[0][1], "s", "1.000x"] and float(lines[0][1]) > 0

@@ -82,3 +82,15 @@ def test_installed_demo_command_starts(installed, tmp_path):
     done = _run([str(installed / "facescale"), "demo", "--help"], tmp_path)
     assert done.returncode == 0, done.stderr
     assert "--set" in done.stdout
+
+
+def test_installed_copy_builds_the_narrow_store(installed, tmp_path):
+    code = (
+        "import os; from facescale.heads import native; "
+        f"os.environ['XDG_CACHE_HOME'] = {str(tmp_path)!r}; "
+        "print(native.narrow_store() is not None)"
+    )
+    done = _run([str(installed / "python"), "-c", code], tmp_path)
+    assert done.returncode == 0, done.stderr
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    assert done.stdout.strip() == str(compiler is not None)

@@ -31,7 +31,7 @@ from .rows import Rows, Scratch
 from .sampling import ClassSampler, ShardSelection, select_classes
 from .shards import init_centers, shard_range
 from .softmax import dense_shard_terms, log_sum_exp
-from .storage import RowTable, center_table, combine_noise, noise_terms, state_tables
+from .storage import RoundingNoise, RowTable, center_table, noise_terms, state_tables
 from .subcenters import rows_selection, subcenter_rows
 
 DEFAULT_CHUNK_SIZE = 4096  # classes: a chunk's buffers stay in a CPU's caches
@@ -442,16 +442,16 @@ class LeanPartialFC(ShardedHead):
                 table.write(self, rows, values, None)
             return
         row_terms, column_terms = self._noise_terms(rows, block, step_number)
-        noise = self._scratch.take("noise", tuple(block.shape), row_terms)
+        combined = self._scratch.take("noise", tuple(block.shape), row_terms)
         work = Scratch()  # the rounding's temporaries, reused by the chunk's row blocks
         span = ROUNDING_ROWS if block.device.type == "cpu" else len(block)
         for lo in range(0, len(block), span):
             hi = min(lo + span, len(block))
             part = {name: values[lo:hi] for name, values in state.items()}
             optimizer.update(block[lo:hi], part, grad[lo:hi], lr, self._steps_done)
-            combine_noise(row_terms[lo:hi], column_terms, noise[lo:hi])
+            noise = RoundingNoise(row_terms[lo:hi], column_terms, combined[lo:hi])
             for table, values in zip(tables, (block, *state.values()), strict=True):
-                rounding = noise[lo:hi] if table.narrow else None
+                rounding = noise if table.narrow else None
                 table.write(self, _sub_rows(rows, lo, hi), values[lo:hi], rounding, work)
 
     def _noise_terms(self, rows: Rows, block: Tensor, step: int) -> tuple[Tensor, Tensor]:

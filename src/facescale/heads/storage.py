@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from facescale.seeding import stream_seed
 
+from .native import native_store
 from .rows import Rows, Scratch, scatter_rows, write_rows
 
 CENTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,6 +92,22 @@ def combine_noise(rows: Tensor, columns: Tensor, out: Tensor | None = None) -> T
         out = torch.empty(len(rows), len(columns), dtype=torch.int32, device=rows.device)
     torch.add(rows[:, None], columns[None, :], out=out)
     return out.bitwise_and_((1 << NOISE_BITS) - 1)
+
+
+@dataclass
+class RoundingNoise:
+    """The rounding noise of a block of rows as :func:`noise_terms` gives it; combined into
+    ``out`` (:func:`combine_noise`) when first needed whole, once for all the block's tables."""
+
+    rows: Tensor
+    columns: Tensor
+    out: Tensor | None = None
+    _whole: Tensor | None = None
+
+    def whole(self) -> Tensor:
+        if self._whole is None:
+            self._whole = combine_noise(self.rows, self.columns, self.out)
+        return self._whole
 
 
 def round_bf16_(block: Tensor, noise: Tensor) -> Tensor:
@@ -212,27 +229,31 @@ class RowTable:
         module: nn.Module,
         rows: Rows,
         block: Tensor,
-        noise: Tensor | None,
+        noise: RoundingNoise | None,
         work: Scratch | None = None,
     ) -> None:
         """Store the updated fp32 ``block`` of ``rows`` (from :meth:`read`), rounding with
-        ``noise`` (:func:`rounding_noise`; unused for fp32). A narrow block is overwritten;
-        the rounding's temporaries come from ``work`` when given (reused blocks, not fresh
-        page-faulting allocations)."""
+        ``noise`` (unused for fp32). A narrow block is overwritten; on CPU the one-pass kernel
+        stores it (:mod:`facescale.heads.native`), elsewhere torch, the rounding's temporaries
+        coming from ``work`` when given (reused blocks, not fresh page-faulting allocations)."""
         table = getattr(module, self.name)
         if not self.narrow:
             write_rows(table, rows, block)
             return
+        scales = getattr(module, self.scale_name) if self.kind == "int8" else None
+        terms = (noise.rows, noise.columns)
+        if native_store(self.kind, block, *terms, table, rows, scales, self.nonnegative):
+            return
         work = work or Scratch()
         if self.kind == "int8":
-            levels, scale = self._quantize(block, noise, work)
-            _store(getattr(module, self.scale_name), rows, scale, work)
+            levels, scale = self._quantize(block, noise.whole(), work)
+            _store(scales, rows, scale, work)
             _store(table, rows, levels, work)
             return
         if self.kind == "bf16":
-            rounded = round_bf16_(block, noise)
+            rounded = round_bf16_(block, noise.whole())
         else:
-            rounded = round_fp16_(block, noise, work)
+            rounded = round_fp16_(block, noise.whole(), work)
         _store(table, rows, rounded, work)
 
     def _quantize(

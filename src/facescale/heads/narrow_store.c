@@ -1,0 +1,113 @@
+/* Stochastic rounding and narrow storing of fp32 row blocks, one pass per block.
+
+   The same arithmetic as facescale/heads/storage.py's torch path (round_bf16_, round_fp16_,
+   RowTable._quantize and _store), operation for operation, so the two store the same bits:
+   the noise of entry (i, j) is (row_noise[i] + column_noise[j]) mod 2**16, and row i of the
+   block goes to table row rows[i] (or first + i when rows is NULL). Built with
+   -ffp-contract=off: no multiply-add is fused that the torch path rounds twice. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define NOISE_MASK 0xFFFFu
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+static inline uint32_t bits_of(float x) {
+    uint32_t b;
+    memcpy(&b, &x, sizeof b);
+    return b;
+}
+
+static inline float float_of(uint32_t b) {
+    float x;
+    memcpy(&x, &b, sizeof x);
+    return x;
+}
+
+static inline int64_t table_row(const int64_t *rows, int64_t first, int64_t i) {
+    return rows ? rows[i] : first + i;
+}
+
+/* bfloat16: add 16 random bits below the kept ones, truncate; a NaN stores as 0x7FC0. */
+CLONES void store_bf16(const float *block, int64_t count, int64_t dim, const int32_t *row_noise,
+                       const int32_t *column_noise, uint16_t *table, const int64_t *rows,
+                       int64_t first, int threads) {
+#pragma omp parallel for num_threads(threads) if (threads > 1)
+    for (int64_t i = 0; i < count; i++) {
+        const float *src = block + i * dim;
+        uint16_t *dst = table + table_row(rows, first, i) * dim;
+        uint32_t r = (uint32_t)row_noise[i];
+        for (int64_t j = 0; j < dim; j++) {
+            uint32_t b = bits_of(src[j]) + ((r + (uint32_t)column_noise[j]) & NOISE_MASK);
+            dst[j] = (b & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : (uint16_t)(b >> 16);
+        }
+    }
+}
+
+/* float16: 13 random bits below the kept ones of the magnitude, values below 2**-14 rounded
+   in the lowest normal binade, saturation at 65504; stored exactly (a NaN as sign | 0x7E00). */
+CLONES void store_fp16(const float *block, int64_t count, int64_t dim, const int32_t *row_noise,
+                       const int32_t *column_noise, uint16_t *table, const int64_t *rows,
+                       int64_t first, int threads) {
+    const float tiny = 6.103515625e-05f, largest = 65504.0f;
+#pragma omp parallel for num_threads(threads) if (threads > 1)
+    for (int64_t i = 0; i < count; i++) {
+        const float *src = block + i * dim;
+        uint16_t *dst = table + table_row(rows, first, i) * dim;
+        uint32_t r = (uint32_t)row_noise[i];
+        for (int64_t j = 0; j < dim; j++) {
+            uint32_t sign = (bits_of(src[j]) >> 16) & 0x8000u;
+            float magnitude = fabsf(src[j]);
+            float below = magnitude < tiny ? 1.0f : 0.0f;
+            uint32_t noise = ((r + (uint32_t)column_noise[j]) & NOISE_MASK) >> 3;
+            uint32_t b = (bits_of(magnitude + below * tiny) + noise) & ~0x1FFFu;
+            float rounded = float_of(b) - below * tiny;
+            rounded = rounded > largest ? largest : rounded;
+            uint32_t normal = (bits_of(rounded) >> 13) - (112u << 10);
+            uint32_t subnormal = (uint32_t)(int32_t)(rounded * 16777216.0f);
+            uint32_t half = rounded < tiny ? subnormal : normal;
+            dst[j] = (uint16_t)(sign | (rounded != rounded ? 0x7E00u : half));
+        }
+    }
+}
+
+/* 8 bits and a per-row scale: signed rows as round(x / scale) in [-127, 127] with
+   scale = max|x| / 127, non-negative rows (levels 255) as their square root in [0, 255]. The
+   block is overwritten with the codes, as the torch path does. */
+CLONES void store_int8(float *block, int64_t count, int64_t dim, const int32_t *row_noise,
+                       const int32_t *column_noise, void *table, float *scales,
+                       const int64_t *rows, int64_t first, int nonnegative, int threads) {
+    const float levels = nonnegative ? 255.0f : 127.0f, lowest = nonnegative ? 0.0f : -127.0f;
+#pragma omp parallel for num_threads(threads) if (threads > 1)
+    for (int64_t i = 0; i < count; i++) {
+        float *x = block + i * dim; /* overwritten, as the torch path does */
+        /* the largest magnitude from the bits: for non-negative floats their order as integers
+           is their order as numbers, and a NaN's bits exceed every number's */
+        if (nonnegative)
+            for (int64_t j = 0; j < dim; j++) x[j] = sqrtf(x[j] < 0.0f ? 0.0f : x[j]);
+        uint32_t largest = 0;
+        for (int64_t j = 0; j < dim; j++) {
+            uint32_t b = bits_of(x[j]) & 0x7FFFFFFFu;
+            largest = b > largest ? b : largest;
+        }
+        float scale = largest > 0x7F800000u ? NAN : float_of(largest) / levels;
+        float divisor = scale > 0.0f ? scale : 1.0f;
+        int64_t row = table_row(rows, first, i);
+        scales[row] = scale;
+        uint32_t r = (uint32_t)row_noise[i];
+        for (int64_t j = 0; j < dim; j++) {
+            float unit = (float)((r + (uint32_t)column_noise[j]) & NOISE_MASK) * 1.52587890625e-05f;
+            float q = floorf(x[j] / divisor + unit);
+            q = q < lowest ? lowest : (q > levels ? levels : q);
+            x[j] = q == q ? q : 0.0f;
+        }
+        if (nonnegative) {
+            uint8_t *dst = (uint8_t *)table + row * dim;
+            for (int64_t j = 0; j < dim; j++) dst[j] = (uint8_t)x[j];
+        } else {
+            int8_t *dst = (int8_t *)table + row * dim;
+            for (int64_t j = 0; j < dim; j++) dst[j] = (int8_t)x[j];
+        }
+    }
+}

@@ -1,0 +1,112 @@
+"""The narrow tables' one-pass store (``narrow_store.c``), compiled once per machine with the
+C compiler at hand and loaded with ctypes.
+
+The lean head rounds and stores each narrow block with it on CPU: noise, rounding, narrowing
+and the scatter to the table's rows in one pass over the block, where the torch path makes
+four to ten. Both store the same bits (tests/test_heads_storage.py), so a machine without a
+compiler (or a GPU) only runs slower. The library is cached under ``$XDG_CACHE_HOME/facescale``
+(``~/.cache`` by default), keyed by the source, the compiler, its flags and the machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("facescale.heads")
+
+SOURCE = "narrow_store.c"
+FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno")
+OPENMP = "-fopenmp"  # dropped where the compiler lacks it: the rows are then stored in turn
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "facescale"
+
+
+@functools.cache
+def narrow_store() -> ctypes.CDLL | None:
+    """The compiled store kernels, or None (logged once) where they cannot be built."""
+    source = resources.files("facescale.heads").joinpath(SOURCE).read_bytes()
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    try:
+        if compiler is None:
+            raise OSError("no C compiler (cc or gcc) on PATH and CC unset")
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, check=True, timeout=30
+        ).stdout
+        build = " ".join([*FLAGS, OPENMP, platform.machine()]).encode()
+        key = hashlib.sha256(source + version + build).hexdigest()[:16]
+        library = cache_folder() / f"narrow_store-{key}.so"
+        if not library.is_file():
+            _build(compiler, source, library)
+        return _declare(ctypes.CDLL(str(library)))
+    except (OSError, subprocess.SubprocessError) as error:
+        log.info("narrow storage: the one-pass store is not built (%s); torch stores", error)
+        return None
+
+
+def _build(compiler: str, source: bytes, library: Path) -> None:
+    """Compile ``source`` to ``library``: written under a temporary name, renamed when whole."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as folder:
+        code, built = Path(folder) / SOURCE, Path(folder) / library.name
+        code.write_bytes(source)
+        for flags in ((*FLAGS, OPENMP), FLAGS):
+            command = [compiler, *flags, "-o", str(built), str(code), "-lm"]
+            done = subprocess.run(command, capture_output=True, timeout=300)
+            if done.returncode == 0:
+                os.replace(built, library)
+                return
+        raise OSError(f"{' '.join(command)} failed: {done.stderr.decode(errors='replace')[-500:]}")
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, size, number = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    common = [pointer, size, size, pointer, pointer, pointer]  # block, count, dim, noise, table
+    for name in ("store_bf16", "store_fp16"):
+        getattr(lib, name).argtypes = [*common, pointer, size, number]
+    lib.store_int8.argtypes = [*common, pointer, pointer, size, number, number]
+    return lib
+
+
+def native_store(
+    kind: str,
+    block: Tensor,
+    row_noise: Tensor,
+    column_noise: Tensor,
+    table: Tensor,
+    rows: slice | Tensor,
+    scales: Tensor | None = None,
+    nonnegative: bool = False,
+) -> bool:
+    """Round ``block`` (fp32 ``[n, dim]``, overwritten for int8) with the noise of
+    :func:`facescale.heads.storage.noise_terms` and store it in ``table`` at ``rows`` (and the
+    int8 scales in ``scales``); False, storing nothing, where the kernels do not apply."""
+    lib = narrow_store() if block.device.type == "cpu" else None
+    tensors = (block, row_noise, column_noise, table, *([] if scales is None else [scales]))
+    if lib is None or not all(t.is_contiguous() for t in tensors):
+        return False
+    ids = None if isinstance(rows, slice) else rows.to(torch.int64).contiguous()
+    first = rows.start if ids is None else 0
+    head = (block.data_ptr(), len(block), block.shape[1], row_noise.data_ptr())
+    noise_table = (column_noise.data_ptr(), table.data_ptr())
+    where = (None if ids is None else ids.data_ptr(), first)
+    threads = torch.get_num_threads()
+    if kind == "int8":
+        lib.store_int8(*head, *noise_table, scales.data_ptr(), *where, nonnegative, threads)
+    else:
+        getattr(lib, f"store_{kind}")(*head, *noise_table, *where, threads)
+    return True
