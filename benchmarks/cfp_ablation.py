@@ -4,6 +4,9 @@ it, the small_real recipe and changes against that) trains for the same time bud
 
     python benchmarks/cfp_split.py ../shared/data/cfp data/cfp_train
     python benchmarks/cfp_ablation.py data/cfp_train --budget 45m --variants demo arcface r18
+    python benchmarks/cfp_ablation.py data/cfp_train --variants small_real+dropout=0.2
+
+A variant is one of the named ones, or CONFIG+KEY=VALUE+... (a config with `--set` changes).
 """
 
 import argparse
@@ -16,7 +19,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("train", help="the training set's records (benchmarks/cfp_split.py)")
     parser.add_argument("--budget", default="45m", help="time budget of each variant")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=", ".join(VARIANTS))
+    known = ", ".join(VARIANTS)
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), help=f"{known}, or CONFIG+KEY=VALUE+..."
+    )
     parser.add_argument("--num-classes", type=int, default=400, help="training identities")
     parser.add_argument("--num-image", type=int, default=5600, help="training images")
     parser.add_argument("--output", default="work_dirs/cfp_ablation", help="runs' folder")

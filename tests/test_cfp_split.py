@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facescale.benchmarking.ablation import run_ablation
+from facescale.benchmarking.ablation import run_ablation, variant
 from facescale.benchmarking.cfp import FRONTAL, PROFILE, drawn_pairs, write_split
 from facescale.data.image import decode_image
 from facescale.data.pairs_file import read_pairs_file, write_pairs_file
@@ -123,9 +123,16 @@ def test_kept_pairs_files_are_what_the_split_writes(tmp_path):
 
 
 def test_the_ablation_names_an_unknown_variant_before_training_any(tmp_path):
-    with pytest.raises(InputError, match=r"unknown variants \['nope'\]; known: demo, "):
-        run_ablation(["demo", "nope"], tmp_path, 4, 56, [], "5s", tmp_path / "runs")
+    with pytest.raises(InputError, match=r"unknown variants \['nope', 'demo\+wd'\]; known: demo, "):
+        run_ablation(["demo", "nope", "demo+wd"], tmp_path, 4, 56, [], "5s", tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_variant_is_a_named_one_or_a_config_with_changes():
+    assert variant("scale64") == ("demo", ("scale=64",))
+    assert variant("small_real+dropout=0.2+lr=0.05") == ("small_real", ("dropout=0.2", "lr=0.05"))
+    assert variant("small_real") == ("small_real", ())
+    assert variant("demo+") is None and variant("nope") is None
 
 
 @pytest.mark.slow

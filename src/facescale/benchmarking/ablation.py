@@ -39,6 +39,16 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
 OFFICIAL_FOLDS = 2
 
 
+def variant(name: str) -> tuple[str, tuple[str, ...]] | None:
+    """The config and overrides of variant ``name``: one of :data:`VARIANTS`, or a config
+    with changes, ``CONFIG+KEY=VALUE+KEY=VALUE...`` (such as ``small_real+dropout=0.2``);
+    None for neither."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    config, *changes = name.split("+")
+    return (config, tuple(changes)) if changes and all("=" in c for c in changes) else None
+
+
 def train_variant(
     config: str, overrides: Sequence[str], train: Path, output: Path, budget: str, ranks: int
 ) -> float:
@@ -86,13 +96,15 @@ def run_ablation(
     ranks: int = 2,
 ) -> list[dict[str, Any]]:
     """Train and verify each variant in ``names`` in turn; a row of figures per variant."""
-    unknown = [n for n in names if n not in VARIANTS]
+    variants = {name: variant(name) for name in names}
+    unknown = [name for name, found in variants.items() if found is None]
     if unknown:
-        raise InputError(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+        raise InputError(
+            f"unknown variants {unknown}; known: {', '.join(VARIANTS)}, or CONFIG+KEY=VALUE..."
+        )
     sets = [load_verification_set(str(path)) for path in pairs]  # decoded once, for every run
     rows = []
-    for name in names:
-        config, changes = VARIANTS[name]
+    for name, (config, changes) in variants.items():
         overrides = [f"num_classes={num_classes}", f"num_image={num_image}", *changes]
         cfg = load_config(config, [*overrides, f"rec={train}"])
         seconds = train_variant(config, overrides, train, output / name, budget, ranks)
