@@ -29,7 +29,7 @@ Storage kinds:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +102,7 @@ class RoundingNoise:
     rows: Tensor
     columns: Tensor
     out: Tensor | None = None
-    _whole: Tensor | None = None
+    _whole: Tensor | None = field(default=None, init=False, repr=False)
 
     def whole(self) -> Tensor:
         if self._whole is None:
