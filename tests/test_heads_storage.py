@@ -357,3 +357,10 @@ def test_the_storage_benchmark_times_every_mode_and_store():
     lines = [line.split() for line in done.stdout.splitlines()]
     assert [line[0] for line in lines] == modes.split(",")
     assert lines[0][1:] == [lines[0][1], "s", "1.000x"] and float(lines[0][1]) > 0
+    stores = subprocess.run(
+        [*argv, "--dim", "16", "--stores"], capture_output=True, text=True, timeout=300
+    )
+    assert stores.returncode == 0, stores.stderr
+    rows = [line.split("kernel")[0].split() for line in stores.stdout.splitlines()]
+    kinds = ["bf16", "fp16", "int8", "int8 sqrt"]
+    assert rows == [[*kind.split(), where] for kind in kinds for where in ("range", "scattered")]
