@@ -123,35 +123,40 @@ def distinct(items: Sequence[Hashable]) -> tuple[list[Any], np.ndarray]:
     return list(index), slots
 
 
-def first_slots(slots: np.ndarray) -> np.ndarray:
-    """Where each distinct image (numbered in first-seen order) first appears among ``slots``."""
-    return np.unique(slots, return_index=True)[1]
-
-
 def load_verification_set(path: str | Path) -> VerificationSet:
     """Decode a verification set once: an InsightFace ``.bin`` (never unpickled), or a pairs
     file of image paths (any other name, :mod:`facescale.data.pairs_file`). Each distinct
     image is decoded once."""
-    from facescale.data import load_verification_bin
-
     path = Path(path)
     if path.suffix != ".bin":
         from facescale.eval.pairs_set import load_pairs_set
 
         return load_pairs_set(path)
+    unique, slots, issame = read_bin(path)
+    return VerificationSet(path.stem, decode_faces(unique, slots, path), issame, slots)
+
+
+def read_bin(path: Path) -> tuple[list[Any], np.ndarray, np.ndarray]:
+    """A ``.bin`` set's distinct encoded images (the same bytes once), its pairs' rows of them
+    (:attr:`VerificationSet.slots`) and ``issame``; nothing is decoded yet."""
+    from facescale.data import load_verification_bin
+
     encoded, issame = load_verification_bin(path)
     unique, slots = distinct(encoded)
-    images = decode_faces(unique, path, first_slots(slots))
-    return VerificationSet(path.stem, images, np.asarray(issame, dtype=bool), slots)
+    return unique, slots, np.asarray(issame, dtype=bool)
 
 
-def decode_faces(encoded: Sequence[Any], path: Path, numbers: Sequence[int]) -> np.ndarray:
-    """The images ``encoded`` of the set at ``path`` (its images ``numbers``, for messages) as
-    uint8 [N, 3, 112, 112]."""
+def decode_faces(
+    unique: Sequence[Any], slots: np.ndarray, path: Path, lo: int = 0, hi: int | None = None
+) -> np.ndarray:
+    """Distinct images ``lo:hi`` of the set at ``path`` (:func:`read_bin`) as uint8
+    [N, 3, 112, 112]; one that is not a 112x112 crop is named by its first place in the set."""
     from facescale.data import decode_image
 
-    images = np.empty((len(encoded), 3, FACE_SIZE, FACE_SIZE), dtype=np.uint8)
-    for offset, (buffer, number) in enumerate(zip(encoded, numbers, strict=True)):
+    hi = len(unique) if hi is None else hi
+    numbers = np.unique(slots, return_index=True)[1][lo:hi]  # distinct are in first-seen order
+    images = np.empty((hi - lo, 3, FACE_SIZE, FACE_SIZE), dtype=np.uint8)
+    for offset, (buffer, number) in enumerate(zip(unique[lo:hi], numbers, strict=True)):
         image = decode_image(buffer)
         if image.shape != (FACE_SIZE, FACE_SIZE, 3):
             raise InputError(

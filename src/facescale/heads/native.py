@@ -96,8 +96,8 @@ def native_store(
     :func:`facescale.heads.storage.noise_terms` and store it in ``table`` at ``rows`` (and the
     int8 scales in ``scales``); False, storing nothing, where the kernels do not apply."""
     lib = narrow_store() if block.device.type == "cpu" else None
-    tensors = (block, row_noise, column_noise, table, *([] if scales is None else [scales]))
-    if lib is None or not all(t.is_contiguous() for t in tensors):
+    tensors = (block, row_noise, column_noise, table, scales)
+    if lib is None or not all(t is None or t.is_contiguous() for t in tensors):
         return False
     ids = None if isinstance(rows, slice) else rows.to(torch.int64).contiguous()
     first = rows.start if ids is None else 0

@@ -43,13 +43,7 @@ def decode_share(path: Path, env: DistEnv) -> RankShare:
     """Decode this rank's share of the distinct images of the set at ``path``: of a ``.bin``
     only that share (the others' stay encoded); a pairs file (small, of one's own photos) is
     read whole."""
-    from facescale.data import load_verification_bin
-    from facescale.eval.verification import (
-        decode_faces,
-        distinct,
-        first_slots,
-        load_verification_set,
-    )
+    from facescale.eval.verification import decode_faces, load_verification_set, read_bin
 
     def share(total: int) -> tuple[int, int]:
         lo, hi = (total * r // env.world_size for r in (env.rank, env.rank + 1))
@@ -60,11 +54,10 @@ def decode_share(path: Path, env: DistEnv) -> RankShare:
         lo, hi = share(len(whole.images))
         images = torch.from_numpy(np.ascontiguousarray(whole.images[lo:hi]))
         return RankShare(whole.name, images, whole.issame, whole.slots, len(whole.images))
-    encoded, issame = load_verification_bin(path)
-    unique, slots = distinct(encoded)
+    unique, slots, issame = read_bin(path)
     lo, hi = share(len(unique))
-    images = torch.from_numpy(decode_faces(unique[lo:hi], path, first_slots(slots)[lo:hi]))
-    return RankShare(path.stem, images, np.asarray(issame, dtype=bool), slots, len(unique))
+    images = torch.from_numpy(decode_faces(unique, slots, path, lo, hi))
+    return RankShare(path.stem, images, issame, slots, len(unique))
 
 
 class Evaluator:
