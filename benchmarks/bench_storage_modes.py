@@ -4,8 +4,8 @@ Every round steps each mode's head once (forward, backward, update) on the same 
 times it in process CPU time, one thread; the report is each mode's median against the
 first mode's. A rank's share of `facescale bench head --world 2 --classes 1000000 --batch
 128`, without the collectives, so the modes meet the same machine load. A mode ending in
-``+torch`` stores its narrow tables with torch operations instead of the one-pass C kernel
-(heads/native.py), as a machine without a C compiler does:
+``+torch`` updates and stores its narrow tables with torch operations instead of the
+one-pass C kernel (heads/native.py), as a machine without a C compiler does:
 
     python benchmarks/bench_storage_modes.py --classes 500000 --batch 256 --rate 0.1
     python benchmarks/bench_storage_modes.py --rate 1.0 --rounds 3 --modes fp32/fp32,bf16/bf16

@@ -14,7 +14,7 @@ import pytest
 import torch
 from heads_cases import make_problem
 
-from facescale.heads import ArcFace, build_head, native
+from facescale.heads import ArcFace, build_head, native, partial_fc
 from facescale.heads.rows import Scratch, scatter_rows
 from facescale.heads.shards import init_centers
 from facescale.heads.storage import (
@@ -205,7 +205,7 @@ def test_row_bytes_of_each_kind():
     assert [row_bytes(k, 512) for k in ("fp32", "bf16", "fp16", "int8")] == [2048, 1024, 1024, 516]
 
 
-def _head(center_dtype="fp32", state_dtype="fp32", kind="sgd", rate=1.0, classes=40):
+def _head(center_dtype="fp32", state_dtype="fp32", kind="sgd", rate=1.0, classes=40, momentum=0.9):
     head = build_head(
         "partial_fc",
         classes,
@@ -217,7 +217,7 @@ def _head(center_dtype="fp32", state_dtype="fp32", kind="sgd", rate=1.0, classes
         center_dtype=center_dtype,
         center_state_dtype=state_dtype,
     )
-    head.configure_optimizer(kind, lr=0.1)
+    head.configure_optimizer(kind, lr=0.1, momentum=momentum)
     return head
 
 
@@ -226,6 +226,42 @@ def _train(head, steps, first=0):
         embeddings, labels, _ = make_problem(100 + step, 12, head.num_classes, DIM)
         head(embeddings.requires_grad_(), labels).backward()
         head.step(0.2 / (step + 1))
+
+
+@pytest.mark.parametrize(
+    ("center", "state", "momentum"),
+    [
+        ("bf16", "bf16", 0.9),
+        ("bf16", "int8", 0.9),
+        ("fp16", "int8", 0.9),
+        ("fp32", "bf16", 0.9),
+        ("fp16", "fp32", 0.9),
+        ("bf16", "fp32", 0.0),
+    ],
+)
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_the_fused_sgd_step_stores_the_torch_paths_bits(center, state, momentum, rate, monkeypatch):
+    """Under SGD the kernel updates and stores narrow tables in one pass (ranges of rows at
+    rate 1, row ids under sampling): the same bits as torch's update and store."""
+    if native.narrow_store() is None:
+        pytest.skip("no C compiler: the torch path is the only one")
+    fused = partial_fc.native_sgd_store
+    used = []
+    monkeypatch.setattr(
+        partial_fc, "native_sgd_store", lambda *a: used.append(fused(*a)) or used[-1]
+    )
+    trained = []
+    for build in (native.narrow_store, lambda: None):
+        monkeypatch.setattr(native, "narrow_store", build)
+        head = _head(center, state, "sgd", rate, momentum=momentum)
+        _train(head, 3)
+        trained.append(dict(head.named_buffers()))
+    assert used and all(used[: len(used) // 2]) and not any(used[len(used) // 2 :])
+    kernel, torch_path = trained
+    assert kernel.keys() == torch_path.keys()
+    for name, value in kernel.items():
+        assert torch.equal(value.view(torch.uint8), torch_path[name].view(torch.uint8)), name
+    assert not torch.equal(kernel["weight"], _head(center, state, "sgd", rate).weight)
 
 
 def test_initial_centers_are_the_fp32_ones_rounded():

@@ -1,10 +1,12 @@
-/* Stochastic rounding and narrow storing of fp32 row blocks, one pass per block.
+/* Stochastic rounding and narrow storing of fp32 row blocks, one pass per block; and the
+   narrow tables' SGD step fused with it.
 
    The same arithmetic as facescale/heads/storage.py's torch path (round_bf16_, round_fp16_,
-   RowTable._quantize and _store), operation for operation, so the two store the same bits:
-   the noise of entry (i, j) is (row_noise[i] + column_noise[j]) mod 2**16, and row i of the
-   block goes to table row rows[i] (or first + i when rows is NULL). Built with
-   -ffp-contract=off: no multiply-add is fused that the torch path rounds twice. */
+   RowTable._quantize and _store) and as RowSGD.update_by_operation, operation for operation,
+   so the two store the same bits: the noise of entry (i, j) is
+   (row_noise[i] + column_noise[j]) mod 2**16, and row i of the block goes to table row rows[i]
+   (or first + i when rows is NULL). Built with -ffp-contract=off: no multiply-add is fused
+   that the torch path rounds twice. */
 
 #include <math.h>
 #include <stdint.h>
@@ -12,6 +14,9 @@
 
 #define NOISE_MASK 0xFFFFu
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define ROW static inline __attribute__((always_inline))
+
+enum kind { FP32, BF16, FP16, INT8 }; /* as native.py's KINDS */
 
 static inline uint32_t bits_of(float x) {
     uint32_t b;
@@ -30,84 +35,153 @@ static inline int64_t table_row(const int64_t *rows, int64_t first, int64_t i) {
 }
 
 /* bfloat16: add 16 random bits below the kept ones, truncate; a NaN stores as 0x7FC0. */
-CLONES void store_bf16(const float *block, int64_t count, int64_t dim, const int32_t *row_noise,
-                       const int32_t *column_noise, uint16_t *table, const int64_t *rows,
-                       int64_t first, int threads) {
-#pragma omp parallel for num_threads(threads) if (threads > 1)
-    for (int64_t i = 0; i < count; i++) {
-        const float *src = block + i * dim;
-        uint16_t *dst = table + table_row(rows, first, i) * dim;
-        uint32_t r = (uint32_t)row_noise[i];
-        for (int64_t j = 0; j < dim; j++) {
-            uint32_t b = bits_of(src[j]) + ((r + (uint32_t)column_noise[j]) & NOISE_MASK);
-            dst[j] = (b & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : (uint16_t)(b >> 16);
-        }
+ROW void bf16_row(const float *src, int64_t dim, uint32_t r, const int32_t *column_noise,
+                  uint16_t *dst) {
+    for (int64_t j = 0; j < dim; j++) {
+        uint32_t b = bits_of(src[j]) + ((r + (uint32_t)column_noise[j]) & NOISE_MASK);
+        dst[j] = (b & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : (uint16_t)(b >> 16);
     }
 }
 
 /* float16: 13 random bits below the kept ones of the magnitude, values below 2**-14 rounded
    in the lowest normal binade, saturation at 65504; stored exactly (a NaN as sign | 0x7E00). */
-CLONES void store_fp16(const float *block, int64_t count, int64_t dim, const int32_t *row_noise,
-                       const int32_t *column_noise, uint16_t *table, const int64_t *rows,
-                       int64_t first, int threads) {
+ROW void fp16_row(const float *src, int64_t dim, uint32_t r, const int32_t *column_noise,
+                  uint16_t *dst) {
     const float tiny = 6.103515625e-05f, largest = 65504.0f;
-#pragma omp parallel for num_threads(threads) if (threads > 1)
-    for (int64_t i = 0; i < count; i++) {
-        const float *src = block + i * dim;
-        uint16_t *dst = table + table_row(rows, first, i) * dim;
-        uint32_t r = (uint32_t)row_noise[i];
-        for (int64_t j = 0; j < dim; j++) {
-            uint32_t sign = (bits_of(src[j]) >> 16) & 0x8000u;
-            float magnitude = fabsf(src[j]);
-            float below = magnitude < tiny ? 1.0f : 0.0f;
-            uint32_t noise = ((r + (uint32_t)column_noise[j]) & NOISE_MASK) >> 3;
-            uint32_t b = (bits_of(magnitude + below * tiny) + noise) & ~0x1FFFu;
-            float rounded = float_of(b) - below * tiny;
-            rounded = rounded > largest ? largest : rounded;
-            uint32_t normal = (bits_of(rounded) >> 13) - (112u << 10);
-            uint32_t subnormal = (uint32_t)(int32_t)(rounded * 16777216.0f);
-            uint32_t half = rounded < tiny ? subnormal : normal;
-            dst[j] = (uint16_t)(sign | (rounded != rounded ? 0x7E00u : half));
-        }
+    for (int64_t j = 0; j < dim; j++) {
+        uint32_t sign = (bits_of(src[j]) >> 16) & 0x8000u;
+        float magnitude = fabsf(src[j]);
+        float below = magnitude < tiny ? 1.0f : 0.0f;
+        uint32_t noise = ((r + (uint32_t)column_noise[j]) & NOISE_MASK) >> 3;
+        uint32_t b = (bits_of(magnitude + below * tiny) + noise) & ~0x1FFFu;
+        float rounded = float_of(b) - below * tiny;
+        rounded = rounded > largest ? largest : rounded;
+        uint32_t normal = (bits_of(rounded) >> 13) - (112u << 10);
+        uint32_t subnormal = (uint32_t)(int32_t)(rounded * 16777216.0f);
+        uint32_t half = rounded < tiny ? subnormal : normal;
+        dst[j] = (uint16_t)(sign | (rounded != rounded ? 0x7E00u : half));
     }
 }
 
 /* 8 bits and a per-row scale: signed rows as round(x / scale) in [-127, 127] with
-   scale = max|x| / 127, non-negative rows (levels 255) as their square root in [0, 255]. The
-   block is overwritten with the codes, as the torch path does. */
+   scale = max|x| / 127, non-negative rows (levels 255) as their square root in [0, 255].
+   x is overwritten with the codes, as the torch path does; returns the scale. */
+ROW float int8_row(float *x, int64_t dim, uint32_t r, const int32_t *column_noise, void *dst,
+                   int nonnegative) {
+    const float levels = nonnegative ? 255.0f : 127.0f, lowest = nonnegative ? 0.0f : -127.0f;
+    if (nonnegative)
+        for (int64_t j = 0; j < dim; j++) x[j] = sqrtf(x[j] < 0.0f ? 0.0f : x[j]);
+    /* the largest magnitude from the bits: for non-negative floats their order as integers is
+       their order as numbers, and a NaN's bits exceed every number's */
+    uint32_t largest = 0;
+    for (int64_t j = 0; j < dim; j++) {
+        uint32_t b = bits_of(x[j]) & 0x7FFFFFFFu;
+        largest = b > largest ? b : largest;
+    }
+    float scale = largest > 0x7F800000u ? NAN : float_of(largest) / levels;
+    float divisor = scale > 0.0f ? scale : 1.0f;
+    for (int64_t j = 0; j < dim; j++) {
+        float unit = (float)((r + (uint32_t)column_noise[j]) & NOISE_MASK) * 1.52587890625e-05f;
+        float q = floorf(x[j] / divisor + unit);
+        q = q < lowest ? lowest : (q > levels ? levels : q);
+        x[j] = q == q ? q : 0.0f;
+    }
+    if (nonnegative)
+        for (int64_t j = 0; j < dim; j++) ((uint8_t *)dst)[j] = (uint8_t)x[j];
+    else
+        for (int64_t j = 0; j < dim; j++) ((int8_t *)dst)[j] = (int8_t)x[j];
+    return scale;
+}
+
+/* Row `row` of a table of `kind` set to x (overwritten for int8), rounded with noise r. */
+ROW void store_row(int kind, float *x, int64_t dim, uint32_t r, const int32_t *column_noise,
+                   void *table, float *scales, int64_t row) {
+    if (kind == FP32) {
+        float *dst = (float *)table + row * dim;
+        if (dst != x) memcpy(dst, x, dim * sizeof *x);
+    } else if (kind == BF16) {
+        bf16_row(x, dim, r, column_noise, (uint16_t *)table + row * dim);
+    } else if (kind == FP16) {
+        fp16_row(x, dim, r, column_noise, (uint16_t *)table + row * dim);
+    } else {
+        scales[row] = int8_row(x, dim, r, column_noise, (int8_t *)table + row * dim, 0);
+    }
+}
+
+CLONES void store_bf16(const float *block, int64_t count, int64_t dim, const int32_t *row_noise,
+                       const int32_t *column_noise, uint16_t *table, const int64_t *rows,
+                       int64_t first, int threads) {
+#pragma omp parallel for num_threads(threads) if (threads > 1)
+    for (int64_t i = 0; i < count; i++)
+        bf16_row(block + i * dim, dim, (uint32_t)row_noise[i], column_noise,
+                 table + table_row(rows, first, i) * dim);
+}
+
+CLONES void store_fp16(const float *block, int64_t count, int64_t dim, const int32_t *row_noise,
+                       const int32_t *column_noise, uint16_t *table, const int64_t *rows,
+                       int64_t first, int threads) {
+#pragma omp parallel for num_threads(threads) if (threads > 1)
+    for (int64_t i = 0; i < count; i++)
+        fp16_row(block + i * dim, dim, (uint32_t)row_noise[i], column_noise,
+                 table + table_row(rows, first, i) * dim);
+}
+
+/* The block is overwritten with the codes, as the torch path does. */
 CLONES void store_int8(float *block, int64_t count, int64_t dim, const int32_t *row_noise,
                        const int32_t *column_noise, void *table, float *scales,
                        const int64_t *rows, int64_t first, int nonnegative, int threads) {
-    const float levels = nonnegative ? 255.0f : 127.0f, lowest = nonnegative ? 0.0f : -127.0f;
 #pragma omp parallel for num_threads(threads) if (threads > 1)
     for (int64_t i = 0; i < count; i++) {
-        float *x = block + i * dim; /* overwritten, as the torch path does */
-        /* the largest magnitude from the bits: for non-negative floats their order as integers
-           is their order as numbers, and a NaN's bits exceed every number's */
-        if (nonnegative)
-            for (int64_t j = 0; j < dim; j++) x[j] = sqrtf(x[j] < 0.0f ? 0.0f : x[j]);
-        uint32_t largest = 0;
-        for (int64_t j = 0; j < dim; j++) {
-            uint32_t b = bits_of(x[j]) & 0x7FFFFFFFu;
-            largest = b > largest ? b : largest;
-        }
-        float scale = largest > 0x7F800000u ? NAN : float_of(largest) / levels;
-        float divisor = scale > 0.0f ? scale : 1.0f;
         int64_t row = table_row(rows, first, i);
-        scales[row] = scale;
-        uint32_t r = (uint32_t)row_noise[i];
-        for (int64_t j = 0; j < dim; j++) {
-            float unit = (float)((r + (uint32_t)column_noise[j]) & NOISE_MASK) * 1.52587890625e-05f;
-            float q = floorf(x[j] / divisor + unit);
-            q = q < lowest ? lowest : (q > levels ? levels : q);
-            x[j] = q == q ? q : 0.0f;
-        }
-        if (nonnegative) {
-            uint8_t *dst = (uint8_t *)table + row * dim;
-            for (int64_t j = 0; j < dim; j++) dst[j] = (uint8_t)x[j];
-        } else {
-            int8_t *dst = (int8_t *)table + row * dim;
-            for (int64_t j = 0; j < dim; j++) dst[j] = (int8_t)x[j];
+        void *dst = (uint8_t *)table + row * dim;
+        scales[row] = int8_row(block + i * dim, dim, (uint32_t)row_noise[i], column_noise, dst,
+                               nonnegative);
+    }
+}
+
+/* SGD with momentum (dampening 0) and L2 weight decay on a block of fp32 centers
+   (overwritten) and their momentum, read from and stored to its table of state_kind (FP32,
+   BF16 or INT8; none when momentum_table is NULL), the centers stored to their table of
+   center_kind. Each operation is rounded once:
+   step = g + w * decay; m = m * momentum + step (then step = m); w = w - step * lr. */
+CLONES void sgd_store(float *block, const float *grad, int64_t count, int64_t dim,
+                      const int32_t *row_noise, const int32_t *column_noise, const int64_t *rows,
+                      int64_t first, int center_kind, void *centers, int state_kind,
+                      void *momentum_table, float *momentum_scales, float lr, float momentum,
+                      float decay, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float buffer[dim]; /* a row of momentum widened from 16 or 8 bits */
+#pragma omp for
+        for (int64_t i = 0; i < count; i++) {
+            float *w = block + i * dim;
+            const float *g = grad + i * dim;
+            int64_t row = table_row(rows, first, i);
+            uint32_t r = (uint32_t)row_noise[i];
+            float *m = state_kind == FP32 && momentum_table
+                           ? (float *)momentum_table + row * dim
+                           : buffer;
+            if (momentum_table && state_kind == BF16) {
+                const uint16_t *stored = (const uint16_t *)momentum_table + row * dim;
+                for (int64_t j = 0; j < dim; j++) m[j] = float_of((uint32_t)stored[j] << 16);
+            } else if (momentum_table && state_kind == INT8) {
+                const int8_t *stored = (const int8_t *)momentum_table + row * dim;
+                float scale = momentum_scales[row];
+                for (int64_t j = 0; j < dim; j++) m[j] = (float)stored[j] * scale;
+            }
+            if (momentum_table) {
+                for (int64_t j = 0; j < dim; j++) {
+                    float step = g[j] + w[j] * decay;
+                    m[j] = m[j] * momentum + step;
+                    w[j] = w[j] - m[j] * lr;
+                }
+            } else {
+                for (int64_t j = 0; j < dim; j++) w[j] = w[j] - (g[j] + w[j] * decay) * lr;
+            }
+            store_row(center_kind, w, dim, r, column_noise, centers, NULL, row);
+            if (momentum_table && state_kind != FP32)
+                store_row(state_kind, m, dim, r, column_noise, momentum_table, momentum_scales,
+                          row);
         }
     }
 }

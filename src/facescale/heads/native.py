@@ -1,10 +1,11 @@
-"""The narrow tables' one-pass store (``narrow_store.c``), compiled once per machine with the
-C compiler at hand and loaded with ctypes.
+"""The narrow tables' one-pass store and SGD step (``narrow_store.c``), compiled once per
+machine with the C compiler at hand and loaded with ctypes.
 
 The lean head rounds and stores each narrow block with it on CPU: noise, rounding, narrowing
 and the scatter to the table's rows in one pass over the block, where the torch path makes
-four to ten. Both store the same bits (tests/test_heads_storage.py), so a machine without a
-compiler (or a GPU) only runs slower. The library is cached under ``$XDG_CACHE_HOME/facescale``
+four to ten; under SGD the update joins that pass, reading the momentum in its stored form.
+Both paths store the same bits (tests/test_heads_storage.py), so a machine without a compiler
+(or a GPU) only runs slower. The library is cached under ``$XDG_CACHE_HOME/facescale``
 (``~/.cache`` by default), keyed by the source, the compiler, its flags and the machine.
 """
 
@@ -30,6 +31,7 @@ log = logging.getLogger("facescale.heads")
 SOURCE = "narrow_store.c"
 FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno")
 OPENMP = "-fopenmp"  # dropped where the compiler lacks it: the rows are then stored in turn
+KINDS = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3}  # narrow_store.c's enum kind
 
 
 def cache_folder() -> Path:
@@ -79,7 +81,32 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name in ("store_bf16", "store_fp16"):
         getattr(lib, name).argtypes = [*common, pointer, size, number]
     lib.store_int8.argtypes = [*common, pointer, pointer, size, number, number]
+    real = ctypes.c_float
+    lib.sgd_store.argtypes = [
+        *(pointer, pointer, size, size, pointer, pointer, pointer, size),  # block .. first
+        *(number, pointer, number, pointer, pointer),  # the tables
+        *(real, real, real, number),  # lr, momentum, decay, threads
+    ]
     return lib
+
+
+def _applies(block: Tensor, tensors: tuple[Tensor | None, ...]) -> ctypes.CDLL | None:
+    """The kernels where they apply to ``block`` and ``tensors`` (on CPU, contiguous)."""
+    lib = narrow_store() if block.device.type == "cpu" else None
+    if lib is None or not all(t is None or t.is_contiguous() for t in (block, *tensors)):
+        return None
+    return lib
+
+
+def _where(rows: slice | Tensor) -> tuple[Tensor | None, int]:
+    """The kernels' row ids (int64, contiguous; None for a range) and first row of ``rows``."""
+    if isinstance(rows, slice):
+        return None, rows.start
+    return rows.to(torch.int64).contiguous(), 0
+
+
+def _pointer(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
 
 
 def native_store(
@@ -95,18 +122,47 @@ def native_store(
     """Round ``block`` (fp32 ``[n, dim]``, overwritten for int8) with the noise of
     :func:`facescale.heads.storage.noise_terms` and store it in ``table`` at ``rows`` (and the
     int8 scales in ``scales``); False, storing nothing, where the kernels do not apply."""
-    lib = narrow_store() if block.device.type == "cpu" else None
-    tensors = (block, row_noise, column_noise, table, scales)
-    if lib is None or not all(t is None or t.is_contiguous() for t in tensors):
+    lib = _applies(block, (row_noise, column_noise, table, scales))
+    if lib is None:
         return False
-    ids = None if isinstance(rows, slice) else rows.to(torch.int64).contiguous()
-    first = rows.start if ids is None else 0
+    ids, first = _where(rows)
     head = (block.data_ptr(), len(block), block.shape[1], row_noise.data_ptr())
     noise_table = (column_noise.data_ptr(), table.data_ptr())
-    where = (None if ids is None else ids.data_ptr(), first)
-    threads = torch.get_num_threads()
+    where, threads = (_pointer(ids), first), torch.get_num_threads()
     if kind == "int8":
         lib.store_int8(*head, *noise_table, scales.data_ptr(), *where, nonnegative, threads)
     else:
         getattr(lib, f"store_{kind}")(*head, *noise_table, *where, threads)
+    return True
+
+
+def native_sgd_store(
+    block: Tensor,
+    grad: Tensor,
+    rows: slice | Tensor,
+    noise: tuple[Tensor, Tensor],
+    centers: tuple[str, Tensor],
+    momentum: tuple[str, Tensor, Tensor | None] | None,
+    lr: float | Tensor,
+    factors: tuple[float, float],
+) -> bool:
+    """One SGD step of the centers ``block`` (fp32, overwritten) with ``grad``, stored with
+    the rows' noise (:func:`facescale.heads.storage.noise_terms`) to the ``centers`` table
+    (kind, tensor) and its ``momentum`` (kind, table, int8 scales; None without momentum);
+    ``factors`` are the momentum and the weight decay. The arithmetic of
+    :meth:`facescale.heads.row_optim.RowSGD.update_by_operation`; False, changing nothing,
+    where the kernels do not apply."""
+    center_kind, center_table = centers
+    state_kind, state_table, scales = momentum or ("fp32", None, None)
+    lib = _applies(block, (grad, *noise, center_table, state_table, scales))
+    if lib is None:
+        return False
+    ids, first = _where(rows)
+    lib.sgd_store(
+        *(block.data_ptr(), grad.data_ptr(), len(block), block.shape[1]),
+        *(noise[0].data_ptr(), noise[1].data_ptr(), _pointer(ids), first),
+        *(KINDS[center_kind], center_table.data_ptr()),
+        *(KINDS[state_kind], _pointer(state_table), _pointer(scales)),
+        *(float(lr), *factors, torch.get_num_threads()),
+    )
     return True

@@ -25,8 +25,9 @@ from .batch import GlobalBatch, gather_batch
 from .collectives import sum_across_ranks
 from .lean import ChunkedSoftmax, MicroBatch, lean_loss, raw_center_grad_, shard_rows
 from .margins import Margin
+from .native import native_sgd_store
 from .options import check_head_args, resolve_logits_dtype
-from .row_optim import RowOptimizer, fused_kwargs, make_row_optimizer
+from .row_optim import RowOptimizer, RowSGD, fused_kwargs, make_row_optimizer
 from .rows import Rows, Scratch
 from .sampling import ClassSampler, ShardSelection, select_classes
 from .shards import init_centers, shard_range
@@ -399,7 +400,7 @@ class LeanPartialFC(ShardedHead):
             self._forget()
             return
         lr = optimizer.lr if lr is None else lr
-        narrow = any(t.narrow for t in (self.center_table, *self.state_tables))
+        narrow = any(t.narrow for t in self._tables)
         step_number = None  # the host's count of this step, for the narrow tables' rounding
         if skip is not None and (narrow or not fused_kwargs(self.weight.device.type)):
             # no fused kernel to skip on the device, or narrow tables (a skipped step must not
@@ -434,11 +435,10 @@ class LeanPartialFC(ShardedHead):
         update, the rounding noise and the rounding go :data:`ROUNDING_ROWS` rows at a time,
         so that their passes over a block stay in the core's cache (a GPU takes the chunk at
         once: fewer kernel launches)."""
-        tables = (self.center_table, *self.state_tables)
-        state = {t.name: t.read(self, rows, self._scratch) for t in self.state_tables}
         if step_number is None:
+            state = {t.name: t.read(self, rows, self._scratch) for t in self.state_tables}
             optimizer.update(block, state, grad, lr, self._steps_done, skip)
-            for table, values in zip(tables, (block, *state.values()), strict=True):
+            for table, values in zip(self._tables, (block, *state.values()), strict=True):
                 table.write(self, rows, values, None)
             return
         row_terms, column_terms = self._noise_terms(rows, block, step_number)
@@ -447,12 +447,45 @@ class LeanPartialFC(ShardedHead):
         span = ROUNDING_ROWS if block.device.type == "cpu" else len(block)
         for lo in range(0, len(block), span):
             hi = min(lo + span, len(block))
-            part = {name: values[lo:hi] for name, values in state.items()}
-            optimizer.update(block[lo:hi], part, grad[lo:hi], lr, self._steps_done)
             noise = RoundingNoise(row_terms[lo:hi], column_terms, combined[lo:hi])
-            for table, values in zip(tables, (block, *state.values()), strict=True):
-                rounding = noise if table.narrow else None
-                table.write(self, _sub_rows(rows, lo, hi), values[lo:hi], rounding, work)
+            sub = _sub_rows(rows, lo, hi)
+            self._update_narrow(sub, block[lo:hi], grad[lo:hi], optimizer, lr, noise, work)
+
+    @property
+    def _tables(self) -> tuple[RowTable, ...]:
+        """The centers' table and the optimizer state's."""
+        return (self.center_table, *self.state_tables)
+
+    def _update_narrow(
+        self,
+        rows: Rows,
+        block: Tensor,
+        grad: Tensor,
+        optimizer: RowOptimizer,
+        lr: float | Tensor,
+        noise: RoundingNoise,
+        work: Scratch,
+    ) -> None:
+        """Update a block of rows and round them into their tables with ``noise``: under SGD
+        on a CPU by the one-pass kernel (:mod:`facescale.heads.native`), else with torch."""
+        if isinstance(optimizer, RowSGD):
+            (momentum,) = self.state_tables or (None,)
+            stored = None
+            if momentum is not None:
+                scales = getattr(self, momentum.scale_name, None)
+                stored = (momentum.kind, getattr(self, momentum.name), scales)
+            factors = (optimizer.momentum, optimizer.weight_decay)
+            centers = (self.center_table.kind, self.weight)
+            terms = (noise.rows, noise.columns)
+            if native_sgd_store(block, grad, rows, terms, centers, stored, lr, factors):
+                return
+        state = {t.name: t.read(self, rows, self._scratch) for t in self.state_tables}
+        if isinstance(optimizer, RowSGD):
+            optimizer.update_by_operation(block, state.get("momentum_buffer"), grad, lr)
+        else:
+            optimizer.update(block, state, grad, lr, self._steps_done)
+        for table, values in zip(self._tables, (block, *state.values()), strict=True):
+            table.write(self, rows, values, noise if table.narrow else None, work)
 
     def _noise_terms(self, rows: Rows, block: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """The terms of the noise narrow tables round ``rows`` with at optimizer step ``step``
@@ -499,7 +532,7 @@ class LeanPartialFC(ShardedHead):
             if k > 1 and torch.is_tensor(value) and value.shape[:2] == (self.num_local, k)
         }
         state = {**state, **rows}
-        for table in (self.center_table, *self.state_tables):
+        for table in self._tables:
             state = table.convert(state)
         self.load_state_dict(state)
 

@@ -69,6 +69,17 @@ class RowSGD:
             found_inf=found_inf,
         )
 
+    def update_by_operation(
+        self, weight: Tensor, momentum: Tensor | None, grad: Tensor, lr: float | Tensor
+    ) -> None:
+        """The same update with each operation rounded once (torch's kernels may fuse a
+        multiply-add): the narrow tables' SGD, which ``narrow_store.c`` computes bit for bit
+        while it stores them."""
+        step = torch.mul(weight, self.weight_decay).add_(grad)
+        if momentum is not None:
+            step = momentum.mul_(self.momentum).add_(step)
+        weight.sub_(torch.mul(step, lr))
+
 
 @dataclass(frozen=True)
 class RowAdamW:
