@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from facescale import plan
 from facescale.config import Config
 from facescale.heads import CombinedMargin, build_head
+from facescale.heads.partial_fc import ROUNDING_ROWS
 from facescale.optim import build_optimizer
 from facescale.train.build import build_backbone
 
@@ -277,9 +278,12 @@ def test_narrow_storage_counts_its_bytes_per_identity():
         ("fp32", "int8", 2048 + 512 + 4),
     ]:
         narrow = plan.head_memory(dataclasses.replace(cfg, **_storage(centers, state)), 2)
-        # the stored rows, and the chunk's widened copies and rounding noise (fp32 blocks)
-        copies = (centers != "fp32") + (state != "fp32") + 1
-        assert narrow.state - wide.state == rows * (per_identity - 4096) + copies * 4096 * 2048
+        # the stored rows, the chunk's widened centers and rounding noise (fp32 blocks), and
+        # the state widened a block of rows at a time
+        chunks = (centers != "fp32") + 1
+        blocks = (state != "fp32") * ROUNDING_ROWS
+        extra = (chunks * 4096 + blocks) * 2048
+        assert narrow.state - wide.state == rows * (per_identity - 4096) + extra
     # the most identities that fit grow as the bytes per identity shrink (4096 at fp32 with
     # momentum), the centers being most of the memory
     memory, most = 16 * 2**30, {}

@@ -263,7 +263,9 @@ def head_memory(cfg: Config, world_size: int, device: str = "cpu") -> HeadMemory
     # chunk's row logits on their way into the kept columns.
     # Narrow storage (center_dtype, center_state_dtype) keeps each row in fewer bytes; its
     # chunks are widened to fp32 copies, under sampling gathered first in their stored form,
-    # and its writes take a chunk of rounding noise (int32).
+    # and its writes take a chunk of rounding noise (int32). With a narrow table the update
+    # reads the optimizer state a block of rounded rows at a time (ROUNDING_ROWS on a CPU,
+    # where SGD's one-pass kernel reads none: counted all the same, at most a few MiB).
     local = math.ceil(cfg.num_classes / world_size)
     sampled = cfg.sample_rate < 1
     computed = min(local, math.ceil(cfg.sample_rate * local)) if sampled else local
@@ -273,19 +275,18 @@ def head_memory(cfg: Config, world_size: int, device: str = "cpu") -> HeadMemory
     kept = min(cfg.gradient_acc, cfg.head_cache_mib * 2**20 // probs)
     kinds = {"centers": cfg.center_dtype, "state": cfg.center_state_dtype if k else "fp32"}
     narrow = {part: kind != "fp32" for part, kind in kinds.items()}
-    copies = {"centers": 1, "state": k}
-    scratch_blocks = 2 + sum(n for part, n in copies.items() if sampled or narrow[part])
-    scratch_blocks += any(narrow.values())  # the rounding noise
+    rounded_rows = min(rows, ROUNDING_ROWS) if device == "cpu" else rows
+    # the blocks of each part's copies: its rows and how many of them are read at a time
+    blocks = {"centers": (1, rows), "state": (k, rounded_rows if any(narrow.values()) else rows)}
+    scratch_rows = 2 * rows + any(narrow.values()) * rows  # gradient, product, rounding noise
+    scratch_rows += sum(n * r for part, (n, r) in blocks.items() if sampled or narrow[part])
     logit_chunks = (2 if 0 < kept < cfg.gradient_acc else 1) + (per_class > 1)
-    scratch = (
-        scratch_blocks * rows * d * FLOAT_BYTES + logit_chunks * global_batch * rows * FLOAT_BYTES
-    )
+    scratch = scratch_rows * d * FLOAT_BYTES + logit_chunks * global_batch * rows * FLOAT_BYTES
     if sampled:  # the gathered rows in their stored form
         scratch += sum(
-            n * rows * row_bytes(kinds[part], d) for part, n in copies.items() if narrow[part]
+            n * r * row_bytes(kinds[part], d) for part, (n, r) in blocks.items() if narrow[part]
         )
     scratch += kept * probs
-    rounded_rows = min(rows, ROUNDING_ROWS) if device == "cpu" else rows
     rounding = max(ROUNDING_BYTES[kind] for kind in kinds.values()) * rounded_rows * d
     batch = global_batch * d * FLOAT_BYTES  # one copy of the gathered embeddings
     sampler = 4 * local + 24 * computed if sampled else 0  # keys, top-k and sort buffers

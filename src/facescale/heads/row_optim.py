@@ -2,7 +2,8 @@
 
 The lean head updates its centers chunk by chunk, so each update works on a block of rows
 and the matching blocks of the optimizer state; rows outside the block are never touched.
-torch's fused kernels are used where the installed torch has them for the device.
+torch's fused kernels are used where the installed torch has them for the device; narrow
+tables take SGD with each operation rounded once (:meth:`RowSGD.update_by_operation`).
 """
 
 from __future__ import annotations
