@@ -248,7 +248,7 @@ def test_the_fused_sgd_step_stores_the_torch_paths_bits(center, state, momentum,
     fused = partial_fc.native_sgd_store
     used = []
     monkeypatch.setattr(
-        partial_fc, "native_sgd_store", lambda *a: used.append(fused(*a)) or used[-1]
+        partial_fc, "native_sgd_store", lambda *a, **k: used.append(fused(*a, **k)) or used[-1]
     )
     trained = []
     for build in (native.narrow_store, lambda: None):

@@ -143,8 +143,8 @@ def native_sgd_store(
     noise: tuple[Tensor, Tensor],
     centers: tuple[str, Tensor],
     momentum: tuple[str, Tensor, Tensor | None] | None,
-    lr: float | Tensor,
     factors: tuple[float, float],
+    lr: float | Tensor,
 ) -> bool:
     """One SGD step of the centers ``block`` (fp32, overwritten) with ``grad``, stored with
     the rows' noise (:func:`facescale.heads.storage.noise_terms`) to the ``centers`` table

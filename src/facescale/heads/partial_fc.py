@@ -436,54 +436,57 @@ class LeanPartialFC(ShardedHead):
         so that their passes over a block stay in the core's cache (a GPU takes the chunk at
         once: fewer kernel launches)."""
         if step_number is None:
-            state = {t.name: t.read(self, rows, self._scratch) for t in self.state_tables}
-            optimizer.update(block, state, grad, lr, self._steps_done, skip)
-            for table, values in zip(self._tables, (block, *state.values()), strict=True):
-                table.write(self, rows, values, None)
+            self._update_by_torch(rows, block, grad, optimizer, lr, skip)
             return
         row_terms, column_terms = self._noise_terms(rows, block, step_number)
         combined = self._scratch.take("noise", tuple(block.shape), row_terms)
         work = Scratch()  # the rounding's temporaries, reused by the chunk's row blocks
         span = ROUNDING_ROWS if block.device.type == "cpu" else len(block)
+        # SGD: the one-pass kernel's fixed arguments (the tables, momentum and weight decay)
+        kernel = self._kernel_arguments(optimizer) if isinstance(optimizer, RowSGD) else None
         for lo in range(0, len(block), span):
             hi = min(lo + span, len(block))
             noise = RoundingNoise(row_terms[lo:hi], column_terms, combined[lo:hi])
-            sub = _sub_rows(rows, lo, hi)
-            self._update_narrow(sub, block[lo:hi], grad[lo:hi], optimizer, lr, noise, work)
+            sub, part, part_grad = _sub_rows(rows, lo, hi), block[lo:hi], grad[lo:hi]
+            terms = (noise.rows, noise.columns)
+            if kernel and native_sgd_store(part, part_grad, sub, terms, *kernel, lr=lr):
+                continue
+            self._update_by_torch(sub, part, part_grad, optimizer, lr, None, noise, work)
 
     @property
     def _tables(self) -> tuple[RowTable, ...]:
         """The centers' table and the optimizer state's."""
         return (self.center_table, *self.state_tables)
 
-    def _update_narrow(
+    def _kernel_arguments(self, optimizer: RowSGD) -> tuple[Any, ...]:
+        """The centers' and the momentum's tables, and the momentum and weight decay, as
+        :func:`native_sgd_store` takes them."""
+        (momentum,) = self.state_tables or (None,)
+        stored = None
+        if momentum is not None:
+            scales = getattr(self, momentum.scale_name, None)
+            stored = (momentum.kind, getattr(self, momentum.name), scales)
+        factors = (optimizer.momentum, optimizer.weight_decay)
+        return (self.center_table.kind, self.weight), stored, factors
+
+    def _update_by_torch(
         self,
         rows: Rows,
         block: Tensor,
         grad: Tensor,
         optimizer: RowOptimizer,
         lr: float | Tensor,
-        noise: RoundingNoise,
-        work: Scratch,
+        skip: Tensor | None,
+        noise: RoundingNoise | None = None,
+        work: Scratch | None = None,
     ) -> None:
-        """Update a block of rows and round them into their tables with ``noise``: under SGD
-        on a CPU by the one-pass kernel (:mod:`facescale.heads.native`), else with torch."""
-        if isinstance(optimizer, RowSGD):
-            (momentum,) = self.state_tables or (None,)
-            stored = None
-            if momentum is not None:
-                scales = getattr(self, momentum.scale_name, None)
-                stored = (momentum.kind, getattr(self, momentum.name), scales)
-            factors = (optimizer.momentum, optimizer.weight_decay)
-            centers = (self.center_table.kind, self.weight)
-            terms = (noise.rows, noise.columns)
-            if native_sgd_store(block, grad, rows, terms, centers, stored, lr, factors):
-                return
+        """Update rows and their state with torch and store them; narrow tables round with
+        ``noise`` and take SGD by operation, the arithmetic of the one-pass kernel."""
         state = {t.name: t.read(self, rows, self._scratch) for t in self.state_tables}
-        if isinstance(optimizer, RowSGD):
+        if noise is not None and isinstance(optimizer, RowSGD):
             optimizer.update_by_operation(block, state.get("momentum_buffer"), grad, lr)
         else:
-            optimizer.update(block, state, grad, lr, self._steps_done)
+            optimizer.update(block, state, grad, lr, self._steps_done, skip)
         for table, values in zip(self._tables, (block, *state.values()), strict=True):
             table.write(self, rows, values, noise if table.narrow else None, work)
 
