@@ -34,6 +34,11 @@ def _bool_index(args: tuple) -> bool:
     return any(torch.is_tensor(p) and p.dtype == torch.bool for p in parts)
 
 
+def _host_value(name: str, args: tuple) -> bool:
+    """``t[index] = 2.0``: on a GPU the number is copied from the host, and that waits."""
+    return name == "__setitem__" and len(args) > 2 and not torch.is_tensor(args[2])
+
+
 class HostSyncs(TorchFunctionMode):
     """``with HostSyncs() as syncs:`` lists in ``syncs.calls`` every syncing call made inside."""
 
@@ -43,6 +48,7 @@ class HostSyncs(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", str(func))
-        if name in SYNCING or (name in ("__getitem__", "__setitem__") and _bool_index(args)):
+        indexing = name in ("__getitem__", "__setitem__")
+        if name in SYNCING or (indexing and _bool_index(args)) or _host_value(name, args):
             self.calls.append(name)
         return func(*args, **(kwargs or {}))

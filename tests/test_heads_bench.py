@@ -1,6 +1,9 @@
 """`facescale bench head`: the report's arithmetic, and one small run on two spawned ranks."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +102,18 @@ def test_a_run_measures_each_loss_with_sub_centers(capsys):
     assert report["num_subcenters"] == 3 and report["classes_computed_per_rank"] == 600
     assert report["centers_and_state_mb"] == [pytest.approx(2 * 1800 * 16 * 4 / 2**20)]
     assert report["by_loss"]["curricularface"]["step_over_first_loss"] > 0
+
+
+def test_the_profile_script_names_where_a_step_goes():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_head.py"
+    argv = [sys.executable, str(script), "--classes", "3000", "--batch", "16", "--dim", "32"]
+    argv += ["--rates", "1,0.5", "--storage", "fp32/fp32,bf16/int8", "--steps", "1", "--top", "4"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    cases = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(c["rate"], c["storage"]) for c in cases] == [
+        (rate, storage) for rate in (1.0, 0.5) for storage in ("fp32/fp32", "bf16/int8")
+    ]
+    for case in cases:
+        assert case["wall_ms_per_step"] > 0 and len(case["top"]) == 4
+        assert case["top"][0]["ms_per_step"] >= case["top"][-1]["ms_per_step"] > 0

@@ -7,7 +7,7 @@ from host_syncs import HostSyncs
 from train_utils import NUM_CLASSES, ArrayLoader, make_faces, small_vit, train_config
 
 from facescale.distributed import init_distributed
-from facescale.heads import AdaFace, ArcFace, CurricularFace, LeanPartialFC, MagFace
+from facescale.heads import AdaFace, ArcFace, CurricularFace, LeanPartialFC, MagFace, native
 from facescale.train.trainer import Trainer
 
 
@@ -18,7 +18,8 @@ def test_the_probe_sees_syncing_calls():
         t[t > 0]
         bool(t[0] > 0)
         t.tolist()
-    assert syncs.calls == ["item", "__getitem__", "__bool__", "tolist"]
+        t[torch.tensor([1])] = 2.0
+    assert syncs.calls == ["item", "__getitem__", "__bool__", "tolist", "__setitem__"]
 
 
 @pytest.mark.parametrize("rate", [1.0, 0.5])
@@ -36,6 +37,25 @@ def test_a_lean_head_step_never_waits(rate, optimizer, cache_bytes):
             head.grad_norm_sq()
             head.step(torch.tensor(0.1), torch.tensor(0.5), skip=torch.tensor(0.0))
         assert syncs.calls == []
+
+
+@pytest.mark.parametrize(("center_dtype", "state_dtype"), [("bf16", "bf16"), ("fp16", "int8")])
+def test_a_narrow_head_step_never_waits(center_dtype, state_dtype, monkeypatch):
+    # the torch path, as on a GPU (the C kernel reads the rate as a number, on a CPU); the
+    # rounding noise's step number is the host's own count: no skip flag to read
+    monkeypatch.setattr(native, "narrow_store", lambda: None)
+    head = LeanPartialFC(
+        40, 16, ArcFace(), 0.5, chunk_size=8, center_dtype=center_dtype,
+        center_state_dtype=state_dtype,
+    )  # fmt: skip
+    head.configure_optimizer("sgd", 0.1)
+    x = torch.randn(12, 16, requires_grad=True)
+    for _ in range(2):
+        with HostSyncs() as syncs:
+            head(x, torch.randint(0, 40, (12,)), sizes=[12]).backward()
+            head.step(torch.tensor(0.1), torch.tensor(0.5))
+        assert syncs.calls == []
+    assert head.optimizer_steps == 2
 
 
 @pytest.mark.parametrize(

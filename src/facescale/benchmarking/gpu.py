@@ -2,14 +2,16 @@
 
 Each stage runs on its own (a failing stage records its error and the others still run) and
 reports ``{"pass": bool, ...figures}``; the command prints one object ``{"pass", "device",
-"seconds", "stages"}``. On CUDA the sizes are the production ones (about 8 minutes on one
-H200); ``--device cpu`` runs every stage at tiny sizes, which the test suite does so that the
-check cannot rot. The stages themselves live in :mod:`facescale.benchmarking.gpu_checks`.
+"seconds", "stages"}``. On CUDA the sizes are the production ones (3 minutes on one H200,
+benchmarks/RESULTS.md); ``--device cpu`` runs every stage at tiny sizes, which the test suite does so that the
+check cannot rot. Each stage's result is also printed to stderr as one JSON line when it ends.
+The stages themselves live in :mod:`facescale.benchmarking.gpu_checks`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -86,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
             folder = workdir / name
             folder.mkdir(parents=True, exist_ok=True)
             stages[name] = run_stage(STAGES[name], torch.device(device), sizes, folder)
+            # a line per stage as it ends: a run stopped by a time limit keeps what it found
+            print(json.dumps({"stage": name, **stages[name]}), file=sys.stderr, flush=True)
     report = {
         "pass": all(stage["pass"] for stage in stages.values()),
         "device": device,

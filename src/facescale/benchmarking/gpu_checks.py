@@ -45,6 +45,8 @@ class Sizes:
     speed_batch: int
     speed_dtypes: tuple[str, ...]
     speed_steps: int
+    storage_classes: int
+    storage_modes: tuple[tuple[str, str], ...]  # (center_dtype, center_state_dtype), fp32 first
     e2e_network: str
     e2e_batch: int
     e2e_classes: int
@@ -69,6 +71,8 @@ TINY = Sizes(
     speed_batch=64,
     speed_dtypes=("fp32",),
     speed_steps=2,
+    storage_classes=20_000,
+    storage_modes=(("fp32", "fp32"), ("bf16", "int8")),
     e2e_network="mbf",
     e2e_batch=8,
     e2e_classes=1000,
@@ -92,6 +96,8 @@ FULL = Sizes(
     speed_batch=1024,
     speed_dtypes=("fp16", "bf16"),
     speed_steps=3,
+    storage_classes=1_000_000,
+    storage_modes=(("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "int8"), ("fp16", "int8")),
     e2e_network="r50",
     e2e_batch=128,
     e2e_classes=1_400_000,
@@ -345,7 +351,7 @@ def gloo_ranks(device: torch.device, sizes: Sizes, folder: Path) -> dict[str, An
     from facescale.eval import tar_at_far_all_pairs
 
     counts = [sizes.head_batch, 0, *([3] * (sizes.ranks - 2))]
-    ranks = _spawn(device, _head_on_ranks, sizes.ranks, sizes, counts, "gloo")
+    ranks = _spawn(device, _head_on_ranks, sizes.ranks, sizes, counts, "gloo", backend="gloo")
     expected = [t.tar for t in tar_at_far_all_pairs(*_tar_problem(), [0.1])]
     ok = all(
         r["loss_error"] <= 1e-4 and r["grad_error"] <= 1e-4 and r["tar"] == expected for r in ranks
@@ -493,52 +499,62 @@ def sync(device: torch.device, sizes: Sizes, folder: Path) -> dict[str, Any]:
 
 
 # ---- speed -----------------------------------------------------------------------------
-def head_speed(device: torch.device, sizes: Sizes, folder: Path) -> dict[str, Any]:
-    """`bench head`'s measurement in this process, against the same run's matmul floor."""
+def _head_speed_run(
+    device: torch.device, sizes: Sizes, classes: int, rate: float, dtype: str, storage=None
+) -> dict[str, Any]:
+    """One `bench head` measurement in this process: step and matmul floor (ms), and peak
+    memory growth (MB); ``storage`` is (center_dtype, center_state_dtype), default fp32."""
     from facescale.benchmarking.head import Options, measure_rank, summarize
     from facescale.heads.partial_fc import chunk_size_for
 
-    rows, dim = [], 512 if device.type == "cuda" else 128
+    dim = 512 if device.type == "cuda" else 128
+    centers, state = storage or ("fp32", "fp32")
+    chunk = chunk_size_for(device, sizes.speed_batch, dim)
+    options = Options(
+        "partial_fc", True, classes, 1, sizes.speed_batch, dim, rate, chunk, 512, dtype,
+        sizes.speed_steps, 1, 0, LR, center_dtype=centers, center_state_dtype=state,
+    )  # fmt: skip
+    report = summarize(options, [measure_rank(options, device)])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the next size starts from free memory
+    return {
+        "classes": classes,
+        "rate": rate,
+        "dtype": dtype,
+        "step_ms": round(report["step_s_median"] * 1e3, 2),
+        "floor_ms": round(report["floor_s_median"] * 1e3, 2),
+        "step_over_floor": round(report["step_over_floor_median"], 2),
+        "memory_growth_mb": round(report["memory_growth_mb"][0], 1),
+    }
+
+
+def head_speed(device: torch.device, sizes: Sizes, folder: Path) -> dict[str, Any]:
+    """`bench head`'s measurement in this process, against the same run's matmul floor; then
+    each narrow storage mode against fp32 storage (time and peak memory, no target)."""
+    rows = []
     for classes in sizes.speed_classes:
         for rate in sizes.speed_rates:
             for dtype in sizes.speed_dtypes:
-                options = Options(
-                    "partial_fc",
-                    True,
-                    classes,
-                    1,
-                    sizes.speed_batch,
-                    dim,
-                    rate,
-                    chunk_size_for(device, sizes.speed_batch, dim),
-                    512,
-                    dtype,
-                    sizes.speed_steps,
-                    1,
-                    0,
-                    LR,
-                )
-                report = summarize(options, [measure_rank(options, device)])
-                target = SPEED_TARGETS.get(rate, 2.0) if device.type == "cuda" else None
-                ratio = report["step_over_floor_median"]
-                rows.append(
-                    {
-                        "classes": classes,
-                        "rate": rate,
-                        "dtype": dtype,
-                        "step_ms": round(report["step_s_median"] * 1e3, 2),
-                        "floor_ms": round(report["floor_s_median"] * 1e3, 2),
-                        "step_over_floor": round(ratio, 2),
-                        "target": target,
-                        "pass": target is None or ratio <= target,
-                    }
-                )
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()  # the next size starts from free memory
+                row = _head_speed_run(device, sizes, classes, rate, dtype)
+                row["target"] = SPEED_TARGETS.get(rate, 2.0) if device.type == "cuda" else None
+                row["pass"] = row["target"] is None or row["step_over_floor"] <= row["target"]
+                rows.append(row)
+    storage = []
+    for rate in sizes.speed_rates:
+        fp32 = None
+        for mode in sizes.storage_modes:
+            row = _head_speed_run(device, sizes, sizes.storage_classes, rate, "bf16", mode)
+            fp32 = fp32 or row
+            row["storage"] = "/".join(mode)
+            row["step_over_fp32"] = round(row["step_ms"] / fp32["step_ms"], 3)
+            base = fp32["memory_growth_mb"]  # on a CPU a process's growth, often 0
+            row["memory_over_fp32"] = round(row["memory_growth_mb"] / base, 3) if base else None
+            storage.append(row)
     return {
         "pass": all(r["pass"] for r in rows),
         "targets": "GPU only" if device.type != "cuda" else SPEED_TARGETS,
         "runs": rows,
+        "storage_modes": storage,
     }
 
 

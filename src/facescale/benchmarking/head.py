@@ -78,8 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunk-size",
         type=int,
-        default=DEFAULT_CHUNK_SIZE,
-        help="classes whose logits are computed at a time",
+        default=None,
+        help=f"classes whose logits are computed at a time (default: {DEFAULT_CHUNK_SIZE} on "
+        "CPU; on a GPU as many as 1 GiB of buffers holds, as in training)",
     )
     parser.add_argument(
         "--cache-mib",
@@ -139,6 +140,11 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"facescale bench head: error: {problem}", file=sys.stderr)
         return 2
+    import torch
+
+    from facescale.heads.partial_fc import chunk_size_for
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the ranks' (init_distributed)
     options = Options(
         args.kind,
         lean,
@@ -147,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         args.batch,
         args.dim,
         args.sample_rate,
-        args.chunk_size,
+        args.chunk_size or chunk_size_for(device, args.batch * args.world, args.dim),
         args.cache_mib,
         args.dtype,
         args.steps,

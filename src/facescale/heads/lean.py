@@ -15,6 +15,7 @@ copy of the centers), and their buffers are reused across chunks and steps.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -37,11 +38,30 @@ from .softmax import (
 from .subcenters import best_of, pick_subcenters, spread
 
 
+@functools.cache
+def writes_fp32_products(device: torch.device) -> bool:
+    """Whether ``torch.mm`` on ``device`` writes the fp32 product of 16-bit operands straight
+    from its accumulator (``out_dtype``: CUDA only), with no 16-bit product to widen."""
+    if device.type != "cuda":
+        return False
+    try:
+        a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+        torch.mm(a, a, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
 def matmul_into(out: Tensor, a: Tensor, b: Tensor, alpha: float, accumulate: bool) -> Tensor:
     """``out = alpha * (a @ b)``, plus ``out`` if ``accumulate``; fp32 ``out``, any-dtype a, b."""
     if a.dtype == out.dtype:
         return out.addmm_(a, b, beta=1.0 if accumulate else 0.0, alpha=alpha)
-    product = torch.mm(a, b).float()
+    if not writes_fp32_products(a.device):
+        product = torch.mm(a, b).float()
+    elif accumulate or alpha != 1.0 or not out.is_contiguous():
+        product = torch.mm(a, b, out_dtype=out.dtype)
+    else:
+        return torch.mm(a, b, out_dtype=out.dtype, out=out)
     return out.add_(product, alpha=alpha) if accumulate else torch.mul(product, alpha, out=out)
 
 
@@ -113,30 +133,42 @@ class ChunkedSoftmax:
         block = scratch.wide_rows("rows", weight, rows)
         return block, inverse_norms(block)
 
+    def operand(self, block: Tensor, inv_norm: Tensor, scratch: Scratch) -> tuple[Tensor, Tensor]:
+        """The centers as the logit matmuls take them, and the inverse norms still owed to the
+        logits (None: none). In a narrower logits dtype the rows are normalised on their way
+        to it (that pass is made anyway), which saves a pass over the [batch x chunk] logits;
+        in fp32, the raw rows (often a view of the table, no copy at all)."""
+        if self.dtype == block.dtype:
+            return block, inv_norm
+        out = scratch.take("operand", tuple(block.shape), block, self.dtype)
+        return torch.mul(block, inv_norm[:, None], out=out), None
+
     def _logits(
         self,
         scaled: Tensor,
-        block: Tensor,
-        inv_norm: Tensor,
+        operand: Tensor,
+        inv_norm: Tensor | None,
         sel: ShardSelection,
         lo: int,
         scratch: Scratch,
         out: Tensor | None = None,
         negatives: Negatives | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Non-target logits of the classes of rows [lo, lo + len(block)), in ``out`` or
-        scratch (with sub-centers: in a new tensor, the best sub-center of each class third,
-        else None); targets are -inf. With ``negatives`` they are modulated in place, and
-        the derivative of the modulated logits to the plain ones comes second (else None)."""
+        """Non-target logits of the classes of rows [lo, lo + len(operand)) (``operand`` and
+        ``inv_norm`` from :meth:`operand`), in ``out`` or scratch (with sub-centers: in a new
+        tensor, the best sub-center of each class third, else None); targets are -inf. With
+        ``negatives`` they are modulated in place, and the derivative of the modulated
+        logits to the plain ones comes second (else None)."""
         if out is None:
-            out = scratch.take("logits", (scaled.shape[0], block.shape[0]), inv_norm)
-        logits = matmul_into(out, scaled, block.to(self.dtype).t(), 1.0, accumulate=False)
-        logits.mul_(inv_norm)
+            out = scratch.take("logits", (scaled.shape[0], operand.shape[0]), scaled, torch.float32)
+        logits = matmul_into(out, scaled, operand.t(), 1.0, accumulate=False)
+        if inv_norm is not None:
+            logits.mul_(inv_norm)
         k, best = self.subcenters, None
         if k > 1:
             logits, best = best_of(logits, k)
         drop_filtered_(logits, self.margin.s * self.threshold)
-        inside, cols = sel.chunk_targets(lo, lo + block.shape[0])
+        inside, cols = sel.chunk_targets(lo, lo + operand.shape[0])
         at = (sel.target_rows, cols // k)  # distinct rows: no position is written twice
         logits.index_put_(at, torch.where(inside, float("-inf"), logits[at]))
         if negatives is None:
@@ -210,9 +242,10 @@ class ChunkedSoftmax:
         tops = []  # per chunk: the running maximum its probabilities are relative to
         for lo, hi in self.chunks(sel.count):
             block, inv_norm = self.centers(weight, shard_rows(sel.index, lo, hi), scratch)
+            operand, inv_norm = self.operand(block, inv_norm, scratch)
             out = None if cache is None else cache[:, lo:hi]
             logits, slopes, best = self._logits(
-                scaled, block, inv_norm, sel, lo, scratch, out, negatives
+                scaled, operand, inv_norm, sel, lo, scratch, out, negatives
             )
             new_top = torch.maximum(top, logits.amax(dim=1))
             shift = finite_or_zero(new_top)
@@ -226,13 +259,14 @@ class ChunkedSoftmax:
                     out = scratch.take("spread", (batch, block.shape[0]), probs)
                 probs = spread(probs, best, self.subcenters, out)
             if weighted is not None:
-                if cache is None:
+                scaled_probs = probs  # times the inverse norms, or the operand's rows have them
+                if inv_norm is not None and cache is None:
                     scaled_probs = probs.mul_(inv_norm)
-                else:
+                elif inv_norm is not None:
                     buffer = scratch.take("scaled_probs", tuple(probs.shape), probs)
                     scaled_probs = torch.mul(probs, inv_norm, out=buffer)
                 weighted.mul_(rescale[:, None])
-                matmul_into(weighted, scaled_probs.to(self.dtype), block.to(self.dtype), 1.0, True)
+                matmul_into(weighted, scaled_probs.to(self.dtype), operand, 1.0, True)
             tops.append(new_top)
             top = new_top
         lse = log_sum_exp(top, sumexp, target, across_ranks=True)
@@ -270,8 +304,9 @@ class ChunkedSoftmax:
         if mb.probs is not None:
             probs = mb.probs[:, lo : lo + block.shape[0]]
         else:
+            operand, owed = self.operand(block, inv_norm, scratch)
             logits, slopes, best = self._logits(
-                mb.scaled, block, inv_norm, sel, lo, scratch, negatives=mb.negatives
+                mb.scaled, operand, owed, sel, lo, scratch, negatives=mb.negatives
             )
             probs = logits.sub_(mb.lse[:, None]).exp_()
             if slopes is not None:

@@ -250,6 +250,7 @@ class LeanPartialFC(ShardedHead):
         self.state_tables: tuple[RowTable, ...] = ()
         self.optimizer: RowOptimizer | None = None
         self._steps_done = torch.zeros(())  # optimizer steps taken, on the centers' device
+        self._steps_known: int | None = 0  # the host's copy of it, while the host knows it
         self.pending: list[MicroBatch] = []  # what each backward since the last step left
         self._scratch = Scratch()  # chunk buffers, kept from step to step
         self.cache_bytes = cache_bytes
@@ -307,11 +308,15 @@ class LeanPartialFC(ShardedHead):
         for table in self.state_tables:
             table.register(self, *self.weight.shape, self.weight.device)
         self._steps_done = torch.zeros((), device=self.weight.device)
+        self._steps_known = 0
 
     @property
     def optimizer_steps(self) -> int:
-        """Optimizer steps taken (skipped ones not counted); reading it waits for the device."""
-        return int(self._steps_done)
+        """Optimizer steps taken (skipped ones not counted); after a step whose skip flag
+        stayed on the device, reading it waits for the device."""
+        if self._steps_known is None:
+            self._steps_known = int(self._steps_done)
+        return self._steps_known
 
     @torch.no_grad()
     def center_grad_chunks(self) -> Iterator[tuple[Rows, Tensor]]:
@@ -406,6 +411,7 @@ class LeanPartialFC(ShardedHead):
             # no fused kernel to skip on the device, or narrow tables (a skipped step must not
             # round them again): read the flag here
             skipped, done = torch.stack([skip.float().cpu(), self._steps_done.cpu()]).tolist()
+            self._steps_known = int(done)
             if skipped:
                 self._forget()
                 return
@@ -418,6 +424,10 @@ class LeanPartialFC(ShardedHead):
                 grad.mul_(grad_scale)
             self._update(rows, block, grad, optimizer, lr, skip, step_number)
         self._steps_done += 1.0 if skip is None else 1.0 - skip
+        if skip is not None:  # taken or not: the device knows
+            self._steps_known = None
+        elif self._steps_known is not None:
+            self._steps_known += 1
         self._forget()
 
     def _update(
@@ -544,7 +554,8 @@ class LeanPartialFC(ShardedHead):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
-        self._steps_done = torch.tensor(float(state["optimizer_steps"]), device=self.weight.device)
+        self._steps_known = int(state["optimizer_steps"])
+        self._steps_done = torch.tensor(float(self._steps_known), device=self.weight.device)
 
     def extra_repr(self) -> str:
         return (

@@ -18,16 +18,17 @@ class Scratch:
 
     buffers: dict[str, Tensor] = field(default_factory=dict)
 
-    def take(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """An uninitialised ``shape`` tensor of ``like``'s dtype and device, named ``name``."""
+    def take(
+        self, name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """An uninitialised ``shape`` tensor of ``like``'s device and dtype (or ``dtype``),
+        named ``name``."""
         numel = math.prod(shape)
+        dtype = dtype or like.dtype
         buffer = self.buffers.get(name)
-        if (
-            buffer is None
-            or buffer.numel() < numel
-            or (buffer.dtype, buffer.device) != (like.dtype, like.device)
-        ):
-            buffer = self.buffers[name] = like.new_empty(numel)
+        kind = (dtype, like.device)
+        if buffer is None or buffer.numel() < numel or (buffer.dtype, buffer.device) != kind:
+            buffer = self.buffers[name] = like.new_empty(numel, dtype=dtype)
         return buffer[:numel].view(shape)
 
     def rows_of(self, name: str, table: Tensor, rows: Rows) -> Tensor:

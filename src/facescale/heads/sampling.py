@@ -78,7 +78,8 @@ class ClassSampler:
         # a spare last key takes the marks of rows outside the shard
         keys = torch.empty(self.num_local + 1, device=positives.device, dtype=torch.float32)
         torch.rand(self.num_local, generator=generator, out=keys[: self.num_local])
-        keys[positives] = 2.0  # above every uniform key: positives are always kept
+        # above every uniform key: positives are always kept (a scalar fill: no host copy)
+        keys.index_fill_(0, positives, 2.0)
         return keys[: self.num_local].topk(self.num_sample, sorted=False).indices.sort().values
 
     def state_dict(self) -> dict[str, Any]:
