@@ -2,10 +2,10 @@
 
     python benchmarks/profile_head.py --classes 1000000 --batch 1024 --rates 1,0.1
 
-Each case prints the kernels (or CPU operators, without a GPU) by their own time, the wall
-time per step and the device's busy time per step (a device busy for much less than the
-wall time is waiting on the host: launches, Python, synchronisations), and on a GPU where a
-step first waits for the device.
+Each case prints torch's operators by the time of the kernels they launch (without a GPU,
+by their own CPU time), the wall time per step and, on a GPU, the kernels launched and the
+device's busy time per step (busy for much less than the wall time: the device waits on the
+host's launches, Python or synchronisations) and where a step first waits for the device.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from facescale.heads import ArcFace, LeanPartialFC
@@ -78,8 +79,12 @@ def profile_case(args: argparse.Namespace, rate: float, storage: tuple[str, str]
     events = prof.key_averages()
     on_device = device.type == "cuda"
     key = "self_device_time_total" if on_device else "self_cpu_time_total"
-    rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)
-    busy = sum(getattr(e, key) for e in events) / 1e6 / args.steps if on_device else None
+    # operators (named as torch names them) by the time of the kernels they launch; the
+    # kernels themselves give the device's busy time and count
+    operators = [e for e in events if e.device_type == DeviceType.CPU]
+    kernels = [e for e in events if e.device_type != DeviceType.CPU]
+    rows = sorted(operators, key=lambda e: getattr(e, key), reverse=True)
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6 / args.steps
     top = [
         {
             "name": e.key[:90],
@@ -93,9 +98,8 @@ def profile_case(args: argparse.Namespace, rate: float, storage: tuple[str, str]
         "storage": "/".join(storage),
         "chunk_size": head.softmax.chunk_size,
         "wall_ms_per_step": round(wall * 1e3, 2),
-        "device_busy_ms_per_step": None if busy is None else round(busy * 1e3, 2),
-        "kernels_per_step": sum(e.count for e in events if on_device and e.device_time_total)
-        // args.steps,
+        "device_busy_ms_per_step": round(busy * 1e3, 2) if on_device else None,
+        "kernels_per_step": sum(e.count for e in kernels) // args.steps,
         "first_host_sync": syncs,
         "top": top,
     }

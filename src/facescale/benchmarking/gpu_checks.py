@@ -500,15 +500,20 @@ def sync(device: torch.device, sizes: Sizes, folder: Path) -> dict[str, Any]:
 
 # ---- speed -----------------------------------------------------------------------------
 def _head_speed_run(
-    device: torch.device, sizes: Sizes, classes: int, rate: float, dtype: str, storage=None
+    device: torch.device,
+    sizes: Sizes,
+    classes: int,
+    rate: float,
+    dtype: str,
+    storage: tuple[str, str] = ("fp32", "fp32"),
 ) -> dict[str, Any]:
     """One `bench head` measurement in this process: step and matmul floor (ms), and peak
-    memory growth (MB); ``storage`` is (center_dtype, center_state_dtype), default fp32."""
+    memory growth (MB); ``storage`` is (center_dtype, center_state_dtype)."""
     from facescale.benchmarking.head import Options, measure_rank, summarize
     from facescale.heads.partial_fc import chunk_size_for
 
     dim = 512 if device.type == "cuda" else 128
-    centers, state = storage or ("fp32", "fp32")
+    centers, state = storage
     chunk = chunk_size_for(device, sizes.speed_batch, dim)
     options = Options(
         "partial_fc", True, classes, 1, sizes.speed_batch, dim, rate, chunk, 512, dtype,

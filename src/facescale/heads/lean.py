@@ -133,7 +133,9 @@ class ChunkedSoftmax:
         block = scratch.wide_rows("rows", weight, rows)
         return block, inverse_norms(block)
 
-    def operand(self, block: Tensor, inv_norm: Tensor, scratch: Scratch) -> tuple[Tensor, Tensor]:
+    def operand(
+        self, block: Tensor, inv_norm: Tensor, scratch: Scratch
+    ) -> tuple[Tensor, Tensor | None]:
         """The centers as the logit matmuls take them, and the inverse norms still owed to the
         logits (None: none). In a narrower logits dtype the rows are normalised on their way
         to it (that pass is made anyway), which saves a pass over the [batch x chunk] logits;
