@@ -16,7 +16,12 @@ from torch.profiler import ProfilerActivity, profile
 from facescale import plan
 from facescale.config import Config
 from facescale.heads import CombinedMargin, build_head
-from facescale.heads.partial_fc import ROUNDING_ROWS
+from facescale.heads.partial_fc import (
+    DEFAULT_CHUNK_SIZE,
+    ROUNDING_ROWS,
+    chunk_size_for,
+    gpu_chunk_size,
+)
 from facescale.optim import build_optimizer
 from facescale.train.build import build_backbone
 
@@ -231,6 +236,22 @@ def test_estimate_adds_state_and_the_largest_phase():
     assert plan.estimate(fp16, 4, "cpu") == cpu  # the trainer computes fp16 in fp32 on CPU
 
 
+def test_the_head_is_planned_with_the_chunk_the_trainer_takes():
+    # the trainer's chunk (head_chunk_size, else 4096 classes on a CPU and on a GPU as many
+    # as its 1 GiB budget holds for the global batch: 149,504 at 128 rows of 512-d) sizes
+    # the head's scratch
+    cfg = Config(network="mbf", batch_size=128, num_classes=1_000_000, head="partial_fc")
+    gpu_chunk = gpu_chunk_size(128, 512)
+    assert gpu_chunk == 149_504 and chunk_size_for("cpu", 128, 512) == DEFAULT_CHUNK_SIZE
+    for device, chunk in (("cpu", DEFAULT_CHUNK_SIZE), ("cuda", gpu_chunk)):
+        chosen = plan.head_memory(dataclasses.replace(cfg, head_chunk_size=chunk), 1, device)
+        assert plan.head_memory(cfg, 1, device) == chosen
+    cpu, cuda = plan.head_memory(cfg, 1, "cpu"), plan.head_memory(cfg, 1, "cuda")
+    # gradient and product rows, and the chunk's logits for the batch
+    more_rows = gpu_chunk - DEFAULT_CHUNK_SIZE
+    assert cuda.state - cpu.state == more_rows * (2 * 512 + 128) * 4
+
+
 def test_planning_answers_are_the_largest_that_fit():
     cfg = Config(network="mbf", batch_size=16, num_classes=1_000_000, head="data_parallel")
     memory, world = 6 * 2**30, 2
@@ -259,7 +280,9 @@ def test_plan_command_prints_one_json_object(capsys):
     assert report["device"] == "cuda" and report["device_memory"] == 8 * 2**30
     assert report["fits"] is True
     kept_softmax = 64 * 1_000_000 * 4  # the global batch over the shard
-    centers_and_scratch = 2 * (1_000_000 * 512 + 4096 * 512 + 32 * 4096) * 4
+    chunk = gpu_chunk_size(64, 512, 8 * 2**30)  # the trainer's on such a GPU
+    assert chunk == 39_936
+    centers_and_scratch = (2 * 1_000_000 * 512 + 2 * chunk * 512 + 64 * chunk) * 4
     assert report["estimate"]["head_state"] == centers_and_scratch + kept_softmax
     assert report["largest_num_classes"] > 2_000_000
     assert report["largest_batch_size"] >= 32

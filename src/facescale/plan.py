@@ -224,10 +224,13 @@ def optimizer_states(cfg: Config) -> int:
 ROUNDING_BYTES = {"fp32": 0, "bf16": 0, "fp16": 12, "int8": 5}
 
 
-def head_memory(cfg: Config, world_size: int, device: str = "cpu") -> HeadMemory:
+def head_memory(
+    cfg: Config, world_size: int, device: str = "cpu", device_memory: int | None = None
+) -> HeadMemory:
     """The head of rank 0 (which holds the largest shard) for ``cfg`` on ``world_size`` ranks
-    of ``device``."""
-    from facescale.heads.partial_fc import DEFAULT_CHUNK_SIZE, ROUNDING_ROWS
+    of ``device``, each with ``device_memory`` bytes (None: a GPU's chunk as on 32 GiB or
+    more)."""
+    from facescale.heads.partial_fc import DEFAULT_CHUNK_SIZE, ROUNDING_ROWS, gpu_chunk_size
     from facescale.heads.storage import row_bytes
 
     d, k = cfg.embedding_size, optimizer_states(cfg)
@@ -250,7 +253,8 @@ def head_memory(cfg: Config, world_size: int, device: str = "cpu") -> HeadMemory
             step=2 * copy,
         )
     # Partial FC (lean): the shard's centers and optimizer state, and the head's scratch
-    # buffers, kept from step to step: a chunk of DEFAULT_CHUNK_SIZE computed classes for
+    # buffers, kept from step to step: a chunk of computed classes (head_chunk_size, else
+    # the trainer's default: DEFAULT_CHUNK_SIZE on a CPU, a GPU's far larger one) for
     # the gradient and its product with the centers (under sampling also the chunk's rows
     # and their optimizer state, copied), and the chunk's logits. The gradient norm reads
     # a chunk's gradient in float64 (two chunks' bytes); other transients are vectors of
@@ -269,8 +273,11 @@ def head_memory(cfg: Config, world_size: int, device: str = "cpu") -> HeadMemory
     local = math.ceil(cfg.num_classes / world_size)
     sampled = cfg.sample_rate < 1
     computed = min(local, math.ceil(cfg.sample_rate * local)) if sampled else local
-    rows = min(DEFAULT_CHUNK_SIZE, computed) * per_class
     global_batch = cfg.batch_size * world_size
+    chunk = cfg.head_chunk_size or DEFAULT_CHUNK_SIZE
+    if device != "cpu" and not cfg.head_chunk_size:
+        chunk = gpu_chunk_size(global_batch, d, *([device_memory] if device_memory else []))
+    rows = min(chunk, computed) * per_class
     probs = global_batch * computed * per_class * FLOAT_BYTES
     kept = min(cfg.gradient_acc, cfg.head_cache_mib * 2**20 // probs)
     kinds = {"centers": cfg.center_dtype, "state": cfg.center_state_dtype if k else "fp32"}
@@ -368,15 +375,17 @@ def cpu_overhead(trace: BackboneTrace, phase: str) -> int:
     return round(CPU_RUNTIME_BYTES + retained)
 
 
-def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimate:
+def estimate(
+    cfg: Config, world_size: int, device: str = "cpu", device_memory: int | None = None
+) -> MemoryEstimate:
     """Peak memory of rank 0 training ``cfg`` on ``world_size`` ranks of ``device``
-    ('cpu' or 'cuda')."""
+    ('cpu' or 'cuda'), each with ``device_memory`` bytes (a GPU's sizes its head's chunks)."""
     if device not in PROCESS_BYTES:
         raise ValueError(f"device {device!r}: choose 'cpu' or 'cuda'")
     trace = trace_backbone(cfg)
     if device_dtype(cfg.fp16, cfg.bf16, device) is not None:
         trace = _reduced_precision(trace)
-    head = head_memory(cfg, world_size, device)
+    head = head_memory(cfg, world_size, device, device_memory)
     buckets = trace.parameters * FLOAT_BYTES if world_size > 1 else 0
     phases = {
         "backbone forward": trace.forward,
@@ -402,7 +411,7 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
 # ---- planning questions ----------------------------------------------------------------
 def fits(cfg: Config, world_size: int, device: str, memory: int) -> bool:
     """Whether a rank with ``memory`` bytes can train ``cfg``."""
-    return estimate(cfg, world_size, device).required <= memory
+    return estimate(cfg, world_size, device, memory).required <= memory
 
 
 def _largest(lo: int, hi: int, ok: Any) -> int | None:

@@ -257,7 +257,12 @@ def run_config(
         limit = min(limit, args.memory_limit or limit)
     spec = RunSpec(overrides, args.warmup, args.steps, str(folder), limit, args.comm)
     spec.save(folder / "spec.json")
-    predicted = estimate(load_config(None, overrides), args.ranks, device)
+    gpu_memory = None
+    if device == "cuda":
+        import torch
+
+        gpu_memory = torch.cuda.get_device_properties(0).total_memory
+    predicted = estimate(load_config(None, overrides), args.ranks, device, gpu_memory)
     row: dict[str, Any] = {
         "mode": mode.name,
         "label": mode.label,

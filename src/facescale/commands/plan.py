@@ -50,7 +50,7 @@ def answers(cfg: Any, devices: int, device: str, memory: int) -> dict[str, Any]:
     from facescale import plan
     from facescale.precision import resolve_bf16
 
-    found = plan.estimate(cfg, devices, device)
+    found = plan.estimate(cfg, devices, device, memory)
     rate = None
     if cfg.head == "partial_fc" or not found.required <= memory:
         rate = plan.largest_sample_rate(cfg, devices, device, memory)

@@ -42,14 +42,21 @@ GPU_CHUNK_BUDGET = 2**30  # bytes of a chunk's buffers on a GPU (at most 1/32 of
 
 
 def chunk_size_for(device: torch.device | str, rows: int, embedding_size: int) -> int:
-    """Classes per chunk for a global batch of ``rows``: :data:`DEFAULT_CHUNK_SIZE` on CPU;
-    on a GPU as many as the chunk's buffers allow within the budget, so a step of millions
-    of classes launches hundreds of kernels, not tens of thousands."""
+    """Classes per chunk for a global batch of ``rows``: :data:`DEFAULT_CHUNK_SIZE` on CPU,
+    :func:`gpu_chunk_size` on a GPU."""
     device = torch.device(device)
     if device.type != "cuda":
         return DEFAULT_CHUNK_SIZE
     total = torch.cuda.get_device_properties(device).total_memory
-    budget = min(GPU_CHUNK_BUDGET, total // 32)
+    return gpu_chunk_size(rows, embedding_size, total)
+
+
+def gpu_chunk_size(rows: int, embedding_size: int, total_memory: int = 32 * 2**30) -> int:
+    """Classes per chunk on a GPU of ``total_memory`` bytes: as many as the chunk's buffers
+    allow within :data:`GPU_CHUNK_BUDGET`, so a step of millions of classes launches
+    hundreds of kernels, not tens of thousands (the default memory: any GPU of 32 GiB or
+    more, which all get the same size)."""
+    budget = min(GPU_CHUNK_BUDGET, total_memory // 32)
     # per class: fp32 logits and scaled probabilities (rows each); rows, grad, product (dim)
     per_class = 4 * (2 * rows + 3 * embedding_size)
     return max(DEFAULT_CHUNK_SIZE, budget // per_class // 1024 * 1024)
