@@ -24,6 +24,7 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}
 ADAMW_FACTOR = 10  # AdamW's first step is about lr * sign(grad): small gradients flip first
 SPEED_TARGETS = {1.0: 1.5}  # step / matmul floor on a GPU; any sampled rate: 2.0
+PLAN_TOLERANCE = 0.1  # the planner's predicted peak against the measured one, on a GPU
 
 
 @dataclass(frozen=True)
@@ -506,9 +507,11 @@ def _head_speed_run(
     rate: float,
     dtype: str,
     storage: tuple[str, str] = ("fp32", "fp32"),
+    lean: bool = True,
 ) -> dict[str, Any]:
     """One `bench head` measurement in this process: step and matmul floor (ms), and peak
-    memory growth (MB); ``storage`` is (center_dtype, center_state_dtype)."""
+    memory growth (MB); ``storage`` is (center_dtype, center_state_dtype); not ``lean``:
+    the drop-in head (dense logits through autograd, torch's SGD)."""
     from facescale.benchmarking.head import Options, measure_rank, summarize
     from facescale.heads.partial_fc import chunk_size_for
 
@@ -516,7 +519,7 @@ def _head_speed_run(
     centers, state = storage
     chunk = chunk_size_for(device, sizes.speed_batch, dim)
     options = Options(
-        "partial_fc", True, classes, 1, sizes.speed_batch, dim, rate, chunk, 512, dtype,
+        "partial_fc", lean, classes, 1, sizes.speed_batch, dim, rate, chunk, 512, dtype,
         sizes.speed_steps, 1, 0, LR, center_dtype=centers, center_state_dtype=state,
     )  # fmt: skip
     report = summarize(options, [measure_rank(options, device)])
@@ -533,9 +536,20 @@ def _head_speed_run(
     }
 
 
+def _against(row: dict[str, Any], base: dict[str, Any], name: str) -> dict[str, float | None]:
+    """A speed run's step time and memory growth over ``base``'s (on a CPU the memory is a
+    process's growth, often 0: no ratio)."""
+    memory = base["memory_growth_mb"]
+    return {
+        f"step_over_{name}": round(row["step_ms"] / base["step_ms"], 3),
+        f"memory_over_{name}": round(row["memory_growth_mb"] / memory, 3) if memory else None,
+    }
+
+
 def head_speed(device: torch.device, sizes: Sizes, folder: Path) -> dict[str, Any]:
     """`bench head`'s measurement in this process, against the same run's matmul floor; then
-    each narrow storage mode against fp32 storage (time and peak memory, no target)."""
+    the drop-in head and each narrow storage mode against it (time and peak memory, no
+    target)."""
     rows = []
     for classes in sizes.speed_classes:
         for rate in sizes.speed_rates:
@@ -544,31 +558,36 @@ def head_speed(device: torch.device, sizes: Sizes, folder: Path) -> dict[str, An
                 row["target"] = SPEED_TARGETS.get(rate, 2.0) if device.type == "cuda" else None
                 row["pass"] = row["target"] is None or row["step_over_floor"] <= row["target"]
                 rows.append(row)
+    dropin = []  # the first size and dtype: the lean step against plain autograd's
+    for rate in sizes.speed_rates:
+        lean = next(r for r in rows if r["rate"] == rate)
+        row = _head_speed_run(device, sizes, lean["classes"], rate, lean["dtype"], lean=False)
+        dropin.append(row | _against(row, lean, "lean"))
     storage = []
     for rate in sizes.speed_rates:
         fp32 = None
         for mode in sizes.storage_modes:
             row = _head_speed_run(device, sizes, sizes.storage_classes, rate, "bf16", mode)
             fp32 = fp32 or row
-            row["storage"] = "/".join(mode)
-            row["step_over_fp32"] = round(row["step_ms"] / fp32["step_ms"], 3)
-            base = fp32["memory_growth_mb"]  # on a CPU a process's growth, often 0
-            row["memory_over_fp32"] = round(row["memory_growth_mb"] / base, 3) if base else None
-            storage.append(row)
+            storage.append(row | {"storage": "/".join(mode)} | _against(row, fp32, "fp32"))
     return {
         "pass": all(r["pass"] for r in rows),
         "targets": "GPU only" if device.type != "cuda" else SPEED_TARGETS,
         "runs": rows,
+        "dropin": dropin,
         "storage_modes": storage,
     }
 
 
 def end_to_end(device: torch.device, sizes: Sizes, folder: Path) -> dict[str, Any]:
-    """Training samples/s of the backbone and a sampled head, and the head's share."""
+    """Training samples/s of the backbone and a sampled head, the head's share, and on a GPU
+    the planner's predicted peak against the allocator's (within 10%)."""
     import contextlib
 
     from facescale.config import load_config
     from facescale.distributed import DistEnv
+    from facescale.memory import PeakMemory
+    from facescale.plan import estimate
     from facescale.train.trainer import Trainer
 
     precision = "fp16" if device.type == "cuda" else "fp32"  # CPU bf16 convolutions crawl
@@ -588,7 +607,10 @@ def end_to_end(device: torch.device, sizes: Sizes, folder: Path) -> dict[str, An
         f"fp16={precision == 'fp16'}",
         f"output={folder}",
     ]
-    trainer = Trainer(load_config(None, overrides), DistEnv(0, 1, 0, device, None))
+    cfg = load_config(None, overrides)
+    memory = PeakMemory(device)
+    memory.start()
+    trainer = Trainer(cfg, DistEnv(0, 1, 0, device, None))
     with contextlib.closing(trainer.open_logger()) as logger:
         trainer.fit(logger, 1)  # warm-up: allocation, cuDNN's autotuning
         trainer.reset_timings()
@@ -596,8 +618,20 @@ def end_to_end(device: torch.device, sizes: Sizes, folder: Path) -> dict[str, An
     timings = trainer.timings
     total = sum(timings.values())
     head = timings["head_forward"] + timings["head_backward"]
+    planned = None  # the planner against the allocator's peak (a CPU's resident set, grown
+    if device.type == "cuda":  # in a process that ran other stages, says little)
+        total_memory = torch.cuda.get_device_properties(device).total_memory
+        predicted = estimate(cfg, 1, "cuda", total_memory).peak
+        measured = memory.peak()["peak_bytes"]
+        planned = {
+            "predicted_mib": round(predicted / 2**20),
+            "measured_mib": round(measured / 2**20),
+            "predicted_over_measured": round(predicted / measured, 3),
+        }
+    within = planned is None or abs(planned["predicted_over_measured"] - 1) <= PLAN_TOLERANCE
     return {
-        "pass": summary["steps"] == steps,
+        "pass": summary["steps"] == steps and within,
+        "planner": planned,
         "network": sizes.e2e_network,
         "precision": precision,
         "classes": sizes.e2e_classes,
