@@ -3,7 +3,7 @@
 Each stage runs on its own (a failing stage records its error and the others still run) and
 reports ``{"pass": bool, ...figures}``; the command prints one object ``{"pass", "device",
 "seconds", "stages"}``, and each stage's result to stderr as one JSON line when it ends. On
-CUDA the sizes are the production ones (3 minutes on one H200: benchmarks/RESULTS.md);
+CUDA the sizes are the production ones (about 3 minutes on one H200: benchmarks/RESULTS.md);
 ``--device cpu`` runs every stage at tiny sizes, which the test suite does so that the check
 cannot rot. The stages themselves live in :mod:`facescale.benchmarking.gpu_checks`.
 """
