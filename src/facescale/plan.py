@@ -276,7 +276,7 @@ def head_memory(
     global_batch = cfg.batch_size * world_size
     chunk = cfg.head_chunk_size or DEFAULT_CHUNK_SIZE
     if device != "cpu" and not cfg.head_chunk_size:
-        chunk = gpu_chunk_size(global_batch, d, *([device_memory] if device_memory else []))
+        chunk = gpu_chunk_size(global_batch, d, device_memory)
     rows = min(chunk, computed) * per_class
     probs = global_batch * computed * per_class * FLOAT_BYTES
     kept = min(cfg.gradient_acc, cfg.head_cache_mib * 2**20 // probs)

@@ -618,8 +618,10 @@ def end_to_end(device: torch.device, sizes: Sizes, folder: Path) -> dict[str, An
     timings = trainer.timings
     total = sum(timings.values())
     head = timings["head_forward"] + timings["head_backward"]
-    planned = None  # the planner against the allocator's peak (a CPU's resident set, grown
-    if device.type == "cuda":  # in a process that ran other stages, says little)
+    # the planner against the allocator's peak; on a CPU the resident set of a process that
+    # ran the other stages first says little
+    planned = None
+    if device.type == "cuda":
         total_memory = torch.cuda.get_device_properties(device).total_memory
         predicted = estimate(cfg, 1, "cuda", total_memory).peak
         measured = memory.peak()["peak_bytes"]

@@ -51,12 +51,12 @@ def chunk_size_for(device: torch.device | str, rows: int, embedding_size: int) -
     return gpu_chunk_size(rows, embedding_size, total)
 
 
-def gpu_chunk_size(rows: int, embedding_size: int, total_memory: int = 32 * 2**30) -> int:
-    """Classes per chunk on a GPU of ``total_memory`` bytes: as many as the chunk's buffers
-    allow within :data:`GPU_CHUNK_BUDGET`, so a step of millions of classes launches
-    hundreds of kernels, not tens of thousands (the default memory: any GPU of 32 GiB or
-    more, which all get the same size)."""
-    budget = min(GPU_CHUNK_BUDGET, total_memory // 32)
+def gpu_chunk_size(rows: int, embedding_size: int, total_memory: int | None = None) -> int:
+    """Classes per chunk on a GPU of ``total_memory`` bytes (None: 32 GiB or more, which all
+    get the same size): as many as the chunk's buffers allow within
+    :data:`GPU_CHUNK_BUDGET`, so a step of millions of classes launches hundreds of kernels,
+    not tens of thousands."""
+    budget = GPU_CHUNK_BUDGET if total_memory is None else min(GPU_CHUNK_BUDGET, total_memory // 32)
     # per class: fp32 logits and scaled probabilities (rows each); rows, grad, product (dim)
     per_class = 4 * (2 * rows + 3 * embedding_size)
     return max(DEFAULT_CHUNK_SIZE, budget // per_class // 1024 * 1024)
