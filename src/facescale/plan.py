@@ -274,9 +274,10 @@ def head_memory(
     sampled = cfg.sample_rate < 1
     computed = min(local, math.ceil(cfg.sample_rate * local)) if sampled else local
     global_batch = cfg.batch_size * world_size
-    chunk = cfg.head_chunk_size or DEFAULT_CHUNK_SIZE
-    if device != "cpu" and not cfg.head_chunk_size:
-        chunk = gpu_chunk_size(global_batch, d, device_memory)
+    default = (
+        DEFAULT_CHUNK_SIZE if device == "cpu" else gpu_chunk_size(global_batch, d, device_memory)
+    )
+    chunk = cfg.head_chunk_size or default  # as the trainer picks it (chunk_size_for)
     rows = min(chunk, computed) * per_class
     probs = global_batch * computed * per_class * FLOAT_BYTES
     kept = min(cfg.gradient_acc, cfg.head_cache_mib * 2**20 // probs)
