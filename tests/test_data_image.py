@@ -12,7 +12,7 @@ from facescale.data.augment import (
     draw_flips,
     grey,
     place_chw,
-    random_crop,
+    random_placement,
     strong_augment,
     zoom_shift,
 )
@@ -108,13 +108,18 @@ def test_strong_augmentation_is_reproducible_and_varied():
     assert 0 < changed < 32  # some images got a strong step, not all
 
 
-def bilinear_zoom_shift(image: np.ndarray, zoom: float, dx: float, dy: float) -> np.ndarray:
-    """Float64 reference: each output pixel centre mapped back into the input and sampled
-    bilinearly from its four nearest pixels; NaN where those are not all inside the image."""
+def bilinear_zoom_shift(
+    image: np.ndarray, zoom: float, dx: float, dy: float, degrees: float = 0.0
+) -> np.ndarray:
+    """Float64 reference: each output pixel centre moved back by (dx, dy), turned back by
+    ``degrees``, divided by ``zoom`` about the centre and sampled bilinearly from its four
+    nearest input pixels; NaN where those are not all inside the image."""
     h, w = image.shape[:2]
     ys, xs = np.mgrid[0:h, 0:w] + 0.5
-    sx = (xs - w / 2 - dx) / zoom + w / 2 - 0.5  # input pixel coordinates (centres at integers)
-    sy = (ys - h / 2 - dy) / zoom + h / 2 - 0.5
+    u, v = (xs - w / 2 - dx) / zoom, (ys - h / 2 - dy) / zoom
+    turn = np.deg2rad(degrees)  # clockwise on screen, where y points down
+    sx = np.cos(turn) * u + np.sin(turn) * v + w / 2 - 0.5  # input pixel coordinates
+    sy = -np.sin(turn) * u + np.cos(turn) * v + h / 2 - 0.5  # (centres at integers)
     x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
     fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
 
@@ -135,20 +140,37 @@ def test_zoom_shift_moves_whole_pixels_exactly():
     np.testing.assert_array_equal(moved, expected)
 
 
-@pytest.mark.parametrize("zoom, dx, dy", [(1.13, 0.0, 0.0), (0.87, 3.4, -8.25), (1.3, -6.5, 2.0)])
-def test_zoom_shift_matches_a_float64_bilinear_reference(zoom, dx, dy):
+def test_a_quarter_turn_is_clockwise():
+    image = decode_image(face_jpeg(2))
+    turned = zoom_shift(image, 1.0, 0.0, 0.0, 90.0).astype(int)  # the top row goes right
+    # within one uint8 step: the sine and cosine of 90 degrees are not exactly 1 and 0
+    assert np.abs(turned - np.rot90(image, k=-1)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "zoom, dx, dy, degrees",
+    [
+        (1.13, 0.0, 0.0, 0.0),
+        (0.87, 3.4, -8.25, 0.0),
+        (1.3, -6.5, 2.0, 0.0),
+        (1.0, 0.0, 0.0, 13.0),
+        (0.91, 4.5, -2.25, -27.5),
+    ],
+)
+def test_zoom_shift_matches_a_float64_bilinear_reference(zoom, dx, dy, degrees):
     image = decode_image(face_jpeg(4))
-    got = zoom_shift(image, zoom, dx, dy).astype(np.float64)
-    reference = bilinear_zoom_shift(image, zoom, dx, dy)
+    got = zoom_shift(image, zoom, dx, dy, degrees).astype(np.float64)
+    reference = bilinear_zoom_shift(image, zoom, dx, dy, degrees)
     inside = ~np.isnan(reference)  # how the image's edge meets black is PIL's own choice
     assert inside.mean() > 0.5
     assert np.abs(got - reference)[inside].max() <= 1 + 1e-9  # one uint8 step: PIL rounds down
 
 
-def test_random_crop_is_reproducible_varied_and_bounded():
+@pytest.mark.parametrize("extent, degrees", [(0.1, 0.0), (0.0, 15.0), (0.1, 15.0)])
+def test_random_placement_is_reproducible_varied_and_bounded(extent, degrees):
     image = decode_image(face_jpeg(5))
     runs = [
-        [random_crop(image, 0.1, rng) for _ in range(8)]
+        [random_placement(image, extent, degrees, rng) for _ in range(8)]
         for rng in map(np.random.default_rng, (1, 1))
     ]
     assert all(np.array_equal(a, b) for a, b in zip(*runs, strict=True))
@@ -156,6 +178,16 @@ def test_random_crop_is_reproducible_varied_and_bounded():
     for out in runs[0]:  # at most 10% zoom and shift: the centre still shows the face
         assert out.shape == image.shape and out.dtype == np.uint8
         assert out[40:72, 40:72].min(axis=(0, 1)).max() > 0
+
+
+def test_random_placement_without_rotation_draws_as_zoom_and_shift_alone():
+    """Runs that zoom and shift only (every run before rotation existed) draw what they drew."""
+    image = decode_image(face_jpeg(6))
+    rng, again = np.random.default_rng(9), np.random.default_rng(9)
+    got = random_placement(image, 0.2, 0.0, rng)
+    dz, sx, sy = again.uniform(-0.2, 0.2, size=3)
+    np.testing.assert_array_equal(got, zoom_shift(image, 1 + dz, sx * 112, sy * 112))
+    assert rng.random() == again.random()  # nothing more drawn
 
 
 def test_grey_and_strong_steps_keep_the_format():

@@ -96,6 +96,16 @@ def test_worker_processes_deliver_the_in_process_batches(rec):
         assert labels.tolist() == ref_labels.tolist()
 
 
+def test_rotation_turns_the_same_samples(rec):
+    folder, _ = rec
+    plain, turned = (
+        epoch_batches(build_train_loader(config(folder, augment="none", **k), 0, 1, "cpu"), 0)
+        for k in ({}, {"random_rotation": 20.0})
+    )
+    for (a, y), (b, z) in zip(plain, turned, strict=True):
+        assert y.tolist() == z.tolist() and not torch.equal(a, b)
+
+
 @pytest.mark.parametrize(
     "workers, resume_workers, stop", [(0, 0, 5), (2, 2, 6), (2, 0, 1), (0, 2, 15)]
 )

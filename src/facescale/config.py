@@ -197,6 +197,10 @@ class Config:
     )
     # zoom each training image by 1 +- r and shift it by up to r of its side (0: off)
     random_crop: float = field(default=0.0, metadata=_check(lambda v: 0 <= v < 0.5, "in [0, 0.5)"))
+    # turn each training image by up to this many degrees either way (0: off)
+    random_rotation: float = field(
+        default=0.0, metadata=_check(lambda v: 0 <= v <= 45, "degrees in [0, 45]")
+    )
     skip_bad_records: bool = False
     val_targets: list[str] = field(default_factory=lambda: ["lfw", "cfp_fp", "agedb_30"])
     # optimisation

@@ -3,13 +3,15 @@
 ``flip`` is arcface_torch's default (random horizontal flip), done while the image is copied
 into the CxHxW batch. ``strong`` adds, each with its own probability, a down-up resize, a
 Gaussian blur, a hue/saturation/value jitter and a grey conversion: useful on large datasets.
-The ``random_crop`` key, apart from the mode, zooms and shifts each image by a random fraction
-of its side: on small sets of faces not aligned to a template, it shows the model each face at
-many scales and places.
+The ``random_crop`` and ``random_rotation`` keys, apart from the mode, zoom and shift each image
+by a random fraction of its side and turn it by a random angle: on small sets of faces not
+aligned to a template, they show the model each face at many scales, places and tilts.
 The generator is seeded per batch, so a resumed run draws the same augmentations.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -20,23 +22,35 @@ HSV_P, HUE_SHIFT, SAT_VAL_SCALE = 0.5, 0.05, (0.7, 1.3)
 GREY_P = 0.1
 
 
-def zoom_shift(image: np.ndarray, zoom: float, dx: float, dy: float) -> np.ndarray:
-    """The image zoomed by ``zoom`` about its centre, then moved ``dx`` right and ``dy`` down
-    (pixels); black where nothing of the image lands."""
+def zoom_shift(
+    image: np.ndarray, zoom: float, dx: float, dy: float, degrees: float = 0.0
+) -> np.ndarray:
+    """The image turned ``degrees`` clockwise and zoomed by ``zoom``, both about its centre,
+    then moved ``dx`` right and ``dy`` down (pixels); black where nothing of the image lands."""
     height, width = image.shape[:2]
     cx, cy = width / 2, height / 2  # PIL samples pixel centres at half-integers
-    # the output pixel (x, y) reads the input at ((x - cx - dx) / zoom + cx, ...)
-    inverse = (1 / zoom, 0.0, cx - (cx + dx) / zoom, 0.0, 1 / zoom, cy - (cy + dy) / zoom)
+    # the output pixel (x, y) reads the input at the centre plus (x - cx - dx, y - cy - dy)
+    # turned back by the angle and divided by the zoom: one resampling for all three
+    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    ox, oy = cx + dx, cy + dy
+    inverse = (
+        *(cos / zoom, sin / zoom, cx - (cos * ox + sin * oy) / zoom),
+        *(-sin / zoom, cos / zoom, cy - (cos * oy - sin * ox) / zoom),
+    )
     moved = Image.fromarray(image).transform((width, height), Image.AFFINE, inverse, Image.BILINEAR)
     return np.asarray(moved)
 
 
-def random_crop(image: np.ndarray, extent: float, rng: np.random.Generator) -> np.ndarray:
-    """Zoom by a factor in [1 - extent, 1 + extent] and shift by up to ``extent`` of the side
-    in each direction, drawn per image."""
-    dz, sx, sy = rng.uniform(-extent, extent, size=3)
+def random_placement(
+    image: np.ndarray, extent: float, degrees: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Zoom by a factor in [1 - extent, 1 + extent], shift by up to ``extent`` of the side in
+    each direction and turn by up to ``degrees`` either way, drawn per image (a draw only
+    for what is on, so a run without rotation draws as it always did)."""
+    dz, sx, sy = rng.uniform(-extent, extent, size=3) if extent else (0.0, 0.0, 0.0)
+    angle = rng.uniform(-degrees, degrees) if degrees else 0.0
     height, width = image.shape[:2]
-    return zoom_shift(image, 1 + dz, sx * width, sy * height)
+    return zoom_shift(image, 1 + dz, sx * width, sy * height, angle)
 
 
 def draw_flips(count: int, mode: str, rng: np.random.Generator) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from facescale.data.augment import draw_flips, place_chw, random_crop, strong_augment
+from facescale.data.augment import draw_flips, place_chw, random_placement, strong_augment
 from facescale.data.order import SEED_TAG_AUGMENT, EpochPlan, ReadOrder
 from facescale.data.recordio import RecordError
 from facescale.data.ring import BatchRing, Progress
@@ -47,9 +47,16 @@ class BatchMaker(Dataset):
     """Makes the batch a BatchTask describes; keeps the last window it read in memory."""
 
     def __init__(
-        self, source: Source, augment: str, crop: float, skip_bad: bool, ring_size: int
+        self,
+        source: Source,
+        augment: str,
+        crop: float,
+        rotation: float,
+        skip_bad: bool,
+        ring_size: int,
     ) -> None:
-        self.source, self.augment, self.crop, self.skip_bad = source, augment, crop, skip_bad
+        self.source, self.augment, self.skip_bad = source, augment, skip_bad
+        self.crop, self.rotation = crop, rotation
         self.progress = Progress()
         self.ring_size = ring_size
         self._ring: BatchRing | None = None
@@ -94,8 +101,8 @@ class BatchMaker(Dataset):
                 continue
             if self.augment == "strong":
                 image = strong_augment(image, rng)
-            if self.crop:
-                image = random_crop(image, self.crop, rng)
+            if self.crop or self.rotation:
+                image = random_placement(image, self.crop, self.rotation, rng)
             place_chw(images[i], image, flips[i])
         if bad:
             replace_bad(images, labels, bad)

@@ -293,6 +293,11 @@ def build_train_loader(
     prefetch = 2
     # a worker has at most `prefetch` batches in flight, plus one copied out and one on a stream
     maker = BatchMaker(
-        source, cfg.augment, cfg.random_crop, cfg.skip_bad_records, ring_size=prefetch + 3
+        source,
+        cfg.augment,
+        cfg.random_crop,
+        cfg.random_rotation,
+        cfg.skip_bad_records,
+        ring_size=prefetch + 3,
     )
     return TrainLoader(maker, order, cfg.num_workers, torch.device(device), prefetch)
