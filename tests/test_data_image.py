@@ -12,9 +12,9 @@ from facescale.data.augment import (
     draw_flips,
     grey,
     place_chw,
-    random_placement,
+    random_reframe,
+    reframe,
     strong_augment,
-    zoom_shift,
 )
 from facescale.data.image import ImageDecodeError, encode_jpeg, face_bytes, fit_face
 
@@ -108,7 +108,7 @@ def test_strong_augmentation_is_reproducible_and_varied():
     assert 0 < changed < 32  # some images got a strong step, not all
 
 
-def bilinear_zoom_shift(
+def bilinear_reframe(
     image: np.ndarray, zoom: float, dx: float, dy: float, degrees: float = 0.0
 ) -> np.ndarray:
     """Float64 reference: each output pixel centre moved back by (dx, dy), turned back by
@@ -132,9 +132,9 @@ def bilinear_zoom_shift(
     return np.where(inside[..., None], top * (1 - fy) + bottom * fy, np.nan)
 
 
-def test_zoom_shift_moves_whole_pixels_exactly():
+def test_reframe_moves_whole_pixels_exactly():
     image = decode_image(face_jpeg(1))
-    moved = zoom_shift(image, 1.0, 7, -5)  # 7 right, 5 up
+    moved = reframe(image, 1.0, 7, -5)  # 7 right, 5 up
     expected = np.zeros_like(image)
     expected[:-5, 7:] = image[5:, :-7]
     np.testing.assert_array_equal(moved, expected)
@@ -142,7 +142,7 @@ def test_zoom_shift_moves_whole_pixels_exactly():
 
 def test_a_quarter_turn_is_clockwise():
     image = decode_image(face_jpeg(2))
-    turned = zoom_shift(image, 1.0, 0.0, 0.0, 90.0).astype(int)  # the top row goes right
+    turned = reframe(image, 1.0, 0.0, 0.0, 90.0).astype(int)  # the top row goes right
     # within one uint8 step: the sine and cosine of 90 degrees are not exactly 1 and 0
     assert np.abs(turned - np.rot90(image, k=-1)).max() <= 1
 
@@ -157,20 +157,20 @@ def test_a_quarter_turn_is_clockwise():
         (0.91, 4.5, -2.25, -27.5),
     ],
 )
-def test_zoom_shift_matches_a_float64_bilinear_reference(zoom, dx, dy, degrees):
+def test_reframe_matches_a_float64_bilinear_reference(zoom, dx, dy, degrees):
     image = decode_image(face_jpeg(4))
-    got = zoom_shift(image, zoom, dx, dy, degrees).astype(np.float64)
-    reference = bilinear_zoom_shift(image, zoom, dx, dy, degrees)
+    got = reframe(image, zoom, dx, dy, degrees).astype(np.float64)
+    reference = bilinear_reframe(image, zoom, dx, dy, degrees)
     inside = ~np.isnan(reference)  # how the image's edge meets black is PIL's own choice
     assert inside.mean() > 0.5
     assert np.abs(got - reference)[inside].max() <= 1 + 1e-9  # one uint8 step: PIL rounds down
 
 
 @pytest.mark.parametrize("extent, degrees", [(0.1, 0.0), (0.0, 15.0), (0.1, 15.0)])
-def test_random_placement_is_reproducible_varied_and_bounded(extent, degrees):
+def test_random_reframe_is_reproducible_varied_and_bounded(extent, degrees):
     image = decode_image(face_jpeg(5))
     runs = [
-        [random_placement(image, extent, degrees, rng) for _ in range(8)]
+        [random_reframe(image, extent, degrees, rng) for _ in range(8)]
         for rng in map(np.random.default_rng, (1, 1))
     ]
     assert all(np.array_equal(a, b) for a, b in zip(*runs, strict=True))
@@ -180,13 +180,13 @@ def test_random_placement_is_reproducible_varied_and_bounded(extent, degrees):
         assert out[40:72, 40:72].min(axis=(0, 1)).max() > 0
 
 
-def test_random_placement_without_rotation_draws_as_zoom_and_shift_alone():
+def test_random_reframe_without_rotation_draws_as_zoom_and_shift_alone():
     """Runs that zoom and shift only (every run before rotation existed) draw what they drew."""
     image = decode_image(face_jpeg(6))
     rng, again = np.random.default_rng(9), np.random.default_rng(9)
-    got = random_placement(image, 0.2, 0.0, rng)
+    got = random_reframe(image, 0.2, 0.0, rng)
     dz, sx, sy = again.uniform(-0.2, 0.2, size=3)
-    np.testing.assert_array_equal(got, zoom_shift(image, 1 + dz, sx * 112, sy * 112))
+    np.testing.assert_array_equal(got, reframe(image, 1 + dz, sx * 112, sy * 112))
     assert rng.random() == again.random()  # nothing more drawn
 
 

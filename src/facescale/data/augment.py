@@ -22,7 +22,7 @@ HSV_P, HUE_SHIFT, SAT_VAL_SCALE = 0.5, 0.05, (0.7, 1.3)
 GREY_P = 0.1
 
 
-def zoom_shift(
+def reframe(
     image: np.ndarray, zoom: float, dx: float, dy: float, degrees: float = 0.0
 ) -> np.ndarray:
     """The image turned ``degrees`` clockwise and zoomed by ``zoom``, both about its centre,
@@ -41,7 +41,7 @@ def zoom_shift(
     return np.asarray(moved)
 
 
-def random_placement(
+def random_reframe(
     image: np.ndarray, extent: float, degrees: float, rng: np.random.Generator
 ) -> np.ndarray:
     """Zoom by a factor in [1 - extent, 1 + extent], shift by up to ``extent`` of the side in
@@ -50,7 +50,7 @@ def random_placement(
     dz, sx, sy = rng.uniform(-extent, extent, size=3) if extent else (0.0, 0.0, 0.0)
     angle = rng.uniform(-degrees, degrees) if degrees else 0.0
     height, width = image.shape[:2]
-    return zoom_shift(image, 1 + dz, sx * width, sy * height, angle)
+    return reframe(image, 1 + dz, sx * width, sy * height, angle)
 
 
 def draw_flips(count: int, mode: str, rng: np.random.Generator) -> np.ndarray:

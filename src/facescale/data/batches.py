@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from facescale.data.augment import draw_flips, place_chw, random_placement, strong_augment
+from facescale.data.augment import draw_flips, place_chw, random_reframe, strong_augment
 from facescale.data.order import SEED_TAG_AUGMENT, EpochPlan, ReadOrder
 from facescale.data.recordio import RecordError
 from facescale.data.ring import BatchRing, Progress
@@ -102,7 +102,7 @@ class BatchMaker(Dataset):
             if self.augment == "strong":
                 image = strong_augment(image, rng)
             if self.crop or self.rotation:
-                image = random_placement(image, self.crop, self.rotation, rng)
+                image = random_reframe(image, self.crop, self.rotation, rng)
             place_chw(images[i], image, flips[i])
         if bad:
             replace_bad(images, labels, bad)
