@@ -31,7 +31,8 @@ def reframe(
     cx, cy = width / 2, height / 2  # PIL samples pixel centres at half-integers
     # the output pixel (x, y) reads the input at the centre plus (x - cx - dx, y - cy - dy)
     # turned back by the angle and divided by the zoom: one resampling for all three
-    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    turn = math.radians(degrees)
+    cos, sin = math.cos(turn), math.sin(turn)
     ox, oy = cx + dx, cy + dy
     inverse = (
         *(cos / zoom, sin / zoom, cx - (cos * ox + sin * oy) / zoom),
