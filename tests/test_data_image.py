@@ -9,9 +9,12 @@ from PIL import Image
 
 from facescale.data import decode_image
 from facescale.data.augment import (
+    ERASE_AREA,
+    Augmentation,
     draw_flips,
     grey,
     place_chw,
+    random_erase,
     random_reframe,
     reframe,
     strong_augment,
@@ -187,6 +190,48 @@ def test_random_reframe_without_rotation_draws_as_zoom_and_shift_alone():
     got = random_reframe(image, 0.2, 0.0, rng)
     dz, sx, sy = again.uniform(-0.2, 0.2, size=3)
     np.testing.assert_array_equal(got, reframe(image, 1 + dz, sx * 112, sy * 112))
+    assert rng.random() == again.random()  # nothing more drawn
+
+
+def test_random_erase_fills_one_rectangle_of_bounded_area_with_noise():
+    image = decode_image(face_jpeg(7))
+    image.setflags(write=False)  # as PIL gives it: erasing must copy
+    areas = []
+    for seed in range(40):
+        out = random_erase(image, np.random.default_rng(seed))
+        assert out.shape == image.shape and out.dtype == np.uint8
+        rows, cols = np.nonzero((out != image).any(axis=2))
+        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        box = out[top:bottom, left:right]
+        # noise: a pixel of the box keeps the image's value only by chance (1 in 256 a channel)
+        assert (box != image[top:bottom, left:right]).any(axis=2).mean() > 0.95
+        assert np.unique(box).size > 64
+        areas.append((bottom - top) * (right - left) / image.shape[0] / image.shape[1])
+        assert 1 / 3 - 0.05 <= (bottom - top) / (right - left) <= 3 + 0.5
+    lo, hi = ERASE_AREA
+    assert lo * 0.8 <= min(areas) and max(areas) <= hi * 1.1 and max(areas) - min(areas) > 0.1
+    again = random_erase(image, np.random.default_rng(39))
+    np.testing.assert_array_equal(again, out)
+
+
+@pytest.mark.parametrize("probability", [0.0, 0.3, 1.0])
+def test_augmentation_erases_the_share_of_images_it_is_given(probability):
+    image = decode_image(face_jpeg(8))
+    rng = np.random.default_rng(4)
+    erased = [
+        not np.array_equal(Augmentation("none", erase=probability)(image, rng), image)
+        for _ in range(400)
+    ]
+    assert abs(np.mean(erased) - probability) < 0.07
+
+
+def test_augmentation_without_erasing_draws_as_before():
+    """Runs without ``random_erase`` (every run before it existed) draw what they drew."""
+    image = decode_image(face_jpeg(9))
+    rng, again = np.random.default_rng(2), np.random.default_rng(2)
+    got = Augmentation("strong", crop=0.1, rotation=5.0)(image, rng)
+    expected = random_reframe(strong_augment(image, again), 0.1, 5.0, again)
+    np.testing.assert_array_equal(got, expected)
     assert rng.random() == again.random()  # nothing more drawn
 
 

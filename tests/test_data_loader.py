@@ -96,13 +96,14 @@ def test_worker_processes_deliver_the_in_process_batches(rec):
         assert labels.tolist() == ref_labels.tolist()
 
 
-def test_rotation_turns_the_same_samples(rec):
+@pytest.mark.parametrize("key", [{"random_rotation": 20.0}, {"random_erase": 1.0}])
+def test_rotation_and_erasing_change_the_images_of_the_same_samples(rec, key):
     folder, _ = rec
-    plain, turned = (
+    plain, changed = (
         epoch_batches(build_train_loader(config(folder, augment="none", **k), 0, 1, "cpu"), 0)
-        for k in ({}, {"random_rotation": 20.0})
+        for k in ({}, key)
     )
-    for (a, y), (b, z) in zip(plain, turned, strict=True):
+    for (a, y), (b, z) in zip(plain, changed, strict=True):
         assert y.tolist() == z.tolist() and not torch.equal(a, b)
 
 

@@ -201,6 +201,8 @@ class Config:
     random_rotation: float = field(
         default=0.0, metadata=_check(lambda v: 0 <= v <= 45, "degrees in [0, 45]")
     )
+    # hide a random rectangle of a training image behind noise with this probability (0: off)
+    random_erase: float = field(default=0.0, metadata=_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
     skip_bad_records: bool = False
     val_targets: list[str] = field(default_factory=lambda: ["lfw", "cfp_fp", "agedb_30"])
     # optimisation

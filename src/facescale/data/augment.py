@@ -6,12 +6,16 @@ Gaussian blur, a hue/saturation/value jitter and a grey conversion: useful on la
 The ``random_crop`` and ``random_rotation`` keys, apart from the mode, zoom and shift each image
 by a random fraction of its side and turn it by a random angle: on small sets of faces not
 aligned to a template, they show the model each face at many scales, places and tilts.
-The generator is seeded per batch, so a resumed run draws the same augmentations.
+``random_erase`` hides a random rectangle of some images behind noise, as a hand, glasses or
+another head hide part of a face. :class:`Augmentation` applies the keys together, in one
+order. The generator is seeded per batch, so a resumed run draws the same augmentations.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -20,6 +24,8 @@ DOWN_UP_P, DOWN_UP_SCALE = 0.2, (0.4, 1.0)
 BLUR_P, BLUR_RADIUS = 0.1, (0.5, 1.5)
 HSV_P, HUE_SHIFT, SAT_VAL_SCALE = 0.5, 0.05, (0.7, 1.3)
 GREY_P = 0.1
+# an erased rectangle covers 2 to 40 % of the image, its height 1/3 to 3 times its width
+ERASE_AREA, ERASE_ASPECT = (0.02, 0.4), 3.0
 
 
 def reframe(
@@ -52,6 +58,20 @@ def random_reframe(
     angle = rng.uniform(-degrees, degrees) if degrees else 0.0
     height, width = image.shape[:2]
     return reframe(image, 1 + dz, sx * width, sy * height, angle)
+
+
+def random_erase(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A copy of the image with one rectangle of random area, shape and place filled with
+    uniform noise."""
+    height, width = image.shape[:2]
+    area = rng.uniform(*ERASE_AREA) * height * width
+    aspect = math.exp(rng.uniform(-math.log(ERASE_ASPECT), math.log(ERASE_ASPECT)))
+    h = min(height, max(1, round(math.sqrt(area * aspect))))
+    w = min(width, max(1, round(math.sqrt(area / aspect))))
+    top, left = rng.integers(height - h + 1), rng.integers(width - w + 1)
+    out = image.copy()
+    out[top : top + h, left : left + w] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return out
 
 
 def draw_flips(count: int, mode: str, rng: np.random.Generator) -> np.ndarray:
@@ -105,3 +125,33 @@ def strong_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if rng.random() < p:
             image = step(image, rng)
     return image
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What is done to each training image: the config's ``augment`` (the mode), and
+    ``random_crop``, ``random_rotation`` and ``random_erase``; a step that is off draws
+    nothing, so adding a key leaves the draws of runs without it as they were."""
+
+    mode: str = "flip"
+    crop: float = 0.0
+    rotation: float = 0.0
+    erase: float = 0.0  # the probability that an image has a rectangle erased
+
+    @classmethod
+    def of(cls, cfg: Any) -> Augmentation:
+        return cls(cfg.augment, cfg.random_crop, cfg.random_rotation, cfg.random_erase)
+
+    def flips(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        """Which of ``count`` images to mirror (:func:`draw_flips`)."""
+        return draw_flips(count, self.mode, rng)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The image augmented: strong steps, then zoom, shift and turn, then erasing."""
+        if self.mode == "strong":
+            image = strong_augment(image, rng)
+        if self.crop or self.rotation:
+            image = random_reframe(image, self.crop, self.rotation, rng)
+        if self.erase and rng.random() < self.erase:
+            image = random_erase(image, rng)
+        return image

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from facescale.data.augment import draw_flips, place_chw, random_reframe, strong_augment
+from facescale.data.augment import Augmentation, place_chw
 from facescale.data.order import SEED_TAG_AUGMENT, EpochPlan, ReadOrder
 from facescale.data.recordio import RecordError
 from facescale.data.ring import BatchRing, Progress
@@ -49,14 +49,11 @@ class BatchMaker(Dataset):
     def __init__(
         self,
         source: Source,
-        augment: str,
-        crop: float,
-        rotation: float,
+        augmentation: Augmentation,
         skip_bad: bool,
         ring_size: int,
     ) -> None:
-        self.source, self.augment, self.skip_bad = source, augment, skip_bad
-        self.crop, self.rotation = crop, rotation
+        self.source, self.augmentation, self.skip_bad = source, augmentation, skip_bad
         self.progress = Progress()
         self.ring_size = ring_size
         self._ring: BatchRing | None = None
@@ -89,7 +86,7 @@ class BatchMaker(Dataset):
         labels = np.empty(len(positions), dtype=np.int64)
         o = task.order
         rng = rng_for(o.seed, SEED_TAG_AUGMENT, task.epoch, o.rank, task.batch)
-        flips = draw_flips(len(positions), self.augment, rng)
+        flips = self.augmentation.flips(len(positions), rng)
         bad: dict[int, str] = {}  # slot -> what was wrong
         for i, p in enumerate(positions.tolist()):
             try:
@@ -99,11 +96,7 @@ class BatchMaker(Dataset):
                     raise
                 bad[i] = str(err)
                 continue
-            if self.augment == "strong":
-                image = strong_augment(image, rng)
-            if self.crop or self.rotation:
-                image = random_reframe(image, self.crop, self.rotation, rng)
-            place_chw(images[i], image, flips[i])
+            place_chw(images[i], self.augmentation(image, rng), flips[i])
         if bad:
             replace_bad(images, labels, bad)
         return out, labels, list(bad.values())

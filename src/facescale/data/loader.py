@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from facescale.data.augment import Augmentation
 from facescale.data.batches import BatchMaker, BatchTask
 from facescale.data.order import EpochPlan, ReadOrder
 from facescale.data.recordio import RecordError
@@ -292,12 +293,5 @@ def build_train_loader(
     )
     prefetch = 2
     # a worker has at most `prefetch` batches in flight, plus one copied out and one on a stream
-    maker = BatchMaker(
-        source,
-        cfg.augment,
-        cfg.random_crop,
-        cfg.random_rotation,
-        cfg.skip_bad_records,
-        ring_size=prefetch + 3,
-    )
+    maker = BatchMaker(source, Augmentation.of(cfg), cfg.skip_bad_records, ring_size=prefetch + 3)
     return TrainLoader(maker, order, cfg.num_workers, torch.device(device), prefetch)
