@@ -225,6 +225,8 @@ def test_estimate_adds_state_and_the_largest_phase():
     trace = plan.trace_backbone(cfg)
     assert cuda.backbone_state == trace.state + 4 * trace.parameters  # + DDP buckets
     assert plan.estimate(cfg, 1, "cuda").backbone_state == trace.state
+    averaged = plan.estimate(dataclasses.replace(cfg, ema_decay=0.999), 4, "cuda")
+    assert averaged.backbone_state == cuda.backbone_state + 4 * trace.parameters
     assert cuda.runtime == 0 and cpu.runtime > plan.CPU_RUNTIME_BYTES
     assert cpu.peak == cpu.backbone_state + cpu.head_state + cpu.step_transient + cpu.runtime
     assert cpu.required == cpu.peak + plan.PROCESS_BYTES["cpu"]

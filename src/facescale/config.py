@@ -212,6 +212,8 @@ class Config:
     lr: float = field(default=0.1, metadata=_check(_positive, "a number > 0"))
     momentum: float = field(default=0.9, metadata=_check(lambda v: 0 <= v < 1, "in [0, 1)"))
     weight_decay: float = field(default=5e-4, metadata=_check(_non_negative, "a number >= 0"))
+    # evaluate and save an exponential moving average of the backbone's weights (0: off)
+    ema_decay: float = field(default=0.0, metadata=_check(lambda v: 0 <= v < 1, "in [0, 1)"))
     batch_size: int = field(default=128, metadata=_check(_positive, "an integer > 0"))
     gradient_acc: int = field(default=1, metadata=_check(_positive, "an integer > 0"))
     num_epoch: int = field(default=20, metadata=_check(_positive, "an integer > 0"))

@@ -336,7 +336,7 @@ class MemoryEstimate:
 
     device: str
     backbone_parameters: int
-    backbone_state: int  # parameters, optimizer state, DDP buckets
+    backbone_state: int  # parameters, optimizer state, DDP buckets, weight average
     head_state: int  # this rank's centers and their optimizer state
     step_transient: int  # the largest phase of the step
     peak_phase: str
@@ -388,6 +388,7 @@ def estimate(
         trace = _reduced_precision(trace)
     head = head_memory(cfg, world_size, device, device_memory)
     buckets = trace.parameters * FLOAT_BYTES if world_size > 1 else 0
+    average = trace.parameters * FLOAT_BYTES if cfg.ema_decay else 0  # ema_decay's weights
     phases = {
         "backbone forward": trace.forward,
         "head forward": trace.activations + head.forward,
@@ -400,7 +401,7 @@ def estimate(
     return MemoryEstimate(
         device=device,
         backbone_parameters=trace.parameters,
-        backbone_state=trace.state + buckets,
+        backbone_state=trace.state + buckets + average,
         head_state=head.state,
         step_transient=phases[phase],
         peak_phase=phase,

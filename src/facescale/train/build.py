@@ -28,6 +28,7 @@ from facescale.heads.partial_fc import chunk_size_for
 from facescale.optim import build_optimizer
 from facescale.precision import autocast_dtype, device_dtype
 from facescale.seeding import configure_determinism, rank_seed, seed_everything
+from facescale.train.weight_average import WeightAverage
 
 
 class Loader(Protocol):
@@ -56,6 +57,12 @@ class Components:
     loader: Loader
     schedule: Schedule
     dtype: torch.dtype | None  # the backbone's autocast dtype
+    average: WeightAverage | None  # the backbone's weight average (``ema_decay``)
+
+    @property
+    def inference_backbone(self) -> nn.Module:
+        """What a run evaluates and saves: the weight average where there is one."""
+        return self.backbone if self.average is None else self.average.model
 
 
 def build_backbone(cfg: Config, device: torch.device | None = None) -> Backbone:
@@ -166,6 +173,7 @@ def build(
     if backbone is None:
         backbone = build_backbone(cfg, env.device)
     backbone = backbone.to(env.device)
+    average = WeightAverage(backbone, cfg.ema_decay) if cfg.ema_decay else None
     model = parallelize(backbone, env, dtype)
     if compiles(cfg.compile, env.device):
         # the training call only: evaluation (no_grad, other batch sizes) would compile again,
@@ -182,4 +190,4 @@ def build(
 
         loader = build_train_loader(cfg, env.rank, env.world_size, env.device)
     schedule = cfg.schedule(env.world_size, len(loader))
-    return Components(backbone, model, head, optimizer, scaler, loader, schedule, dtype)
+    return Components(backbone, model, head, optimizer, scaler, loader, schedule, dtype, average)

@@ -1,8 +1,8 @@
 """Crash-safe checkpoints that resume on any number of ranks: the one home of their format.
 
 A checkpoint is a folder ``checkpoints/step_XXXXXXXXX`` holding ``common.pt`` (written by
-rank 0, :func:`common_state`: backbone, its optimizer, scaler, counters, the config fields
-that must match), one ``rank_R.pt`` per rank (:func:`rank_state`: its shard of class
+rank 0, :func:`common_state`: backbone, its optimizer, scaler, weight average, counters, the
+config fields that must match), one ``rank_R.pt`` per rank (:func:`rank_state`: its shard of class
 centers with their optimizer state, its RNG states, its data position) and ``manifest.json``,
 written last, with the size and SHA-256 of every file's bytes as written. Files are written
 into ``step_XXXXXXXXX.partial`` and the folder is renamed into place only when every rank
@@ -34,6 +34,7 @@ from facescale.distributed import DistEnv, barrier, gather_objects
 from facescale.errors import InputError, UserError
 from facescale.seeding import rank_seed, seed_everything
 from facescale.torch_files import load_refusal
+from facescale.train.weight_average import WeightAverage
 
 if TYPE_CHECKING:
     from facescale.train.build import Components
@@ -83,6 +84,7 @@ def common_state(
     backbone: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
+    average: WeightAverage | None = None,
 ) -> dict[str, Any]:
     """What ``common.pt`` holds: ``identity`` is the config's :data:`MATCHING_FIELDS`; the
     schedule's world size and samples per optimizer step let a resume keep the schedule."""
@@ -94,6 +96,7 @@ def common_state(
         "backbone": backbone.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler else None,
+        "weight_average": average.state_dict() if average else None,
     }
 
 
@@ -500,6 +503,7 @@ class Checkpointer:
                 parts.backbone,
                 parts.optimizer,
                 parts.scaler,
+                parts.average,
             )
         path = save_checkpoint(
             self.root, progress.step, common, mine, env.rank, self.cfg.keep_checkpoints
@@ -548,6 +552,12 @@ class Checkpointer:
         check_schedule(common, parts.schedule, cfg, folder)
         parts.backbone.load_state_dict(common["backbone"])
         parts.optimizer.load_state_dict(common["optimizer"])
+        if parts.average is not None:
+            if common.get("weight_average") is None:
+                log.warning("resume: %s holds no weight average; it starts anew", folder)
+                parts.average = WeightAverage(parts.backbone, cfg.ema_decay)
+            else:
+                parts.average.load_state_dict(common["weight_average"])
         if parts.scaler is not None and common["scaler"] is not None:
             parts.scaler.load_state_dict(common["scaler"])
         progress = Progress(**common["progress"])

@@ -295,6 +295,8 @@ class Trainer:
             torch._foreach_mul_(grads, coef)
             grad_scale = coef * grad_scale
         step_unless(optimizer, skip)
+        if self.parts.average is not None:
+            self.parts.average.update(self.backbone, skip)
         if scaler is not None:
             scaler.update()  # lowers the scale after an overflow
         self.head.step(lr, grad_scale=grad_scale, skip=skip)
@@ -334,17 +336,19 @@ class Trainer:
 
     # ---- outside the steps -------------------------------------------------------------
     def evaluate(self, logger: RunLogger) -> dict[str, float]:
-        """Verification accuracy on every val target (rank 0), logged and kept as the best."""
-        results = self.evaluator(self.backbone, self.progress.best)
+        """Verification accuracy on every val target (rank 0), logged and kept as the best;
+        of the weight average where ``ema_decay`` keeps one."""
+        results = self.evaluator(self.parts.inference_backbone, self.progress.best)
         if results:
             logger.scalars(self.progress.step, results, "val")
         return results
 
     def save_model(self) -> None:
-        """The backbone's weights for inference, ``OUTPUT/model.pt`` (rank 0 writes)."""
+        """The backbone's weights for inference (the weight average where ``ema_decay`` keeps
+        one), ``OUTPUT/model.pt`` (rank 0 writes)."""
         if self.env.is_main:
             path = Path(self.cfg.output) / "model.pt"
-            ckpt.atomic_save(self.backbone.state_dict(), path)
+            ckpt.atomic_save(self.parts.inference_backbone.state_dict(), path)
             log.info("backbone weights for inference: %s", path)
         barrier()
 
