@@ -293,18 +293,19 @@ class ChunkedSoftmax:
     def add_center_grad(
         self,
         mb: MicroBatch,
-        block: Tensor,
-        inv_norm: Tensor,
+        block: Tensor | None,
+        inv_norm: Tensor | None,
         lo: int,
         out: Tensor,
         scratch: Scratch,
     ) -> Tensor:
         """Gradient of ``mb``'s loss (times its upstream gradient, a device tensor) to the
-        normalised centers ``block * inv_norm`` (columns [lo, lo + len(block)) of ``mb``),
-        written into ``out``."""
-        sel = mb.selection
+        normalised centers ``block * inv_norm`` (columns [lo, lo + len(out)) of ``mb``),
+        written into ``out``; the centers are read only where ``mb`` kept no probabilities
+        (else they may be None)."""
+        sel, count = mb.selection, out.shape[0]
         if mb.probs is not None:
-            probs = mb.probs[:, lo : lo + block.shape[0]]
+            probs = mb.probs[:, lo : lo + count]
         else:
             operand, owed = self.operand(block, inv_norm, scratch)
             logits, slopes, best = self._logits(
@@ -314,11 +315,11 @@ class ChunkedSoftmax:
             if slopes is not None:
                 probs.mul_(slopes)
             if best is not None:
-                shape = (probs.shape[0], block.shape[0])
+                shape = (probs.shape[0], count)
                 probs = spread(probs, best, self.subcenters, scratch.take("spread", shape, probs))
         scale = 1.0 / mb.embeddings.shape[0]
         matmul_into(out, probs.t().to(self.dtype), mb.scaled, scale, accumulate=False)
-        inside, cols = sel.chunk_targets(lo, lo + block.shape[0])
+        inside, cols = sel.chunk_targets(lo, lo + count)
         coef = (mb.target_coef * scale)[:, None] * mb.embeddings[sel.target_rows]
         out.index_add_(0, cols, torch.where(inside[:, None], coef, 0.0))  # outside: exact 0
         return out.mul_(mb.upstream)

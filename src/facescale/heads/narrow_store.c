@@ -139,25 +139,74 @@ CLONES void store_int8(float *block, int64_t count, int64_t dim, const int32_t *
     }
 }
 
+/* The gradient to a raw row w from the gradient g to its normalised row w / |w|:
+   g_raw = g * inv - w * (inv^3 * (w . g)), inv = 1 / max(|w|, 1e-12), as lean.py's
+   raw_center_grad_ does with torch (its sums in another order), into out. The two sums are
+   vectorised as OpenMP's simd reduction allows (in turn where the compiler lacks OpenMP). */
+ROW void raw_grad_row(const float *w, const float *g, int64_t dim, float *out) {
+    float square = 0.0f, product = 0.0f;
+#pragma omp simd reduction(+ : square, product)
+    for (int64_t j = 0; j < dim; j++) {
+        square += w[j] * w[j];
+        product += w[j] * g[j];
+    }
+    float norm = sqrtf(square);
+    float inv = 1.0f / (norm > 1e-12f ? norm : 1e-12f);
+    float radial = product * (inv * inv * inv);
+    for (int64_t j = 0; j < dim; j++) out[j] = g[j] * inv - w[j] * radial;
+}
+
+/* float16 to float32, exactly and without branches (so the widening loop is vectorised):
+   normal numbers re-biased, subnormal ones as their integer mantissa times 2**-24. */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = h & 0x7C00u;
+    uint32_t magnitude = (uint32_t)(h & 0x7FFFu) << 13;
+    float normal = float_of(magnitude + (112u << 23));
+    float subnormal = (float)(h & 0x3FFu) * 5.9604644775390625e-08f;
+    float special = float_of(magnitude | 0x7F800000u); /* infinity or NaN */
+    float value = exponent == 0 ? subnormal : (exponent == 0x7C00u ? special : normal);
+    return float_of(bits_of(value) | sign);
+}
+
+/* Row `row` of a centers table of `kind` in fp32: the row itself for FP32, else widened into
+   wide. */
+ROW float *load_row(int kind, void *table, int64_t row, int64_t dim, float *wide) {
+    if (kind == FP32) return (float *)table + row * dim;
+    const uint16_t *stored = (const uint16_t *)table + row * dim;
+    if (kind == BF16)
+        for (int64_t j = 0; j < dim; j++) wide[j] = float_of((uint32_t)stored[j] << 16);
+    else
+        for (int64_t j = 0; j < dim; j++) wide[j] = half_to_float(stored[j]);
+    return wide;
+}
+
 /* SGD with momentum (dampening 0) and L2 weight decay on a block of fp32 centers
-   (overwritten) and their momentum, read from and stored to its table of state_kind (FP32,
+   (overwritten; NULL: the rows are read from their table) and their momentum, read from and stored to its table of state_kind (FP32,
    BF16 or INT8; none when momentum_table is NULL), the centers stored to their table of
-   center_kind. Each operation is rounded once:
-   step = g + w * decay; m = m * momentum + step (then step = m); w = w - step * lr. */
+   center_kind. With `radial`, grad is the gradient to the normalised rows and each row's
+   raw gradient is formed first (raw_grad_row), else grad is the raw gradient. Each operation
+   is rounded once: step = g + w * decay; m = m * momentum + step (then step = m);
+   w = w - step * lr. */
 CLONES void sgd_store(float *block, const float *grad, int64_t count, int64_t dim,
                       const int32_t *row_noise, const int32_t *column_noise, const int64_t *rows,
                       int64_t first, int center_kind, void *centers, int state_kind,
                       void *momentum_table, float *momentum_scales, float lr, float momentum,
-                      float decay, int threads) {
+                      float decay, int radial, int threads) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         float buffer[dim]; /* a row of momentum widened from 16 or 8 bits */
+        float raw[dim];    /* a row's raw gradient, with `radial` */
+        float wide[dim];   /* a row of centers widened from 16 bits, without a block */
 #pragma omp for
         for (int64_t i = 0; i < count; i++) {
-            float *w = block + i * dim;
-            const float *g = grad + i * dim;
             int64_t row = table_row(rows, first, i);
             uint32_t r = (uint32_t)row_noise[i];
+            float *w = block ? block + i * dim : load_row(center_kind, centers, row, dim, wide);
+            const float *g = grad + i * dim;
+            if (radial) {
+                raw_grad_row(w, g, dim, raw);
+                g = raw;
+            }
             float *m = state_kind == FP32 && momentum_table
                            ? (float *)momentum_table + row * dim
                            : buffer;

@@ -3,10 +3,12 @@ machine with the C compiler at hand and loaded with ctypes.
 
 The lean head rounds and stores each narrow block with it on CPU: noise, rounding, narrowing
 and the scatter to the table's rows in one pass over the block, where the torch path makes
-four to ten; under SGD the update joins that pass, reading the momentum in its stored form.
-Both paths store the same bits (tests/test_heads_storage.py), so a machine without a compiler
-(or a GPU) only runs slower. The library is cached under ``$XDG_CACHE_HOME/facescale``
-(``~/.cache`` by default), keyed by the source, the compiler, its flags and the machine.
+four to ten; under SGD the update joins that pass, reading the momentum in its stored form,
+and forms each row's raw gradient from the gradient to the normalised row on the way. Given
+the raw gradient, both paths store the same bits (tests/test_heads_storage.py); forming it,
+they agree to rounding. A machine without a compiler (or a GPU) only runs slower. The
+library is cached under ``$XDG_CACHE_HOME/facescale`` (``~/.cache`` by default), keyed by
+the source, the compiler, its flags and the machine.
 """
 
 from __future__ import annotations
@@ -85,15 +87,20 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sgd_store.argtypes = [
         *(pointer, pointer, size, size, pointer, pointer, pointer, size),  # block .. first
         *(number, pointer, number, pointer, pointer),  # the tables
-        *(real, real, real, number),  # lr, momentum, decay, threads
+        *(real, real, real, number, number),  # lr, momentum, decay, radial, threads
     ]
     return lib
 
 
-def _applies(block: Tensor, tensors: tuple[Tensor | None, ...]) -> ctypes.CDLL | None:
-    """The kernels where they apply to ``block`` and ``tensors`` (on CPU, contiguous)."""
-    lib = narrow_store() if block.device.type == "cpu" else None
-    if lib is None or not all(t is None or t.is_contiguous() for t in (block, *tensors)):
+def sgd_kernel_on(device: torch.device) -> bool:
+    """Whether :func:`native_sgd_store` runs on ``device`` (a CPU, with the kernels built)."""
+    return device.type == "cpu" and narrow_store() is not None
+
+
+def _applies(first: Tensor, tensors: tuple[Tensor | None, ...]) -> ctypes.CDLL | None:
+    """The kernels where they apply to ``first`` and ``tensors`` (on CPU, contiguous)."""
+    lib = narrow_store() if first.device.type == "cpu" else None
+    if lib is None or not all(t is None or t.is_contiguous() for t in (first, *tensors)):
         return None
     return lib
 
@@ -137,7 +144,7 @@ def native_store(
 
 
 def native_sgd_store(
-    block: Tensor,
+    block: Tensor | None,
     grad: Tensor,
     rows: slice | Tensor,
     noise: tuple[Tensor, Tensor],
@@ -145,24 +152,28 @@ def native_sgd_store(
     momentum: tuple[str, Tensor, Tensor | None] | None,
     factors: tuple[float, float],
     lr: float | Tensor,
+    radial: bool = False,
 ) -> bool:
-    """One SGD step of the centers ``block`` (fp32, overwritten) with ``grad``, stored with
+    """One SGD step of the centers ``block`` (fp32, overwritten; None: read from their
+    table) with ``grad``, stored with
     the rows' noise (:func:`facescale.heads.storage.noise_terms`) to the ``centers`` table
     (kind, tensor) and its ``momentum`` (kind, table, int8 scales; None without momentum);
-    ``factors`` are the momentum and the weight decay. The arithmetic of
-    :meth:`facescale.heads.row_optim.RowSGD.update_by_operation`; False, changing nothing,
-    where the kernels do not apply."""
+    ``factors`` are the momentum and the weight decay. With ``radial``, ``grad`` is the
+    gradient to the normalised rows, turned into the raw rows' gradient in the same pass
+    (:func:`facescale.heads.lean.raw_center_grad_`, its sums in double: not the torch
+    path's bits). The arithmetic of :meth:`facescale.heads.row_optim.RowSGD.update_by_operation`;
+    False, changing nothing, where the kernels do not apply."""
     center_kind, center_table = centers
     state_kind, state_table, scales = momentum or ("fp32", None, None)
-    lib = _applies(block, (grad, *noise, center_table, state_table, scales))
+    lib = _applies(grad, (block, *noise, center_table, state_table, scales))
     if lib is None:
         return False
     ids, first = _where(rows)
     lib.sgd_store(
-        *(block.data_ptr(), grad.data_ptr(), len(block), block.shape[1]),
+        *(_pointer(block), grad.data_ptr(), len(grad), grad.shape[1]),
         *(noise[0].data_ptr(), noise[1].data_ptr(), _pointer(ids), first),
         *(KINDS[center_kind], center_table.data_ptr()),
         *(KINDS[state_kind], _pointer(state_table), _pointer(scales)),
-        *(float(lr), *factors, torch.get_num_threads()),
+        *(float(lr), *factors, int(radial), torch.get_num_threads()),
     )
     return True

@@ -25,13 +25,13 @@ from .batch import GlobalBatch, gather_batch
 from .collectives import sum_across_ranks
 from .lean import ChunkedSoftmax, MicroBatch, lean_loss, raw_center_grad_, shard_rows
 from .margins import Margin
-from .native import native_sgd_store
+from .native import native_sgd_store, sgd_kernel_on
 from .options import check_head_args, resolve_logits_dtype
 from .row_optim import RowOptimizer, RowSGD, fused_kwargs, make_row_optimizer
 from .rows import Rows, Scratch
 from .sampling import ClassSampler, ShardSelection, select_classes
 from .shards import init_centers, shard_range
-from .softmax import dense_shard_terms, log_sum_exp
+from .softmax import dense_shard_terms, inverse_norms, log_sum_exp
 from .storage import RoundingNoise, RowTable, center_table, noise_terms, state_tables
 from .subcenters import rows_selection, subcenter_rows
 
@@ -336,44 +336,56 @@ class LeanPartialFC(ShardedHead):
         for rows, _, grad in self._center_grads():
             yield rows, grad.clone()
 
-    def _center_grads(self) -> Iterator[tuple[Rows, Tensor, Tensor]]:
+    @property
+    def _grads_kept(self) -> bool:
+        """Whether :meth:`grad_norm_sq` kept the chunks' raw gradients of this step."""
+        return self._kept is not None and self._kept[0] == len(self.pending)
+
+    def _center_grads(self, raw: bool = True) -> Iterator[tuple[Rows, Tensor | None, Tensor]]:
         """``(rows, center rows, gradient)`` per chunk; the last two live in scratch buffers.
+        Without ``raw`` (for the SGD kernel, which reads the rows and turns the gradient in
+        its pass) the gradient is to the normalised rows unless :attr:`_grads_kept`, and the
+        center rows are None where no micro-batch needs them.
 
         One recorded micro-batch (no gradient accumulation) needs nothing from the host;
         several under sampling read where each one's columns fall, once per step."""
         scratch, pending = self._scratch, self.pending
-        if self._kept is not None and self._kept[0] == len(pending):
+        if self._grads_kept:
             for rows, grad in self._kept[1]:
-                yield rows, self.softmax.centers(self.weight, rows, scratch)[0], grad
+                block = self.softmax.centers(self.weight, rows, scratch)[0] if raw else None
+                yield rows, block, grad
             return
         index = _union([mb.index for mb in pending]) if pending else None
         count = 0 if not pending else self.num_rows if index is None else index.numel()
         chunks = list(self.softmax.chunks(count))
         spans = _column_spans(pending, index, chunks)
+        reads_centers = raw or any(mb.probs is None for mb in pending)
+        block = inv_norm = None
         for k, (lo, hi) in enumerate(chunks):
             rows = shard_rows(index, lo, hi)
-            block, inv_norm = self.softmax.centers(self.weight, rows, scratch)
-            grad = scratch.take("grad", tuple(block.shape), block)
+            if reads_centers:
+                block, inv_norm = self.softmax.centers(self.weight, rows, scratch)
+            shape = (hi - lo, self.embedding_size)
+            grad = scratch.take("grad", shape, pending[0].embeddings, torch.float32)
             filled = False
             for mb, span in zip(pending, spans, strict=True):
                 first, last = span[k]
                 if first == last:
                     continue
                 if last - first == hi - lo:
-                    out = scratch.take("part", tuple(block.shape), block) if filled else grad
+                    out = scratch.take("part", shape, grad) if filled else grad
                     self.softmax.add_center_grad(mb, block, inv_norm, first, out, scratch)
                     if filled:
                         grad.add_(out)
                 else:
                     # mb's columns are a sorted subset of the chunk's sorted rows
                     hit = torch.searchsorted(rows, mb.index[first:last])
-                    part = scratch.take("part", (last - first, block.shape[1]), block)
-                    self.softmax.add_center_grad(
-                        mb, block[hit], inv_norm[hit], first, part, scratch
-                    )
+                    part = scratch.take("part", (last - first, shape[1]), grad)
+                    centers = (None, None) if block is None else (block[hit], inv_norm[hit])
+                    self.softmax.add_center_grad(mb, *centers, first, part, scratch)
                     (grad if filled else grad.zero_()).index_add_(0, hit, part)
                 filled = True
-            yield rows, block, raw_center_grad_(grad, block, inv_norm, scratch)
+            yield rows, block, raw_center_grad_(grad, block, inv_norm, scratch) if raw else grad
 
     @torch.no_grad()
     def grad_norm_sq(self) -> Tensor:
@@ -426,10 +438,15 @@ class LeanPartialFC(ShardedHead):
         elif narrow:
             step_number = self.optimizer_steps + 1
         self._steps_done = self._steps_done.to(self.weight.device)
-        for rows, block, grad in self._center_grads():
+        # narrow tables under SGD on a CPU: the kernel reads the rows, and forms their raw
+        # gradient in its pass unless grad_norm_sq kept it
+        fused = step_number is not None and isinstance(optimizer, RowSGD)
+        fused = fused and sgd_kernel_on(self.weight.device)
+        radial = fused and not self._grads_kept
+        for rows, block, grad in self._center_grads(raw=not fused):
             if isinstance(grad_scale, Tensor) or grad_scale != 1.0:
                 grad.mul_(grad_scale)
-            self._update(rows, block, grad, optimizer, lr, skip, step_number)
+            self._update(rows, block, grad, optimizer, lr, skip, step_number, radial)
         self._steps_done += 1.0 if skip is None else 1.0 - skip
         if skip is not None:  # taken or not: the device knows
             self._steps_known = None
@@ -440,34 +457,41 @@ class LeanPartialFC(ShardedHead):
     def _update(
         self,
         rows: Rows,
-        block: Tensor,
+        block: Tensor | None,
         grad: Tensor,
         optimizer: RowOptimizer,
         lr: float | Tensor,
         skip: Tensor | None,
         step_number: int | None,
+        radial: bool = False,
     ) -> None:
         """Apply the optimizer to a chunk's rows and store them; ``step_number`` (the host's
-        count of this step) only when a table is narrow. With narrow tables on a CPU the
-        update, the rounding noise and the rounding go :data:`ROUNDING_ROWS` rows at a time,
-        so that their passes over a block stay in the core's cache (a GPU takes the chunk at
-        once: fewer kernel launches)."""
+        count of this step) only when a table is narrow; ``block`` None: the rows are read
+        from their table; ``radial``: ``grad`` is to the normalised rows. With narrow tables
+        on a CPU the update, the rounding noise and the rounding go :data:`ROUNDING_ROWS` rows
+        at a time, so that their passes over a block stay in the core's cache (a GPU takes the
+        chunk at once: fewer kernel launches)."""
         if step_number is None:
             self._update_by_torch(rows, block, grad, optimizer, lr, skip)
             return
-        row_terms, column_terms = self._noise_terms(rows, block, step_number)
-        combined = self._scratch.take("noise", tuple(block.shape), row_terms)
+        row_terms, column_terms = self._noise_terms(rows, grad, step_number)
+        combined = self._scratch.take("noise", tuple(grad.shape), row_terms)
         work = Scratch()  # the rounding's temporaries, reused by the chunk's row blocks
-        span = ROUNDING_ROWS if block.device.type == "cpu" else len(block)
+        span = ROUNDING_ROWS if grad.device.type == "cpu" else len(grad)
         # SGD: the one-pass kernel's fixed arguments (the tables, momentum and weight decay)
         kernel = self._kernel_arguments(optimizer) if isinstance(optimizer, RowSGD) else None
-        for lo in range(0, len(block), span):
-            hi = min(lo + span, len(block))
+        for lo in range(0, len(grad), span):
+            hi = min(lo + span, len(grad))
             noise = RoundingNoise(row_terms[lo:hi], column_terms, combined[lo:hi])
-            sub, part, part_grad = _sub_rows(rows, lo, hi), block[lo:hi], grad[lo:hi]
+            sub, part_grad = _sub_rows(rows, lo, hi), grad[lo:hi]
+            part = None if block is None else block[lo:hi]
             terms = (noise.rows, noise.columns)
-            if kernel and native_sgd_store(part, part_grad, sub, terms, *kernel, lr=lr):
+            if kernel and native_sgd_store(part, part_grad, sub, terms, *kernel, lr, radial):
                 continue
+            if part is None:
+                part = self.center_table.read(self, sub, self._scratch)
+            if radial:
+                part_grad = raw_center_grad_(part_grad, part, inverse_norms(part), work)
             self._update_by_torch(sub, part, part_grad, optimizer, lr, None, noise, work)
 
     @property
@@ -507,16 +531,16 @@ class LeanPartialFC(ShardedHead):
         for table, values in zip(self._tables, (block, *state.values()), strict=True):
             table.write(self, rows, values, noise if table.narrow else None, work)
 
-    def _noise_terms(self, rows: Rows, block: Tensor, step: int) -> tuple[Tensor, Tensor]:
+    def _noise_terms(self, rows: Rows, like: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """The terms of the noise narrow tables round ``rows`` with at optimizer step ``step``
         (:func:`noise_terms`): fixed by the seed, the step and the rows' global ids (class x
         sub-centers)."""
         if isinstance(rows, slice):
-            local = torch.arange(rows.start, rows.stop, device=block.device)
+            local = torch.arange(rows.start, rows.stop, device=like.device)
         else:
             local = rows
         ids = local + self.class_start * self.num_subcenters
-        return noise_terms(self.seed, step, ids, block.shape[1])
+        return noise_terms(self.seed, step, ids, like.shape[1])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the micro-batches recorded since the last step."""
