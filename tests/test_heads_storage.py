@@ -280,6 +280,23 @@ def test_the_fused_sgd_step_stores_the_torch_paths_bits(
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=table.name)
 
 
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_a_block_the_kernel_declines_takes_the_torch_path(rate, monkeypatch):
+    """Where the kernel declines a block it was meant to read and turn (it applies only to
+    contiguous CPU tensors), the step reads the rows and forms their gradient with torch: the
+    torch path's bits."""
+    if native.narrow_store() is None:
+        pytest.skip("no C compiler: the torch path is the only one")
+    monkeypatch.setattr(partial_fc, "native_sgd_store", lambda *args: False)
+    declined = _head("bf16", "int8", "sgd", rate)
+    _train(declined, 3)
+    monkeypatch.setattr(native, "narrow_store", lambda: None)
+    torch_path = _head("bf16", "int8", "sgd", rate)
+    _train(torch_path, 3)
+    for name, value in dict(declined.named_buffers()).items():
+        assert torch.equal(value, dict(torch_path.named_buffers())[name]), name
+
+
 @pytest.mark.parametrize("rows", [slice(3, 9), torch.tensor([0, 4, 5, 11, 12, 19])], ids=str)
 @pytest.mark.parametrize("momentum", [None, 0.9])
 def test_the_kernel_forms_the_raw_gradient_as_float64_does(rows, momentum):

@@ -224,9 +224,9 @@ ROW float *load_row(int kind, void *table, int64_t row, int64_t dim, float *wide
 }
 
 /* SGD with momentum (dampening 0) and L2 weight decay on a block of fp32 centers
-   (overwritten; NULL: the rows are read from their table) and their momentum, read from and stored to its table of state_kind (FP32,
-   BF16 or INT8; none when momentum_table is NULL), the centers stored to their table of
-   center_kind. With `radial`, grad is the gradient to the normalised rows and each row's
+   (overwritten; NULL: the rows are read from their table) and their momentum, read from and
+   stored to its table of state_kind (FP32, BF16 or INT8; none when momentum_table is NULL),
+   the centers stored to their table of center_kind. With `radial`, grad is the gradient to the normalised rows and each row's
    raw gradient is formed first (raw_grad_row), else grad is the raw gradient. Each operation
    is rounded once: step = g + w * decay; m = m * momentum + step (then step = m);
    w = w - step * lr. */

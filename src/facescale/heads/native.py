@@ -155,14 +155,15 @@ def native_sgd_store(
     radial: bool = False,
 ) -> bool:
     """One SGD step of the centers ``block`` (fp32, overwritten; None: read from their
-    table) with ``grad``, stored with
-    the rows' noise (:func:`facescale.heads.storage.noise_terms`) to the ``centers`` table
-    (kind, tensor) and its ``momentum`` (kind, table, int8 scales; None without momentum);
-    ``factors`` are the momentum and the weight decay. With ``radial``, ``grad`` is the
-    gradient to the normalised rows, turned into the raw rows' gradient in the same pass
-    (:func:`facescale.heads.lean.raw_center_grad_`, its sums in double: not the torch
-    path's bits). The arithmetic of :meth:`facescale.heads.row_optim.RowSGD.update_by_operation`;
-    False, changing nothing, where the kernels do not apply."""
+    table) with ``grad``, stored with the rows' noise
+    (:func:`facescale.heads.storage.noise_terms`) to the ``centers`` table (kind, tensor) and
+    its ``momentum`` (kind, table, int8 scales; None without momentum); ``factors`` are the
+    momentum and the weight decay. With ``radial``, ``grad`` is the gradient to the
+    normalised rows, turned into the raw rows' gradient in the same pass
+    (:func:`facescale.heads.lean.raw_center_grad_`, its sums in another order: not the
+    torch path's bits). The arithmetic of
+    :meth:`facescale.heads.row_optim.RowSGD.update_by_operation`; False, changing nothing,
+    where the kernels do not apply."""
     center_kind, center_table = centers
     state_kind, state_table, scales = momentum or ("fp32", None, None)
     lib = _applies(grad, (block, *noise, center_table, state_table, scales))
