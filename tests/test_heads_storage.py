@@ -49,6 +49,17 @@ def _neighbours(values, dtype):
     return below.float(), above.float()
 
 
+def _unit(table, state, values):
+    """An upper bound of the spacing of ``table``'s stored values at ``values``."""
+    if table.kind == "int8":
+        return state[table.scale_name][:, None].expand_as(values) * 1.001
+    if table.kind == "bf16":
+        return values.abs() * 2.0**-7
+    if table.kind == "fp16":
+        return torch.clamp(values.abs() * 2.0**-10, min=2.0**-24)
+    return torch.zeros_like(values)
+
+
 @pytest.mark.parametrize("kind", ["bf16", "fp16"])
 def test_rounding_lands_on_a_neighbour_with_the_right_odds(kind):
     g = torch.Generator().manual_seed(0)
@@ -273,11 +284,15 @@ def test_the_fused_sgd_step_stores_the_torch_paths_bits(
         for name, value in kernel.items():
             assert torch.equal(value.view(torch.uint8), torch_path[name].view(torch.uint8)), name
         return
-    # the sums' order moves an fp32 entry by about 1e-6 of itself (and a narrow one by a unit
-    # where that crosses its rounding point: with these seeds, nowhere)
+    # the sums' order moves an fp32 value by about 1e-6 of itself, and a stored one by one
+    # unit where that crosses its rounding point (which sums, and so which values, depends on
+    # the CPU's vector width)
     for table in trained[0]._tables:
-        got, want = (table.decode(head.state_dict()) for head in trained)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=table.name)
+        states = [head.state_dict() for head in trained]
+        got, want = (table.decode(state) for state in states)
+        unit = _unit(table, states[1], want)
+        assert ((got - want).abs() <= unit + 1e-5 * want.abs() + 1e-7).all(), table.name
+        assert ((got - want).abs() > 1e-5 * want.abs() + 1e-7).float().mean() < 0.01, table.name
 
 
 @pytest.mark.parametrize("rate", [1.0, 0.5])
@@ -353,12 +368,14 @@ def test_initial_centers_are_the_fp32_ones_rounded():
 @pytest.mark.parametrize("rate", [1.0, 0.5])
 def test_a_narrow_step_is_the_fp32_step_rounded(kind, center, state, rate):
     """Loaded with the same (narrow-representable) values, a narrow head's step gives, entry
-    by entry, a neighbour of the fp32 head's result: the math is fp32, only storage rounds."""
+    by entry, a neighbour of the fp32 head's result: the math is fp32, only storage rounds.
+    (Both heads are given the raw gradient, which the SGD kernel otherwise forms with sums in
+    its own order: then a value next to a rounding point may land one step further.)"""
     narrow, wide = _head(center, state, kind, rate), _head("fp32", "fp32", kind, rate)
     _train(narrow, 2)
     wide.load_checkpoint_state(narrow.checkpoint_state())  # exact widening
     for head in (narrow, wide):
-        _train(head, 1, first=2)
+        _train(head, 1, first=2, norm_first=True)
     below, above = _neighbours(wide.weight, NARROW[center])
     assert ((narrow.weight.float() == below) | (narrow.weight.float() == above)).all()
     changed = narrow.weight.float() != wide.weight
