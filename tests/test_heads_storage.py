@@ -287,8 +287,8 @@ def test_the_fused_sgd_step_stores_the_torch_paths_bits(
     # the sums' order moves an fp32 value by about 1e-6 of itself, and a stored one by one
     # unit where that crosses its rounding point (which sums, and so which values, depends on
     # the CPU's vector width)
+    states = [head.state_dict() for head in trained]
     for table in trained[0]._tables:
-        states = [head.state_dict() for head in trained]
         got, want = (table.decode(state) for state in states)
         unit = _unit(table, states[1], want)
         assert ((got - want).abs() <= unit + 1e-5 * want.abs() + 1e-7).all(), table.name
