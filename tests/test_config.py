@@ -324,6 +324,7 @@ SHIPPED_VALUES = {
         "sample_rate": 0.5,
         "augment": "flip",
         "random_crop": 0.2,
+        "ema_decay": 0.999,
         "time_budget": 2700.0,
         "val_targets": [],
     },
