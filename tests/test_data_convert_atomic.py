@@ -281,7 +281,9 @@ def test_ctrl_c_leaves_the_destination_as_it_was(tmp_path):
     (tmp_path / "val.bin").write_bytes(b"an older set")
     os.mkfifo(tmp_path / "pairs.txt")  # reading it blocks until the test writes: a fixed point
     argv = ["convert", "pairs2bin", str(tmp_path / "pairs.txt"), str(tmp_path / "val.bin")]
-    proc = facescale_process(*argv, "--overwrite", "--no-progress")
+    # as from a terminal: a shell that starts the tests in the background has them ignore Ctrl-C
+    ctrl_c_on = partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    proc = facescale_process(*argv, "--overwrite", "--no-progress", preexec_fn=ctrl_c_on)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("val.bin.partial-*")):
         assert proc.poll() is None and time.monotonic() < deadline
