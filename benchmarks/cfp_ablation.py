@@ -5,6 +5,7 @@ it, the small_real recipe and changes against that) trains for the same time bud
     python benchmarks/cfp_split.py ../shared/data/cfp data/cfp_train
     python benchmarks/cfp_ablation.py data/cfp_train --budget 45m --variants demo arcface r18
     python benchmarks/cfp_ablation.py data/cfp_train --variants small_real+dropout=0.2
+    python benchmarks/cfp_ablation.py data/cfp_train_aligned --align --variants small_real
 
 A variant is one of the named ones, or CONFIG+KEY=VALUE+... (a config with `--set` changes).
 """
@@ -27,6 +28,11 @@ if __name__ == "__main__":
     parser.add_argument("--num-image", type=int, default=5600, help="training images")
     parser.add_argument("--output", default="work_dirs/cfp_ablation", help="runs' folder")
     parser.add_argument("--ranks", type=int, default=2, help="training processes")
+    parser.add_argument(
+        "--align",
+        action="store_true",
+        help="verify on faces aligned by found landmarks (a training set made with --align)",
+    )
     pairs = sorted((Path(__file__).parent / "cfp").glob("cfp_*.txt"))
     args = parser.parse_args()
     rows = run_ablation(
@@ -38,5 +44,6 @@ if __name__ == "__main__":
         args.budget,
         Path(args.output).resolve(),
         args.ranks,
+        args.align,
     )
     print(json.dumps({"budget": args.budget, "ranks": args.ranks, "rows": rows}, indent=1))

@@ -3,11 +3,13 @@ files among 401-500 (drawn with a fixed seed, and the official protocol's pairs 
 
     python benchmarks/cfp_split.py ../shared/data/cfp data/cfp_train            # training set
     python benchmarks/cfp_split.py ../shared/data/cfp --pairs-only              # pairs again
+    python benchmarks/cfp_split.py ../shared/data/cfp data/cfp_train_aligned --align
 
 The pairs files in benchmarks/cfp/ were written by this script with the default seed; their
 paths are relative to that folder, so they find the images at ../shared/data/cfp beside the
 repository. Train with `--set rec=data/cfp_train num_classes=400 num_image=5600` and verify
-with `facescale eval verification OUTPUT/model.pt --network NET benchmarks/cfp/cfp_*.txt`.
+with `facescale eval verification OUTPUT/model.pt --network NET benchmarks/cfp/cfp_*.txt`
+(add `--align` to both for a training set of aligned faces, and its pairs aligned alike).
 """
 
 import argparse
@@ -25,8 +27,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the drawn pairs")
     parser.add_argument("--pairs-only", action="store_true", help="write no training set")
+    parser.add_argument(
+        "--align", action="store_true", help="align the training faces by found landmarks"
+    )
     args = parser.parse_args()
     if args.train is None and not args.pairs_only:
         parser.error("give TRAIN, the training set's output folder, or --pairs-only")
     train = None if args.pairs_only else args.train
-    print(json.dumps(write_split(args.cfp, train, args.pairs, args.seed)))
+    report = write_split(args.cfp, train, args.pairs, args.seed, align=args.align)
+    print(json.dumps(report))

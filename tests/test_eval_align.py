@@ -9,13 +9,8 @@ import pytest
 from PIL import Image
 
 from facescale.data.image import fit_face
-from facescale.eval.align import (
-    ARCFACE_TEMPLATE,
-    FaceCrops,
-    align_face,
-    similarity_transform,
-    warp_affine,
-)
+from facescale.eval.align import FaceCrops
+from facescale.face import ARCFACE_TEMPLATE, align_face, similarity_transform, warp_affine
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

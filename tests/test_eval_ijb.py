@@ -8,9 +8,10 @@ from test_eval_align import apply, similarity, smooth_face
 from test_eval_verification import TinyEmbedder
 
 from facescale.eval import evaluate_ijb, read_ijb_meta, save_roc_plot
-from facescale.eval.align import ARCFACE_TEMPLATE, FaceCrops, warp_affine
+from facescale.eval.align import FaceCrops
 from facescale.eval.ijb import IJB_FARS, template_features
 from facescale.eval.tar_far import tar_at_far
+from facescale.face import ARCFACE_TEMPLATE, warp_affine
 
 
 def make_ijb(root, identities=5, templates_per_id=3, seed=0):

@@ -11,8 +11,9 @@ from test_eval_align import apply, similarity, smooth_face, write_png
 from facescale.backbones import get_model
 from facescale.cli import main
 from facescale.data.image import fit_face
-from facescale.eval.align import ARCFACE_TEMPLATE, FaceCrops, warp_affine
+from facescale.eval.align import FaceCrops
 from facescale.export import compare_onnx, export_onnx, load_backbone
+from facescale.face import ARCFACE_TEMPLATE, warp_affine
 
 pytest.importorskip("onnxruntime")
 

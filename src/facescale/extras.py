@@ -1,9 +1,10 @@
-"""Optional extras (``pip install "facescale[NAME]"``): whether their packages import here, and
-the one error that names the extra to install, raised before a command starts its work."""
+"""Optional extras (``pip install "facescale[NAME]"``): whether their packages are installed
+here, and the one error that names the extra to install, raised before a command starts its
+work."""
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 
 from facescale.errors import UserError
 
@@ -24,27 +25,23 @@ EXTRAS: dict[str, tuple[str, dict[str, str]]] = {
         {"fsspec": "fsspec", "aiohttp": "aiohttp", "braceexpand": "braceexpand"},
     ),
     "wandb": ("logging to Weights & Biases (using_wandb=True)", {"wandb": "wandb"}),
+    "align": ("face alignment (--align)", {"mtcnn": "mtcnn", "joblib": "joblib", "lz4": "lz4"}),
 }
 
 
 def missing(extra: str, *modules: str) -> list[str]:
-    """The modules of ``extra`` (all of them, or just ``modules``) that fail to import."""
+    """The modules of ``extra`` (all of them, or just ``modules``) that are not installed; found
+    without importing them (``mtcnn`` would import TensorFlow, which facescale does not need)."""
     _, packages = EXTRAS[extra]
     wanted = modules or tuple(packages.values())
     unknown = set(wanted) - set(packages.values())
     if unknown:
         raise ValueError(f"{sorted(unknown)} are not packages of the {extra!r} extra")
-    absent = []
-    for module in wanted:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            absent.append(module)
-    return absent
+    return [module for module in wanted if importlib.util.find_spec(module) is None]
 
 
 def available(extra: str, *modules: str) -> bool:
-    """Whether every module of ``extra`` (or just ``modules``) imports."""
+    """Whether every module of ``extra`` (or just ``modules``) is installed."""
     return not missing(extra, *modules)
 
 
@@ -62,7 +59,7 @@ def install_hint(extra: str, *modules: str) -> str:
 
 def require(extra: str, *modules: str) -> None:
     """Raise a ``UserError`` naming the extra to install unless ``modules`` of ``extra`` (all
-    of them when none are named) import."""
+    of them when none are named) are installed."""
     hint = install_hint(extra, *modules)
     if hint:
         raise UserError(hint)

@@ -93,15 +93,17 @@ def run_ablation(
     budget: str,
     output: Path,
     ranks: int = 2,
+    align: bool = False,
 ) -> list[dict[str, Any]]:
-    """Train and verify each variant in ``names`` in turn; a row of figures per variant."""
+    """Train and verify each variant in ``names`` in turn; a row of figures per variant. With
+    ``align`` the pairs' faces are aligned by found landmarks, as the training set's were."""
     variants = {name: variant(name) for name in names}
     unknown = [name for name, found in variants.items() if found is None]
     if unknown:
         raise InputError(
             f"unknown variants {unknown}; known: {', '.join(VARIANTS)}, or CONFIG+KEY=VALUE..."
         )
-    sets = [load_verification_set(str(path)) for path in pairs]  # decoded once, for every run
+    sets = [load_verification_set(path, align) for path in pairs]  # decoded once, for every run
     rows = []
     for name, (config, changes) in variants.items():
         overrides = [f"num_classes={num_classes}", f"num_image={num_image}", *changes]

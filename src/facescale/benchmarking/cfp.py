@@ -42,10 +42,10 @@ def people(root: Path) -> list[int]:
 
 
 def write_training_set(
-    root: Path, dst: Path, test_from: int = TEST_FROM, progress: bool = True
+    root: Path, dst: Path, test_from: int = TEST_FROM, progress: bool = True, align: bool = False
 ) -> Report:
     """The photos of the people before ``test_from`` as a record dataset in ``dst``, one
-    label per person in number order."""
+    label per person in number order, aligned by found landmarks with ``align``."""
     train = [p for p in people(root) if p < test_from]
     with tempfile.TemporaryDirectory() as staging:
         for person in train:
@@ -56,7 +56,7 @@ def write_training_set(
                 for index in range(1, count + 1):
                     source = image(root, person, view, index).resolve()
                     (folder / f"{view}_{index:02d}.jpg").symlink_to(source)
-        return folder_to_rec(staging, dst, progress=progress)
+        return folder_to_rec(staging, dst, progress=progress, align=align)
 
 
 def drawn_pairs(
@@ -134,10 +134,11 @@ def write_split(
     seed: int = SEED,
     test_from: int = TEST_FROM,
     progress: bool = True,
+    align: bool = False,
 ) -> dict[str, object]:
-    """The training set (unless ``train_dst`` is None) and the four pairs files
-    (``cfp_ff.txt``, ``cfp_fp.txt`` drawn, ``cfp_official_ff.txt``, ``cfp_official_fp.txt``)
-    in ``pairs_dst``; what was written, with its counts."""
+    """The training set (unless ``train_dst`` is None; aligned with ``align``) and the four
+    pairs files (``cfp_ff.txt``, ``cfp_fp.txt`` drawn, ``cfp_official_ff.txt``,
+    ``cfp_official_fp.txt``) in ``pairs_dst``; what was written, with its counts."""
     root, pairs_dst = Path(root), Path(pairs_dst)
     test = [p for p in people(root) if p >= test_from]
     test_names = f"people {test[0]:03d}-{test[-1]:03d}" if test else "no people"
@@ -160,6 +161,6 @@ def write_split(
         path = write_pairs_file(pairs_dst / f"cfp_official_{kind}.txt", official, header)
         report[path.name] = len(official)
     if train_dst is not None:
-        written = write_training_set(root, Path(train_dst), test_from, progress)
+        written = write_training_set(root, Path(train_dst), test_from, progress, align)
         report["train"] = dataclasses.asdict(written)
     return report

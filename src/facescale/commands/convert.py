@@ -56,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pairs.add_argument("--root", default=None, help="folder image paths are relative to")
     pairs.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
 
+    for p in (pack, pairs):
+        p.add_argument(
+            "--align",
+            action="store_true",
+            help="align each face crop to the ArcFace template by its found landmarks "
+            "(the 'align' extra)",
+        )
     for p in (pack, shuffle, unpack, rec_shards, folder_shards, pairs):
         p.add_argument(
             "--overwrite",
@@ -81,7 +88,7 @@ def _convert(args: argparse.Namespace):
     progress, overwrite = not args.no_progress, args.overwrite
     if args.conversion == "folder2rec":
         return convert.folder_to_rec(
-            args.src, args.dst, args.quality, args.skip_bad, progress, overwrite
+            args.src, args.dst, args.quality, args.skip_bad, progress, overwrite, args.align
         )
     if args.conversion == "shuffle":
         return convert.shuffle_rec(
@@ -105,4 +112,6 @@ def _convert(args: argparse.Namespace):
             progress,
             overwrite,
         )
-    return convert.pairs_to_bin(args.pairs, args.dst, args.root, args.quality, progress, overwrite)
+    return convert.pairs_to_bin(
+        args.pairs, args.dst, args.root, args.quality, progress, overwrite, args.align
+    )

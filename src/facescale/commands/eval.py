@@ -32,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="lfw.bin, cfp_fp.bin, ..., or pairs files: lines `PATH_A PATH_B SAME(1/0)`, paths "
         "relative to the file's folder, images fitted as `facescale embed` fits them",
     )
+    verification.add_argument(
+        "--align",
+        action="store_true",
+        help="align the face crops of pairs files by their found landmarks (the 'align' extra)",
+    )
     verification.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     verification.add_argument(
         "--folds", type=int, default=10, help="cross-validation folds of the pairs"
@@ -77,7 +82,7 @@ def _verification(args: argparse.Namespace) -> dict:
     model, device = load_model(args)
     results = {}
     for path in args.sets:
-        vset = load_verification_set(path)
+        vset = load_verification_set(path, args.align)
         result = evaluate_verification(model, vset, args.batch_size, device, args.folds)
         results[vset.name] = result.as_dict()
         if not args.json:

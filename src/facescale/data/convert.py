@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from tqdm import tqdm
@@ -45,6 +45,9 @@ from facescale.data.shard_format import (
 from facescale.data.sources import FolderSource, RecordSource, list_images
 from facescale.data.staging import staged_file, staged_folder
 from facescale.errors import InputError
+
+if TYPE_CHECKING:
+    from facescale.landmarks import FaceAligner
 
 log = logging.getLogger(__name__)
 
@@ -105,21 +108,43 @@ def folder_to_rec(
     skip_bad: bool = False,
     progress: bool = True,
     overwrite: bool = False,
+    align: bool = False,
 ) -> Report:
     """Pack an image folder (one sub-folder per identity) into an InsightFace-layout rec.
 
     Labels follow the sorted sub-folder names. 112x112 JPEG/PNG files are stored unchanged;
-    others are scaled to cover 112x112, centre-cropped and encoded as JPEG.
+    others are scaled to cover 112x112, centre-cropped and encoded as JPEG. With ``align``
+    every image is a face crop aligned to the ArcFace template by its found landmarks
+    (:mod:`facescale.landmarks`).
     """
+    aligner = _aligner(align)
     with staged_folder(src, dst, overwrite, dst_inside_src_ok=False) as out:
-        images, classes, skipped = _pack_folder(Path(src), out, quality, skip_bad, progress)
+        images, classes, skipped = _pack_folder(
+            Path(src), out, quality, skip_bad, progress, aligner
+        )
+    if aligner is not None:
+        aligner.report(images, str(src))
     if skipped:
         log.warning("%s: skipped %d undecodable images", src, skipped)
     return Report(str(dst), images, classes, skipped)
 
 
+def _aligner(align: bool) -> FaceAligner | None:
+    """The landmark aligner when asked for; its extra's absence is a user error before any work."""
+    if not align:
+        return None
+    from facescale.landmarks import FaceAligner
+
+    return FaceAligner()
+
+
 def _pack_folder(
-    src: Path, dst: Path, quality: int, skip_bad: bool, progress: bool
+    src: Path,
+    dst: Path,
+    quality: int,
+    skip_bad: bool,
+    progress: bool,
+    align: Callable[[np.ndarray], np.ndarray] | None,
 ) -> tuple[int, int, int]:
     """Write ``dst/train.rec``, ``.idx`` and ``property``; return images, classes, skipped."""
     classes = sorted(d for d in src.iterdir() if d.is_dir())
@@ -135,7 +160,7 @@ def _pack_folder(
         for label, path in files:
             bar.update()
             try:
-                image = face_bytes(path.read_bytes(), quality)
+                image = face_bytes(path.read_bytes(), quality, align)
             except ImageDecodeError as err:
                 if not skip_bad:
                     raise RecordError(f"{path}: {err}; pass --skip-bad to leave it out") from None
@@ -402,20 +427,29 @@ def pairs_to_bin(
     quality: int = JPEG_QUALITY,
     progress: bool = True,
     overwrite: bool = False,
+    align: bool = False,
 ) -> PairsReport:
     """A verification ``.bin`` from lines ``image_a image_b same`` (same: 1/0, true/false).
 
     Paths are relative to ``root`` (default: the pairs file's folder). 112x112 JPEG/PNG images
-    are stored unchanged; others are fitted to 112x112 and encoded as JPEG.
+    are stored unchanged; others are fitted to 112x112 and encoded as JPEG. With ``align``
+    every image is aligned by its found landmarks, as :func:`folder_to_rec` aligns.
     """
+    aligner = _aligner(align)
     with staged_file(pairs, dst, overwrite) as out:
-        images, issame = _read_pairs(Path(pairs), root, quality, progress)
+        images, issame = _read_pairs(Path(pairs), root, quality, progress, aligner)
         write_verification_bin(out, images, issame)
+    if aligner is not None:
+        aligner.report(len(images), str(pairs))
     return PairsReport(str(dst), len(issame), len(images))
 
 
 def _read_pairs(
-    pairs: Path, root: str | Path | None, quality: int, progress: bool
+    pairs: Path,
+    root: str | Path | None,
+    quality: int,
+    progress: bool,
+    align: Callable[[np.ndarray], np.ndarray] | None,
 ) -> tuple[list[bytes], list[bool]]:
     """The encoded images (two per pair, in order) and the ``same`` flag of each pair."""
     listed = read_pairs_file(pairs, root)
@@ -424,7 +458,7 @@ def _read_pairs(
     for n, pair in tqdm(numbered, desc="pairs", unit="pair", disable=not progress):
         for image in pair:
             try:
-                images.append(face_bytes(image.read_bytes(), quality))
+                images.append(face_bytes(image.read_bytes(), quality, align))
             except (OSError, ImageDecodeError) as err:
                 raise RecordError(f"{pairs} line {n}: {image}: {err}") from None
     return images, listed.issame.tolist()

@@ -8,6 +8,7 @@ get three equal channels.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 import simplejpeg
@@ -72,9 +73,17 @@ def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality, colorspace="RGB")
 
 
-def face_bytes(data: bytes, quality: int = JPEG_QUALITY) -> bytes:
-    """Encoded bytes of a 112x112 face: ``data`` itself when it already is one, else re-encoded."""
+def face_bytes(
+    data: bytes,
+    quality: int = JPEG_QUALITY,
+    align: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> bytes:
+    """Encoded bytes of a 112x112 face: ``data`` itself when it already is one, else re-encoded
+    after :func:`fit_face`; with ``align`` (an image to its aligned face) every image is
+    aligned and re-encoded."""
     image = decode_image(data)
+    if align is not None:
+        return encode_jpeg(align(image), quality)
     if image.shape[:2] == (FACE_SIZE, FACE_SIZE) and image_suffix(data) in (".jpg", ".png"):
         return data
     return encode_jpeg(fit_face(image), quality)

@@ -1,6 +1,6 @@
 """Evaluation: verification sets (10-fold), IJB-B/C templates, million-scale TAR@FAR."""
 
-from facescale.eval.align import ARCFACE_TEMPLATE, FaceCrops, align_face, similarity_transform
+from facescale.eval.align import FaceCrops
 from facescale.eval.embedding import embed_batches, l2_normalize
 from facescale.eval.ijb import IJBResult, evaluate_ijb, read_ijb_meta, save_roc_plot
 from facescale.eval.tar_far import (
@@ -16,6 +16,7 @@ from facescale.eval.verification import (
     load_verification_set,
     verification_metrics,
 )
+from facescale.face import ARCFACE_TEMPLATE, align_face, similarity_transform
 
 __all__ = [
     "ARCFACE_TEMPLATE",

@@ -123,15 +123,17 @@ def distinct(items: Sequence[Hashable]) -> tuple[list[Any], np.ndarray]:
     return list(index), slots
 
 
-def load_verification_set(path: str | Path) -> VerificationSet:
+def load_verification_set(path: str | Path, align: bool = False) -> VerificationSet:
     """Decode a verification set once: an InsightFace ``.bin`` (never unpickled), or a pairs
-    file of image paths (any other name, :mod:`facescale.data.pairs_file`). Each distinct
-    image is decoded once."""
+    file of image paths (any other name, :mod:`facescale.data.pairs_file`), its face crops
+    aligned by found landmarks with ``align``. Each distinct image is decoded once."""
     path = Path(path)
     if path.suffix != ".bin":
         from facescale.eval.pairs_set import load_pairs_set
 
-        return load_pairs_set(path)
+        return load_pairs_set(path, align)
+    if align:
+        raise InputError(f"{path}: a .bin holds aligned crops already; --align is for pairs files")
     unique, slots, issame = read_bin(path)
     return VerificationSet(path.stem, decode_faces(unique, slots, path), issame, slots)
 
