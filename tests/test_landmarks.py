@@ -16,6 +16,7 @@ import pytest
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
+from facescale.backbones import get_model
 from facescale.cli import main
 from facescale.data.image import decode_image, encode_jpeg
 from facescale.data.pairs_file import write_pairs_file
@@ -30,7 +31,13 @@ from facescale.face import ARCFACE_TEMPLATE, align_face, warp_affine
 if importlib.util.find_spec("mtcnn") is None or importlib.util.find_spec("joblib") is None:
     pytest.skip("the 'align' extra is not installed", allow_module_level=True)
 
-from facescale.landmarks import FaceAligner, LandmarkFinder, load_output_net, weights_path
+from facescale.landmarks import (
+    FaceAligner,
+    LandmarkFinder,
+    find_landmarks,
+    load_output_net,
+    weights_path,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CFP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cfp" / "images"
@@ -214,7 +221,30 @@ def test_a_low_face_score_is_counted_and_reported_once(caplog):
     noise = np.random.default_rng().integers(0, 256, size=(90, 70, 3), dtype=np.uint8)
     face = aligner(noise)
     assert face.shape == (112, 112, 3) and face.dtype == np.uint8
-    assert aligner.low_scores == 1
+    assert (aligner.finder.found, aligner.finder.low_scores) == (1, 1)
     with caplog.at_level("WARNING", logger="facescale.landmarks"):
-        aligner.report(1, "noise")
+        aligner.finder.report("noise")
     assert "noise: 1 of 1 images scored below 0.5 as faces" in caplog.text
+
+
+@needs_cfp
+def test_embed_align_is_embed_with_the_found_landmarks(faces_folder, tmp_path):
+    """`facescale embed --align` embeds what `--landmarks` does given the found points."""
+    torch.manual_seed(0)
+    weights = tmp_path / "mbf.pt"
+    torch.save(get_model("mbf", embedding_size=64).state_dict(), weights)
+    images = sorted(faces_folder.glob("*/*.jpg"))
+    table = tmp_path / "marks.txt"
+    rows = find_landmarks(images, "test").reshape(len(images), -1)
+    table.write_text(
+        "".join(
+            f"{p} {' '.join(map(repr, row.tolist()))}\n"
+            for p, row in zip(images, rows, strict=True)
+        )
+    )
+    model = ["embed", str(weights), "--network", "mbf", "--embedding-size", "64", *map(str, images)]
+    for how, out in ((["--align"], "found.npy"), (["--landmarks", str(table)], "given.npy")):
+        with pytest.raises(SystemExit) as done:
+            main([*model, "-o", str(tmp_path / out), *how])
+        assert done.value.code == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "found.npy"), np.load(tmp_path / "given.npy"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from facescale.data.image import ImageDecodeError, decode_image
+from facescale.errors import InputError
 from facescale.extras import require
 from facescale.face import align_face
 
@@ -121,10 +124,13 @@ def _view(image: np.ndarray, box: np.ndarray) -> torch.Tensor:
 
 
 class LandmarkFinder:
-    """Landmarks of face crops (module docstring); one network, loaded once."""
+    """Landmarks of face crops (module docstring), by one network loaded once; counts the crops
+    it scores low as faces, to say so once at the end."""
 
     def __init__(self, net: OutputNet | None = None) -> None:
         self.net = net or load_output_net()
+        self.found = 0
+        self.low_scores = 0
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> Landmarks:
@@ -137,24 +143,12 @@ class LandmarkFinder:
             found = np.stack([box[0] + points[:5] * side, box[1] + points[5:] * side], axis=1)
             found -= 0.5  # the view's pixel edges are at integers; align_face wants centres
             box = _square(box + shift * side)
+        self.found += 1
+        self.low_scores += float(score) < LOW_SCORE
         return Landmarks(found.astype(np.float64), float(score))
 
-
-class FaceAligner:
-    """An image to its 112x112 ArcFace-aligned face by found landmarks; counts the crops whose
-    face score is low, to report them once at the end."""
-
-    def __init__(self, finder: LandmarkFinder | None = None) -> None:
-        self.finder = finder or LandmarkFinder()
-        self.low_scores = 0
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        landmarks = self.finder(image)
-        self.low_scores += landmarks.score < LOW_SCORE
-        return align_face(image, landmarks.points)
-
-    def report(self, images: int, where: str) -> None:
-        """Warn once when some of the ``images`` aligned so far scored low as faces."""
+    def report(self, where: str) -> None:
+        """Warn once when some of the crops seen so far scored low as faces."""
         if self.low_scores:
             log.warning(
                 "%s: %d of %d images scored below %.1f as faces; each was aligned all the "
@@ -162,6 +156,31 @@ class FaceAligner:
                 "scores low): look at them if the count is large",
                 where,
                 self.low_scores,
-                images,
+                self.found,
                 LOW_SCORE,
             )
+
+
+def find_landmarks(paths: Sequence[Path], where: str) -> np.ndarray:
+    """``[N, 5, 2]`` landmarks of the face crops in image files, for
+    :class:`facescale.eval.align.FaceCrops`; ``where`` names them in the warning of low scores."""
+    finder = LandmarkFinder()
+    points = []
+    for path in paths:
+        try:
+            image = decode_image(Path(path).read_bytes())
+        except (OSError, ImageDecodeError) as err:
+            raise InputError(f"{path}: cannot be read as an image ({err})") from None
+        points.append(finder(image).points)
+    finder.report(where)
+    return np.stack(points)
+
+
+class FaceAligner:
+    """An image to its 112x112 face aligned by its found landmarks, for the converters."""
+
+    def __init__(self) -> None:
+        self.finder = LandmarkFinder()
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return align_face(image, self.finder(image).points)

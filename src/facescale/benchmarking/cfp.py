@@ -19,6 +19,7 @@ from pathlib import Path
 from facescale.data.convert import Report, folder_to_rec
 from facescale.data.pairs_file import write_pairs_file
 from facescale.errors import InputError
+from facescale.landmarks import FaceAligner
 
 FRONTAL, PROFILE = 10, 4
 TEST_FROM = 401  # the first test identity
@@ -56,7 +57,12 @@ def write_training_set(
                 for index in range(1, count + 1):
                     source = image(root, person, view, index).resolve()
                     (folder / f"{view}_{index:02d}.jpg").symlink_to(source)
-        return folder_to_rec(staging, dst, progress=progress, align=align)
+        if not align:
+            return folder_to_rec(staging, dst, progress=progress)
+        aligner = FaceAligner()
+        report = folder_to_rec(staging, dst, progress=progress, align=aligner)
+        aligner.finder.report("the CFP training photos")
+        return report
 
 
 def drawn_pairs(

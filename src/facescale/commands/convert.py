@@ -6,6 +6,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 HELP = (
     "convert datasets: folder -> rec, rec -> shuffled rec, rec -> folder, rec or folder -> "
@@ -74,7 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = _convert(args)
+    align = None
+    if getattr(args, "align", False):
+        from facescale.landmarks import FaceAligner
+
+        align = FaceAligner()  # a missing extra is a user error here, before any work
+    report = _convert(args, align)
+    if align is not None:
+        align.finder.report(args.src if args.conversion == "folder2rec" else args.pairs)
     if args.json:
         print(json.dumps({"conversion": args.conversion, **dataclasses.asdict(report)}))
     else:
@@ -82,13 +94,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(args: argparse.Namespace):
+def _convert(args: argparse.Namespace, align: Callable[[np.ndarray], np.ndarray] | None):
     from facescale.data import convert
 
     progress, overwrite = not args.no_progress, args.overwrite
     if args.conversion == "folder2rec":
         return convert.folder_to_rec(
-            args.src, args.dst, args.quality, args.skip_bad, progress, overwrite, args.align
+            args.src, args.dst, args.quality, args.skip_bad, progress, overwrite, align
         )
     if args.conversion == "shuffle":
         return convert.shuffle_rec(
@@ -113,5 +125,5 @@ def _convert(args: argparse.Namespace):
             overwrite,
         )
     return convert.pairs_to_bin(
-        args.pairs, args.dst, args.root, args.quality, progress, overwrite, args.align
+        args.pairs, args.dst, args.root, args.quality, progress, overwrite, align
     )

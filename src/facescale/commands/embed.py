@@ -10,8 +10,8 @@ from facescale.commands.export import add_model_arguments, load_model
 from facescale.errors import InputError, require_writable_folder
 
 HELP = (
-    "embed images or folders of images into a .npy (aligned when landmarks are given, "
-    "otherwise fitted to 112x112)"
+    "embed images or folders of images into a .npy (aligned when landmarks are given or "
+    "found, otherwise fitted to 112x112)"
 )
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
@@ -26,10 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="image files, and folders searched for images",
     )
     parser.add_argument("-o", "--output", required=True, metavar="OUT.npy", help="embeddings file")
-    parser.add_argument(
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument(
         "--landmarks",
         metavar="FILE",
         help="rows `name x1 y1 ... x5 y5 [score]`; images are aligned to the ArcFace template",
+    )
+    given.add_argument(
+        "--align",
+        action="store_true",
+        help="align each face crop by its found landmarks (the 'align' extra)",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=0, help="image loading processes")
@@ -65,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     if args.landmarks:
         table = read_landmarks(args.landmarks)
         landmarks = landmarks_for(paths, table, Path(args.landmarks))
+    elif args.align:
+        from facescale.landmarks import find_landmarks
+
+        landmarks = find_landmarks(paths, "the images to embed")
     model, device = load_model(args)
     embeddings = embed_files(
         model, paths, landmarks, args.batch_size, device, not args.no_flip, args.workers

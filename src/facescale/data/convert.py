@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 from tqdm import tqdm
@@ -45,9 +45,6 @@ from facescale.data.shard_format import (
 from facescale.data.sources import FolderSource, RecordSource, list_images
 from facescale.data.staging import staged_file, staged_folder
 from facescale.errors import InputError
-
-if TYPE_CHECKING:
-    from facescale.landmarks import FaceAligner
 
 log = logging.getLogger(__name__)
 
@@ -108,34 +105,20 @@ def folder_to_rec(
     skip_bad: bool = False,
     progress: bool = True,
     overwrite: bool = False,
-    align: bool = False,
+    align: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Report:
     """Pack an image folder (one sub-folder per identity) into an InsightFace-layout rec.
 
     Labels follow the sorted sub-folder names. 112x112 JPEG/PNG files are stored unchanged;
-    others are scaled to cover 112x112, centre-cropped and encoded as JPEG. With ``align``
-    every image is a face crop aligned to the ArcFace template by its found landmarks
-    (:mod:`facescale.landmarks`).
+    others are scaled to cover 112x112, centre-cropped and encoded as JPEG. With ``align`` (an
+    image to its 112x112 face, such as :class:`facescale.landmarks.FaceAligner`) every image
+    is aligned by it and encoded as JPEG.
     """
-    aligner = _aligner(align)
     with staged_folder(src, dst, overwrite, dst_inside_src_ok=False) as out:
-        images, classes, skipped = _pack_folder(
-            Path(src), out, quality, skip_bad, progress, aligner
-        )
-    if aligner is not None:
-        aligner.report(images, str(src))
+        images, classes, skipped = _pack_folder(Path(src), out, quality, skip_bad, progress, align)
     if skipped:
         log.warning("%s: skipped %d undecodable images", src, skipped)
     return Report(str(dst), images, classes, skipped)
-
-
-def _aligner(align: bool) -> FaceAligner | None:
-    """The landmark aligner when asked for; its extra's absence is a user error before any work."""
-    if not align:
-        return None
-    from facescale.landmarks import FaceAligner
-
-    return FaceAligner()
 
 
 def _pack_folder(
@@ -427,7 +410,7 @@ def pairs_to_bin(
     quality: int = JPEG_QUALITY,
     progress: bool = True,
     overwrite: bool = False,
-    align: bool = False,
+    align: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> PairsReport:
     """A verification ``.bin`` from lines ``image_a image_b same`` (same: 1/0, true/false).
 
@@ -435,12 +418,9 @@ def pairs_to_bin(
     are stored unchanged; others are fitted to 112x112 and encoded as JPEG. With ``align``
     every image is aligned by its found landmarks, as :func:`folder_to_rec` aligns.
     """
-    aligner = _aligner(align)
     with staged_file(pairs, dst, overwrite) as out:
-        images, issame = _read_pairs(Path(pairs), root, quality, progress, aligner)
+        images, issame = _read_pairs(Path(pairs), root, quality, progress, align)
         write_verification_bin(out, images, issame)
-    if aligner is not None:
-        aligner.report(len(images), str(pairs))
     return PairsReport(str(dst), len(issame), len(images))
 
 

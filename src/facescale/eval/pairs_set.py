@@ -11,7 +11,7 @@ import numpy as np
 
 from facescale.data.pairs_file import read_pairs_file
 from facescale.errors import InputError
-from facescale.eval.align import FaceCrops, read_rgb
+from facescale.eval.align import FaceCrops
 from facescale.eval.verification import VerificationSet, distinct
 
 
@@ -27,14 +27,11 @@ def load_pairs_set(path: str | Path, align: bool = False) -> VerificationSet:
             if not image.is_file():
                 raise InputError(f"{path} line {number}: image {image} not found")
     unique, slots = distinct([image for pair in pairs.paths for image in pair])
+    landmarks = None
     if align:
-        from facescale.landmarks import FaceAligner
+        from facescale.landmarks import find_landmarks
 
-        aligner = FaceAligner()
-        faces = [aligner(read_rgb(image)) for image in unique]
-        aligner.report(len(unique), str(path))
-        images = np.stack(faces).transpose(0, 3, 1, 2)
-    else:
-        crops = FaceCrops(unique)
-        images = np.stack([crops[i].numpy() for i in range(len(unique))])
+        landmarks = find_landmarks(unique, str(path))
+    crops = FaceCrops(unique, landmarks)
+    images = np.stack([crops[i].numpy() for i in range(len(unique))])
     return VerificationSet(pairs.name, images, pairs.issame, slots)
