@@ -44,12 +44,11 @@ def test_a_blocked_module_is_missing_and_named_with_its_extra(monkeypatch):
         require("onnx", "numpy")
 
 
-def test_export_without_the_extra_is_one_line_before_any_work(tmp_path):
-    """The model file does not even exist: the missing extra is found before it is read."""
-    out = tmp_path / "model.onnx"
-    argv = ["export", "onnx", str(tmp_path / "absent.pt"), "--network", "mbf", str(out)]
+def refusal_without(module: str, argv: list[str]) -> str:
+    """`facescale ARGV` in a fresh process where ``module`` cannot be found: it must exit 2
+    with one line on stderr and nothing on stdout; that line."""
     script = (
-        "import sys; sys.modules['onnxscript'] = None; "
+        f"import sys; sys.modules[{module!r}] = None; "
         f"from facescale.cli import main; main({argv!r})"
     )
     done = subprocess.run(
@@ -61,6 +60,14 @@ def test_export_without_the_extra_is_one_line_before_any_work(tmp_path):
     )
     assert done.returncode == 2, done.stderr
     assert done.stdout == "" and done.stderr.count("\n") == 1
-    assert done.stderr.startswith("facescale export: error: ONNX export needs onnxscript")
-    assert 'pip install "facescale[onnx]"' in done.stderr
+    return done.stderr
+
+
+def test_export_without_the_extra_is_one_line_before_any_work(tmp_path):
+    """The model file does not even exist: the missing extra is found before it is read."""
+    out = tmp_path / "model.onnx"
+    argv = ["export", "onnx", str(tmp_path / "absent.pt"), "--network", "mbf", str(out)]
+    refusal = refusal_without("onnxscript", argv)
+    assert refusal.startswith("facescale export: error: ONNX export needs onnxscript")
+    assert 'pip install "facescale[onnx]"' in refusal
     assert not out.exists()

@@ -6,15 +6,13 @@ without the extra a command says which to install before any work."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
+from test_extras import refusal_without
 
 from facescale.backbones import get_model
 from facescale.cli import main
@@ -39,7 +37,6 @@ from facescale.landmarks import (
     weights_path,
 )
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 CFP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cfp" / "images"
 needs_cfp = pytest.mark.skipif(not CFP.is_dir(), reason="../shared/data/cfp is absent")
 
@@ -198,20 +195,9 @@ def test_align_without_the_extra_is_one_line_before_any_work(tmp_path):
     """The source folder does not even exist: the missing extra is found before it is read."""
     out = tmp_path / "rec"
     argv = ["convert", "folder2rec", str(tmp_path / "absent"), str(out), "--align"]
-    script = (
-        f"import sys; sys.modules['mtcnn'] = None; from facescale.cli import main; main({argv!r})"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(SRC)},
-        timeout=300,
-    )
-    assert done.returncode == 2, done.stderr
-    assert done.stdout == "" and done.stderr.count("\n") == 1
-    assert done.stderr.startswith("facescale convert: error: face alignment (--align) needs mtcnn")
-    assert 'pip install "facescale[align]"' in done.stderr
+    refusal = refusal_without("mtcnn", argv)
+    assert refusal.startswith("facescale convert: error: face alignment (--align) needs mtcnn")
+    assert 'pip install "facescale[align]"' in refusal
     assert not out.exists()
 
 
