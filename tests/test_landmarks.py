@@ -181,11 +181,11 @@ def test_folder2rec_and_pairs2bin_store_the_aligned_faces(faces_folder, tmp_path
     )
     convert("pairs2bin", pairs, tmp_path / "p.bin")
     stored = load_verification_set(tmp_path / "p.bin")
-    for row, path in zip(stored.images, [images[0], images[1], images[2]], strict=True):
+    for row, path in zip(stored.images, images[:3], strict=True):
         np.testing.assert_array_equal(row.transpose(1, 2, 0), aligned_as_stored(path, aligner))
 
     read = load_pairs_set(pairs, align=True)  # eval verification --align: aligned, not stored
-    for row, path in zip(read.images, [images[0], images[1], images[2]], strict=True):
+    for row, path in zip(read.images, images[:3], strict=True):
         np.testing.assert_array_equal(row.transpose(1, 2, 0), aligner(read_rgb(path)))
     with pytest.raises(InputError, match=r"a \.bin holds aligned crops already"):
         load_verification_set(tmp_path / "p.bin", align=True)

@@ -86,12 +86,12 @@ class OutputNet(nn.Module):
         return self.box(x), self.points(x), self.face(x).softmax(dim=1)[:, 1]
 
 
-def load_output_net(path: str | Path | None = None) -> OutputNet:
+def load_output_net() -> OutputNet:
     """The output network with the ``mtcnn`` package's trained weights (Keras layout: kernels
     ``[kh, kw, in, out]``, dense ``[in, out]``)."""
     import joblib
 
-    stored = joblib.load(path or weights_path())
+    stored = joblib.load(weights_path())
     arrays = [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in stored]
     net = OutputNet()
     convs = [arrays[3 * i : 3 * i + 3] for i in range(4)]
@@ -127,8 +127,8 @@ class LandmarkFinder:
     """Landmarks of face crops (module docstring), by one network loaded once; counts the crops
     it scores low as faces, to say so once at the end."""
 
-    def __init__(self, net: OutputNet | None = None) -> None:
-        self.net = net or load_output_net()
+    def __init__(self) -> None:
+        self.net = load_output_net()
         self.found = 0
         self.low_scores = 0
 
