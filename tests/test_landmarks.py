@@ -16,12 +16,11 @@ from test_extras import refusal_without
 
 from facescale.backbones import get_model
 from facescale.cli import main
-from facescale.data.image import decode_image, encode_jpeg
+from facescale.data.image import decode_image, encode_jpeg, read_rgb
 from facescale.data.pairs_file import write_pairs_file
 from facescale.data.recordio import IndexedRecordFile
 from facescale.data.records import unpack_record
 from facescale.errors import InputError
-from facescale.eval.align import read_rgb
 from facescale.eval.pairs_set import load_pairs_set
 from facescale.eval.verification import load_verification_set
 from facescale.face import ARCFACE_TEMPLATE, align_face, warp_affine

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from facescale.data.image import ImageDecodeError, decode_image
-from facescale.errors import InputError
+from facescale.data.image import read_rgb
 from facescale.extras import require
 from facescale.face import align_face
 
@@ -165,15 +164,9 @@ def find_landmarks(paths: Sequence[Path], where: str) -> np.ndarray:
     """``[N, 5, 2]`` landmarks of the face crops in image files, for
     :class:`facescale.eval.align.FaceCrops`; ``where`` names them in the warning of low scores."""
     finder = LandmarkFinder()
-    points = []
-    for path in paths:
-        try:
-            image = decode_image(Path(path).read_bytes())
-        except (OSError, ImageDecodeError) as err:
-            raise InputError(f"{path}: cannot be read as an image ({err})") from None
-        points.append(finder(image).points)
+    points = np.stack([finder(read_rgb(path)).points for path in paths])
     finder.report(where)
-    return np.stack(points)
+    return points
 
 
 class FaceAligner:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import simplejpeg
@@ -54,6 +55,15 @@ def decode_image(buf: bytes | np.ndarray) -> np.ndarray:
         raise ImageDecodeError(
             f"not a decodable image ({len(data)} bytes, starts {head}): {err}"
         ) from None
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """An image file as HxWx3 uint8 RGB (grey and palette images are expanded)."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as err:
+        raise InputError(f"{path}: cannot be read as an image ({err})") from None
 
 
 def fit_face(image: np.ndarray, size: int = FACE_SIZE) -> np.ndarray:

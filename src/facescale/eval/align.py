@@ -13,20 +13,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from facescale.data.image import fit_face
+from facescale.data.image import fit_face, read_rgb
 from facescale.errors import InputError
 from facescale.face import FACE_SIZE, align_face
 
 log = logging.getLogger("facescale.eval")
-
-
-def read_rgb(path: str | Path) -> np.ndarray:
-    """An image file as HxWx3 uint8 RGB (grey and palette images are expanded)."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as err:
-        raise InputError(f"{path}: cannot be read as an image ({err})") from None
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facescale.data.image import read_rgb
 from facescale.data.pairs_file import read_pairs_file
 from facescale.errors import InputError
 from facescale.eval.align import FaceCrops
@@ -27,11 +28,13 @@ def load_pairs_set(path: str | Path, align: bool = False) -> VerificationSet:
             if not image.is_file():
                 raise InputError(f"{path} line {number}: image {image} not found")
     unique, slots = distinct([image for pair in pairs.paths for image in pair])
-    landmarks = None
-    if align:
-        from facescale.landmarks import find_landmarks
+    if align:  # each image read once: its landmarks found and the face aligned on them
+        from facescale.landmarks import FaceAligner
 
-        landmarks = find_landmarks(unique, str(path))
-    crops = FaceCrops(unique, landmarks)
-    images = np.stack([crops[i].numpy() for i in range(len(unique))])
+        aligner = FaceAligner()
+        images = np.stack([aligner(read_rgb(image)) for image in unique]).transpose(0, 3, 1, 2)
+        aligner.finder.report(str(path))
+    else:
+        crops = FaceCrops(unique)
+        images = np.stack([crops[i].numpy() for i in range(len(unique))])
     return VerificationSet(pairs.name, images, pairs.issame, slots)
