@@ -19,7 +19,7 @@ from facescale.config import load_config
 from facescale.train.build import build_backbone
 
 ALL_NAMES = ["r18", "r34", "r50", "r100", "r200", "r2060"]
-ALL_NAMES += ["mbf", "mbf_large", "vit_t", "vit_s", "vit_b", "vit_l"]
+ALL_NAMES += ["mbf", "mbf_small", "mbf_large", "vit_t", "vit_s", "vit_b", "vit_l"]
 
 
 def faces(count: int, seed: int = 0) -> torch.Tensor:

@@ -268,7 +268,11 @@ IRESNET_LAYERS = {
     "r200": (6, 26, 60, 6),
     "r2060": (3, 128, 896, 3),
 }
-MOBILEFACENETS = {"mbf": ((1, 4, 6, 2), 2), "mbf_large": ((2, 8, 12, 4), 4)}
+MOBILEFACENETS = {
+    "mbf": ((1, 4, 6, 2), 2),
+    "mbf_small": ((1, 4, 6, 2), 1),
+    "mbf_large": ((2, 8, 12, 4), 4),
+}
 VITS = {"vit_t": (256, 12), "vit_s": (512, 12), "vit_b": (512, 24), "vit_l": (768, 24)}
 
 

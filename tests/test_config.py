@@ -317,7 +317,7 @@ SHIPPED_VALUES = {
     "wf12m_pfc03_r100": {"network": "r100", "sample_rate": 0.3, "num_classes": 617970},
     "cpu_tiny": {"network": "mbf", "embedding_size": 128, "num_classes": 200, "val_targets": []},
     "small_real": {  # the demo's recipe, then its own keys
-        "network": "mbf",
+        "network": "mbf_small",
         "embedding_size": 128,
         "lr": 0.1,
         "bf16": "auto",

@@ -59,14 +59,28 @@ def test_cli_fp16_export_is_half_size_and_close(tmp_path, capsys):
     assert compare_onnx(model, out, batch=2) < 5e-3
 
 
-def test_weights_of_another_network_are_refused(tmp_path, capsys):
+def test_weights_of_another_network_are_refused_naming_the_one_they_fit(tmp_path, capsys):
     _, weights = saved_model(tmp_path, "mbf")
-    with pytest.raises(ValueError, match=rf"{weights.name}.*missing keys"):
+    fits = "it loads with --network mbf --embedding-size 64$"
+    with pytest.raises(ValueError, match=rf"{weights.name}.*missing keys.*{fits}"):
         load_backbone("r18", weights)
+    with pytest.raises(ValueError, match=rf"shape mismatches.*{fits}"):
+        load_backbone("mbf_small", weights, 64)  # the same names at half the width
+    with pytest.raises(ValueError, match=rf"shape mismatches.*{fits}"):
+        load_backbone("mbf", weights, 128)
     code, _, err = run_cli(
         ["export", "onnx", str(weights), "--network", "r18", str(tmp_path / "x.onnx")], capsys
     )
     assert code == 2 and err.startswith(f"facescale export: error: {weights}: ")
+
+
+def test_weights_that_fit_no_network_get_no_suggestion(tmp_path):
+    state = get_model("mbf", embedding_size=64).state_dict()
+    del state["conv_sep.layers.0.weight"]
+    torch.save(state, tmp_path / "state.pt")
+    with pytest.raises(ValueError, match=r"missing keys \(conv_sep.layers.0.weight\)") as err:
+        load_backbone("mbf", tmp_path / "state.pt", 64)
+    assert "it loads with" not in str(err.value)
 
 
 def direct_embeddings(model, images_chw):

@@ -39,7 +39,7 @@ def load_backbone(network: str, weights: str | Path, embedding_size: int = 512) 
     ``backbone.pth`` or of a facescale checkpoint's ``common.pt`` (checked against its
     folder's manifest)."""
     from facescale.backbones import get_model, load_arcface_torch
-    from facescale.backbones.arcface_torch import read_state_dict
+    from facescale.backbones.arcface_torch import fitting_networks, read_state_dict
     from facescale.train.checkpoint import backbone_weights, verify_file
 
     verify_file(weights)
@@ -48,8 +48,10 @@ def load_backbone(network: str, weights: str | Path, embedding_size: int = 512) 
     try:
         load_arcface_torch(model, state)
     except InputError as err:
+        fitting = fitting_networks(state)
+        hint = f"; it loads with {' or '.join(fitting)}" if fitting else ""
         raise InputError(
-            f"{weights}: {err} (given: --network {network} --embedding-size {embedding_size})"
+            f"{weights}: {err} (given: --network {network} --embedding-size {embedding_size}){hint}"
         ) from None
     return model.eval()
 

@@ -80,6 +80,29 @@ def load_arcface_torch(
     return model
 
 
+def fitting_networks(source: str | Path | Mapping[str, torch.Tensor]) -> list[str]:
+    """``--network NAME --embedding-size N`` for each registered backbone that loads ``source``
+    strictly: what to suggest when a checkpoint was given with the wrong network."""
+    from facescale.backbones.registry import get_model, list_models
+
+    state = read_state_dict(source)
+    state = state.get("state_dict_backbone", state)
+    # The embedding is the last BatchNorm's width in every family; the others are candidates too.
+    sizes = {value.shape[0] for key, value in state.items() if key.endswith("running_mean")}
+    fitting = []
+    for name in list_models():
+        for size in sorted(sizes):
+            with torch.device("meta"):
+                model = get_model(name, size)
+            expected = model.state_dict()
+            renamed = to_facescale_keys(state, model)
+            if expected.keys() != renamed.keys():
+                break  # the keys are the same at every size: not this network
+            if not _mismatches(expected, renamed):
+                fitting.append(f"--network {name} --embedding-size {size}")
+    return fitting
+
+
 def _mismatches(
     expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
 ) -> list[str]:

@@ -1,4 +1,4 @@
-"""MobileFaceNet (``mbf``) and the wider, deeper ``mbf_large``: depthwise-separable blocks.
+"""MobileFaceNet (``mbf``), its half-width ``mbf_small`` and the wider, deeper ``mbf_large``.
 
 Module and parameter names equal arcface_torch's, so its checkpoints load without renaming.
 """
@@ -96,8 +96,9 @@ class GDC(nn.Module):
 class MobileFaceNet(Backbone):
     """Stem, four groups of DepthWise blocks (``blocks`` per group), 1x1 conv to 512, GDC head.
 
-    ``scale`` multiplies the widths 64 and 128; mbf is blocks (1, 4, 6, 2) with scale 2 and
-    mbf_large (2, 8, 12, 4) with scale 4. The 1x1 conv and the head run in full precision.
+    ``scale`` multiplies the widths 64 and 128; mbf is blocks (1, 4, 6, 2) with scale 2,
+    mbf_small the same with scale 1 (MobileFaceNet's published size, half mbf's multiply-adds)
+    and mbf_large (2, 8, 12, 4) with scale 4. The 1x1 conv and the head run in full precision.
     """
 
     def __init__(

@@ -38,6 +38,7 @@ MODELS: dict[str, ModelSpec] = {
     # 1030 blocks of two 3x3 convs: 2060 conv layers.
     "r2060": ModelSpec(IResNet, {"layers": (3, 128, 896, 3)}, gradient_checkpointing=True),
     "mbf": ModelSpec(MobileFaceNet, {"blocks": (1, 4, 6, 2), "scale": 2}),
+    "mbf_small": ModelSpec(MobileFaceNet, {"blocks": (1, 4, 6, 2), "scale": 1}),
     "mbf_large": ModelSpec(MobileFaceNet, {"blocks": (2, 8, 12, 4), "scale": 4}),
     "vit_t": ModelSpec(VisionTransformer, {"dim": 256, "depth": 12}),
     "vit_s": ModelSpec(VisionTransformer, {"dim": 512, "depth": 12}),

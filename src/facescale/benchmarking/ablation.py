@@ -33,6 +33,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "lr0.05": ("demo", ("lr=0.05",)),
     "adamw": ("demo", ("optimizer=adamw", "lr=0.001", "weight_decay=0.05")),
     "r18": ("demo", ("network=r18",)),
+    "mbf_small": ("demo", ("network=mbf_small",)),
 }
 # The official protocol's pairs files hold the folds kept by `benchmarks/cfp_split.py`: 2.
 OFFICIAL_FOLDS = 2
