@@ -18,7 +18,7 @@ from facescale.export import load_backbone
 from facescale.launch import torchrun_command
 
 # The demo recipe (configs/demo.py), the small-data recipe (configs/small_real.py: the demo's
-# with random_crop=0.2 and ema_decay=0.999) and one change each against the demo recipe;
+# with mbf_small, random_crop=0.2 and ema_decay=0.999) and one change each against the demo recipe;
 # `run_ablation` also takes any config with changes (:func:`variant`).
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "demo": ("demo", ()),

@@ -8,7 +8,7 @@ from easydict import EasyDict as edict
 # where the CPU allows), with the keys below. Evaluate and embed with `--network mbf_small
 # --embedding-size 128`.
 config = edict(demo)
-config.network = "mbf_small"  # half mbf's multiply-adds: twice the epochs in the same minutes
+config.network = "mbf_small"  # half mbf's multiply-adds: 1.6x the epochs in the same minutes
 config.random_crop = 0.2  # each face at many scales and places, as unaligned photos show them
 config.ema_decay = 0.999  # evaluate and save an average of the last steps' weights
 config.time_budget = "45m"  # the LR schedule follows the elapsed share of the budget
