@@ -87,7 +87,7 @@ def fitting_networks(source: str | Path | Mapping[str, torch.Tensor]) -> list[st
 
     state = read_state_dict(source)
     state = state.get("state_dict_backbone", state)
-    # The embedding is the last BatchNorm's width in every family; the others are candidates too.
+    # Every family ends in a BatchNorm as wide as the embedding, so its width is among these.
     sizes = {value.shape[0] for key, value in state.items() if key.endswith("running_mean")}
     fitting = []
     for name in list_models():
