@@ -86,19 +86,19 @@ def fitting_networks(source: str | Path | Mapping[str, torch.Tensor]) -> list[st
     from facescale.backbones.registry import get_model, list_models
 
     state = read_state_dict(source)
-    state = state.get("state_dict_backbone", state)
-    # Every family ends in a BatchNorm as wide as the embedding, so its width is among these.
-    sizes = {value.shape[0] for key, value in state.items() if key.endswith("running_mean")}
     fitting = []
     for name in list_models():
+        with torch.device("meta"):
+            model = get_model(name)
+        renamed = to_facescale_keys(state, model)
+        if renamed.keys() != model.state_dict().keys():
+            continue  # the names do not depend on the embedding size: not this network
+        # Every family ends in a BatchNorm as wide as the embedding, so its width is among these.
+        sizes = {value.shape[0] for key, value in renamed.items() if key.endswith("running_mean")}
         for size in sorted(sizes):
             with torch.device("meta"):
-                model = get_model(name, size)
-            expected = model.state_dict()
-            renamed = to_facescale_keys(state, model)
-            if expected.keys() != renamed.keys():
-                break  # the keys are the same at every size: not this network
-            if not _mismatches(expected, renamed):
+                candidate = get_model(name, size)
+            if not _mismatches(candidate.state_dict(), renamed):
                 fitting.append(f"--network {name} --embedding-size {size}")
     return fitting
 
