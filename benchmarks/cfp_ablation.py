@@ -24,8 +24,6 @@ if __name__ == "__main__":
     parser.add_argument(
         "--variants", nargs="+", default=list(VARIANTS), help=f"{known}, or CONFIG+KEY=VALUE+..."
     )
-    parser.add_argument("--num-classes", type=int, default=400, help="training identities")
-    parser.add_argument("--num-image", type=int, default=5600, help="training images")
     parser.add_argument("--output", default="work_dirs/cfp_ablation", help="runs' folder")
     parser.add_argument("--ranks", type=int, default=2, help="training processes")
     parser.add_argument(
@@ -38,8 +36,6 @@ if __name__ == "__main__":
     rows = run_ablation(
         args.variants,
         Path(args.train).resolve(),
-        args.num_classes,
-        args.num_image,
         pairs,
         args.budget,
         Path(args.output).resolve(),

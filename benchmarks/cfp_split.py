@@ -4,6 +4,7 @@ files among 401-500 (drawn with a fixed seed, and the official protocol's pairs 
     python benchmarks/cfp_split.py ../shared/data/cfp data/cfp_train            # training set
     python benchmarks/cfp_split.py ../shared/data/cfp --pairs-only              # pairs again
     python benchmarks/cfp_split.py ../shared/data/cfp data/cfp_train_aligned --align
+    python benchmarks/cfp_split.py ../shared/data/cfp data/cfp_200 --align --people 200
 
 The pairs files in benchmarks/cfp/ were written by this script with the default seed; their
 paths are relative to that folder, so they find the images at ../shared/data/cfp beside the
@@ -30,9 +31,16 @@ if __name__ == "__main__":
     parser.add_argument(
         "--align", action="store_true", help="align the training faces by found landmarks"
     )
+    parser.add_argument(
+        "--people",
+        type=int,
+        help="train on the first PEOPLE training people only (how accuracy grows with people)",
+    )
     args = parser.parse_args()
     if args.train is None and not args.pairs_only:
         parser.error("give TRAIN, the training set's output folder, or --pairs-only")
     train = None if args.pairs_only else args.train
-    report = write_split(args.cfp, train, args.pairs, args.seed, align=args.align)
+    report = write_split(
+        args.cfp, train, args.pairs, args.seed, align=args.align, train_people=args.people
+    )
     print(json.dumps(report))

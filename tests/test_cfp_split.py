@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facescale.benchmarking.ablation import run_ablation, variant
+from facescale.benchmarking.ablation import run_ablation, training_counts, variant
 from facescale.benchmarking.cfp import FRONTAL, PROFILE, drawn_pairs, write_split
 from facescale.data.image import decode_image
 from facescale.data.pairs_file import read_pairs_file, write_pairs_file
@@ -75,6 +75,23 @@ def test_training_records_hold_only_the_training_people(tmp_path):
         np.testing.assert_allclose(pixels, colour(person), atol=3)
 
 
+def test_a_training_set_of_the_first_people_counts_only_them(tmp_path):
+    root = make_cfp(tmp_path / "cfp")
+    write_split(root, tmp_path / "train", tmp_path / "pairs", test_from=TEST_FROM, train_people=2)
+    assert training_counts(tmp_path / "train") == (2, 2 * (FRONTAL + PROFILE))
+    rec = IndexedRecordFile(tmp_path / "train" / "train.rec")
+    for key in read_layout(rec).image_keys:
+        pixels = decode_image(unpack_record(rec.read(int(key)), str(key)).image)
+        person = [p for p in (1, 2) if np.allclose(pixels.mean(axis=(0, 1)), colour(p), atol=3)]
+        assert len(person) == 1
+    for wrong in (0, TEST_FROM):
+        with pytest.raises(InputError, match=f"train_people={wrong}: there are 4 training"):
+            write_split(
+                root, tmp_path / "w", tmp_path / "p", test_from=TEST_FROM, train_people=wrong
+            )
+    assert not (tmp_path / "w").exists()
+
+
 def test_pairs_files_hold_only_test_people(tmp_path):
     root = make_cfp(tmp_path / "cfp")
     report = write_split(root, None, tmp_path / "pairs", test_from=TEST_FROM)
@@ -124,7 +141,7 @@ def test_kept_pairs_files_are_what_the_split_writes(tmp_path):
 
 def test_the_ablation_names_an_unknown_variant_before_training_any(tmp_path):
     with pytest.raises(InputError, match=r"unknown variants \['nope', 'demo\+wd'\]; known: demo, "):
-        run_ablation(["demo", "nope", "demo+wd"], tmp_path, 4, 56, [], "5s", tmp_path / "runs")
+        run_ablation(["demo", "nope", "demo+wd"], tmp_path, [], "5s", tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
 
 
@@ -144,11 +161,12 @@ def test_the_ablation_trains_a_variant_for_its_budget_and_verifies_it(tmp_path):
         write_pairs_file(tmp_path / "pairs" / "cfp_fp.txt", drawn, "10 folds of 2 pairs"),
         tmp_path / "pairs" / "cfp_official_ff.txt",
     ]
-    people, images = TEST_FROM - 1, (TEST_FROM - 1) * (FRONTAL + PROFILE)
     runs = tmp_path / "runs"
-    [row] = run_ablation(["scale64"], tmp_path / "train", people, images, pairs, "4s", runs, 1)
+    [row] = run_ablation(["scale64"], tmp_path / "train", pairs, "4s", runs, 1)
     trained = json.loads((runs / "scale64" / "config.json").read_text())
     assert trained["scale"] == 64 and trained["time_budget"] == 4 and trained["network"] == "mbf"
+    people = TEST_FROM - 1  # the counts are the training set's own
+    assert trained["num_classes"] == people and trained["num_image"] == people * (FRONTAL + PROFILE)
     log = (runs / "scale64" / "training.log").read_text()
     [(steps, epochs)] = re.findall(r"time budget of .*?, (\d+) steps, ([\d.]+) epochs", log)
     assert row["steps"] == int(steps) >= 1 and f"{row['epochs']:.2f}" == epochs  # the loop's count

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from facescale.config import load_config
+from facescale.data.sources import RecordSource
 from facescale.demo.pipeline import read_metrics
 from facescale.errors import InputError
 from facescale.eval import VerificationSet, evaluate_verification, load_verification_set
@@ -85,25 +86,34 @@ def verify(
     return results
 
 
+def training_counts(train: Path) -> tuple[int, int]:
+    """The identities and images of a training set's records (its ``property`` and index)."""
+    source = RecordSource(train / "train.rec", 1)
+    classes = source.declared_classes()
+    if classes is None:
+        raise InputError(f"{train}: no property file or header record to count identities by")
+    return classes, len(source)
+
+
 def run_ablation(
     names: Sequence[str],
     train: Path,
-    num_classes: int,
-    num_image: int,
     pairs: Sequence[Path],
     budget: str,
     output: Path,
     ranks: int = 2,
     align: bool = False,
 ) -> list[dict[str, Any]]:
-    """Train and verify each variant in ``names`` in turn; a row of figures per variant. With
-    ``align`` the pairs' faces are aligned by found landmarks, as the training set's were."""
+    """Train each variant in ``names`` in turn on the records in ``train`` (all their
+    identities and images) and verify it; a row of figures per variant. With ``align`` the
+    pairs' faces are aligned by found landmarks, as the training set's were."""
     variants = {name: variant(name) for name in names}
     unknown = [name for name, found in variants.items() if found is None]
     if unknown:
         raise InputError(
             f"unknown variants {unknown}; known: {', '.join(VARIANTS)}, or CONFIG+KEY=VALUE..."
         )
+    num_classes, num_image = training_counts(train)
     sets = [load_verification_set(path, align) for path in pairs]  # decoded once, for every run
     rows = []
     for name, (config, changes) in variants.items():

@@ -43,11 +43,21 @@ def people(root: Path) -> list[int]:
 
 
 def write_training_set(
-    root: Path, dst: Path, test_from: int = TEST_FROM, progress: bool = True, align: bool = False
+    root: Path,
+    dst: Path,
+    test_from: int = TEST_FROM,
+    progress: bool = True,
+    align: bool = False,
+    train_people: int | None = None,
 ) -> Report:
-    """The photos of the people before ``test_from`` as a record dataset in ``dst``, one
-    label per person in number order, aligned by found landmarks with ``align``."""
+    """The photos of the people before ``test_from`` (the first ``train_people`` of them, if
+    given) as a record dataset in ``dst``, one label per person in number order, aligned by
+    found landmarks with ``align``."""
     train = [p for p in people(root) if p < test_from]
+    if train_people is not None:
+        if not 1 <= train_people <= len(train):
+            raise InputError(f"train_people={train_people}: there are {len(train)} training people")
+        train = train[:train_people]
     with tempfile.TemporaryDirectory() as staging:
         for person in train:
             folder = Path(staging) / f"{person:03d}"
@@ -141,8 +151,10 @@ def write_split(
     test_from: int = TEST_FROM,
     progress: bool = True,
     align: bool = False,
+    train_people: int | None = None,
 ) -> dict[str, object]:
-    """The training set (unless ``train_dst`` is None; aligned with ``align``) and the four
+    """The training set (unless ``train_dst`` is None; aligned with ``align``; of the first
+    ``train_people`` training people, if given) and the four
     pairs files (``cfp_ff.txt``, ``cfp_fp.txt`` drawn, ``cfp_official_ff.txt``,
     ``cfp_official_fp.txt``) in ``pairs_dst``; what was written, with its counts."""
     root, pairs_dst = Path(root), Path(pairs_dst)
@@ -167,6 +179,8 @@ def write_split(
         path = write_pairs_file(pairs_dst / f"cfp_official_{kind}.txt", official, header)
         report[path.name] = len(official)
     if train_dst is not None:
-        written = write_training_set(root, Path(train_dst), test_from, progress, align)
+        written = write_training_set(
+            root, Path(train_dst), test_from, progress, align, train_people
+        )
         report["train"] = dataclasses.asdict(written)
     return report
