@@ -89,10 +89,13 @@ def verify(
 def training_counts(train: Path) -> tuple[int, int]:
     """The identities and images of a training set's records (its ``property`` and index)."""
     source = RecordSource(train / "train.rec", 1)
-    classes = source.declared_classes()
+    try:
+        classes, images = source.declared_classes(), len(source)
+    finally:
+        source.file.close()
     if classes is None:
         raise InputError(f"{train}: no property file or header record to count identities by")
-    return classes, len(source)
+    return classes, images
 
 
 def run_ablation(
